@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """y = x @ dequant(W)^T, saving nothing but a reference to the packed W.
+    """y = x @ dequant(W)^T + b, saving nothing but a reference to the packed W.
 
     ``torch.nn.functional.linear`` would save both x (b*s*in*2 bytes) and the
     dequantized W (out*in*2 bytes) for backward. W0 is frozen, so its gradient
@@ -33,7 +33,10 @@ class _NF4Matmul(torch.autograd.Function):
         # explicit choice, not whatever an outer autocast region would pick.
         with torch.autocast(x.device.type, enabled=False):
             w = layer.dequantize(layer.compute_dtype)
-            return x.to(layer.compute_dtype) @ w.t()
+            bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+            # F.linear (with its fused bias add) is what bitsandbytes runs after
+            # dequantizing, so outputs match a bitsandbytes model bit for bit.
+            return torch.nn.functional.linear(x.to(layer.compute_dtype), w, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -47,7 +50,7 @@ class _NF4Matmul(torch.autograd.Function):
 
 
 def nf4_linear(x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
-    """Frozen 4-bit linear map without bias. x: (..., in) -> (..., out) in the layer's compute dtype."""
+    """Frozen 4-bit linear map (bias included). x: (..., in) -> (..., out) in the layer's compute dtype."""
     return _NF4Matmul.apply(x, layer)
 
 
@@ -161,10 +164,7 @@ class NF4Linear(nn.Module):
         return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nf4_linear(x, self)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return nf4_linear(x, self)
 
     def quant_state_json(self) -> dict:
         """The ``quant_state.bitsandbytes__<type>`` JSON object of the file format."""
