@@ -1,0 +1,289 @@
+"""Data: local files -> token ids with a loss mask -> fixed-length (packed) rows.
+
+Every row the trainer sees is exactly ``seq_len`` tokens: several examples
+packed back to back, or one example, followed by padding. Each example's
+``position_ids`` restart at 0 and the attention mask is left ``None``;
+transformers (>= 4.54) turns restarting position ids into a block-diagonal
+causal mask for sdpa, eager and flash-attention alike, so **no token attends
+across an example boundary** (tests check logits against each example run
+alone). Padding forms its own segment and carries no loss. Fixed-size rows
+also make the memory planner's ``micro_batch x seq_len`` exact.
+
+Labels use -100 for tokens without loss: prompts and system/user turns by
+default (``train_on="completion"``), nothing with ``train_on="all"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quant.errors import InputError, choices
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_DATA = {"tiny-chat": ASSETS / "data" / "tiny-chat.jsonl", "tiny-text": ASSETS / "data" / "tiny-text.txt"}
+_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+
+
+@dataclass
+class Example:
+    """One tokenized example: ``input_ids`` and ``labels`` (IGNORE where no loss), same length."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0  # nothing left to learn after truncation
+    tokens: int = 0
+    target_tokens: int = 0
+
+
+def resolve_path(path: str) -> Path:
+    """``builtin:NAME`` -> the shipped file; anything else -> a local path that must exist.
+
+    Raises:
+        InputError: unknown builtin name or a missing path.
+    """
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN_DATA:
+            raise InputError(f"Unknown builtin dataset {name!r}; valid choices are {choices(sorted(BUILTIN_DATA))}.")
+        return BUILTIN_DATA[name]
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"Data path {path!r} does not exist. Give a local .jsonl/.json/.csv/.parquet/.txt file or a folder written by datasets' save_to_disk; nothing is downloaded.")
+    return p
+
+
+def load_records(path: str):
+    """Load a local dataset with the ``datasets`` library (never downloads).
+
+    Returns:
+        (datasets.Dataset, display name of the source)
+
+    Raises:
+        InputError: missing path, unsupported extension, unreadable or empty data.
+    """
+    import datasets
+
+    p = resolve_path(path)
+    try:
+        if p.is_dir():
+            if not (p / "dataset_info.json").exists() and not (p / "state.json").exists():
+                raise InputError(f"Folder {str(p)!r} is not a dataset saved with save_to_disk (no dataset_info.json/state.json).")
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise InputError(f"Dataset folder {str(p)!r} has splits {list(ds)} but no 'train' split.")
+                ds = ds["train"]
+        else:
+            kind = _LOADERS.get(p.suffix.lower())
+            if kind is None:
+                raise InputError(f"Unsupported data file {str(p)!r}; valid extensions are {choices(sorted(_LOADERS))}.")
+            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    except InputError:
+        raise
+    except Exception as e:  # datasets raises many types for malformed files
+        raise InputError(f"Could not read data file {str(p)!r}: {type(e).__name__}: {e}") from None
+    if len(ds) == 0:
+        raise InputError(f"Dataset {str(p)!r} is empty (0 rows).")
+    return ds, str(p)
+
+
+def detect_format(columns: list[str], fmt: str, text_field: str, instruction_field: str, messages_field: str, source: str) -> str:
+    """Resolve ``fmt='auto'`` from the column names; check the named fields exist.
+
+    Raises:
+        InputError: no recognizable field, or a requested field is absent.
+    """
+    if fmt == "auto":
+        if messages_field in columns:
+            return "chat"
+        if instruction_field in columns:
+            return "instruction"
+        if text_field in columns:
+            return "text"
+        raise InputError(
+            f"Cannot tell the format of {source!r}: its columns are {columns}, but none is "
+            f"'{messages_field}' (chat), '{instruction_field}' (instruction) or '{text_field}' (text). "
+            f"Set data.format and the data.*_field names."
+        )
+    need = {"chat": messages_field, "instruction": instruction_field, "text": text_field}[fmt]
+    if need not in columns:
+        raise InputError(f"Data {source!r} is declared as {fmt!r} but has no field '{need}' (columns: {columns}).")
+    return fmt
+
+
+def _encode_text(tok, text: str) -> Example:
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None:
+        ids = ids + [tok.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def _encode_chat(tok, messages: list[dict], train_on: str, where: str) -> Example:
+    """Render with the tokenizer's chat template; mark assistant turns by character span.
+
+    The spans come from rendering growing prefixes of the conversation, so any
+    template that renders a conversation as the concatenation of its turns
+    works (Llama-3, Qwen2, Mistral, Gemma, Phi-3 templates all do).
+    """
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got {str(messages)[:120]!r}.")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InputError(f"{where}: the chat has no assistant turn, so there is nothing to learn from it (roles: {[m['role'] for m in messages]}).")
+    render = lambda msgs, gen=False: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    full = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, stop = len(render(messages[:i], gen=True)) if i else 0, len(render(messages[: i + 1]))
+        if not full.startswith(render(messages[: i + 1])):
+            raise InputError(f"{where}: the tokenizer's chat template does not render conversations prefix by prefix, so assistant turns cannot be located; set data.train_on=all.")
+        spans.append((start, stop))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if train_on == "all":
+        return Example(ids, list(ids))
+    labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _) in zip(ids, enc["offset_mapping"])]
+    return Example(ids, labels)
+
+
+def _encode_instruction(tok, record: dict, instruction_field: str, input_field: str, output_field: str, train_on: str, where: str) -> Example:
+    instr, out = record.get(instruction_field), record.get(output_field)
+    for name, val in ((instruction_field, instr), (output_field, out)):
+        if not isinstance(val, str) or not val.strip():
+            raise InputError(f"{where}: field '{name}' is missing or empty (instruction records need '{instruction_field}' and '{output_field}').")
+    extra = record.get(input_field) or ""
+    if tok.chat_template:
+        user = instr if not extra else f"{instr}\n\n{extra}"
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+        return _encode_chat(tok, msgs, train_on, where)
+    prompt = _ALPACA_PROMPT.format(instruction=instr, input_block=f"### Input:\n{extra}\n\n" if extra else "")
+    p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    o_ids = tok(out, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    labels = (list(p_ids) if train_on == "all" else [IGNORE] * len(p_ids)) + o_ids
+    return Example(p_ids + o_ids, labels)
+
+
+def tokenize_dataset(
+    ds,
+    source: str,
+    tokenizer,
+    fmt: str,
+    seq_len: int,
+    train_on: str = "completion",
+    text_field: str = "text",
+    instruction_field: str = "instruction",
+    input_field: str = "input",
+    output_field: str = "output",
+    messages_field: str = "messages",
+) -> tuple[list[Example], DataStats]:
+    """Tokenize every record; truncate to ``seq_len``; drop examples left without targets.
+
+    Raises:
+        InputError: a bad record (names the file, row and field), or every
+            example longer than ``seq_len``.
+    """
+    fmt = detect_format(ds.column_names, fmt, text_field, instruction_field, messages_field, source)
+    if fmt == "chat" and not tokenizer.chat_template:
+        raise InputError(f"Data {source!r} holds chat records but the tokenizer has no chat template; use a tokenizer with one or convert the data to instruction records.")
+    out, st = [], DataStats()
+    for row, rec in enumerate(ds):
+        where = f"{source}, row {row}"
+        if fmt == "text":
+            text = rec.get(text_field)
+            if not isinstance(text, str):
+                raise InputError(f"{where}: field '{text_field}' must be a string, got {type(text).__name__}.")
+            if not text.strip():
+                continue  # blank lines in .txt files carry nothing
+            ex = _encode_text(tokenizer, text)
+        elif fmt == "chat":
+            ex = _encode_chat(tokenizer, rec.get(messages_field), train_on, f"{where}, field '{messages_field}'")
+        else:
+            ex = _encode_instruction(tokenizer, rec, instruction_field, input_field, output_field, train_on, where)
+        st.examples += 1
+        if len(ex.input_ids) > seq_len:
+            st.truncated += 1
+            ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+        # labels are shifted by one inside the loss: position 0 never counts
+        if sum(lab != IGNORE for lab in ex.labels[1:]) == 0:
+            st.dropped += 1
+            continue
+        st.tokens += len(ex.input_ids)
+        st.target_tokens += sum(lab != IGNORE for lab in ex.labels[1:])
+        out.append(ex)
+    if st.examples == 0:
+        raise InputError(f"Dataset {source!r} has no usable records (all {len(ds)} rows are blank).")
+    if not out:
+        raise InputError(
+            f"Every example in {source!r} ({st.examples}) loses all its target tokens when cut to seq_len={seq_len}; "
+            f"raise seq_len or shorten the data."
+        )
+    log.info("%s: %d examples, %d truncated to %d tokens, %d dropped (no targets left)", source, st.examples, st.truncated, seq_len, st.dropped)
+    return out, st
+
+
+def pack_rows(examples: list[Example], seq_len: int, pad_id: int, packing: bool = True) -> dict[str, torch.Tensor]:
+    """Lay examples into fixed rows of ``seq_len`` tokens.
+
+    With packing, examples are placed greedily in order (first fit on the
+    current row) and never split. Each example's positions restart at 0; the
+    trailing pad segment also restarts at 0, so it is isolated too.
+
+    Returns:
+        dict of int64 tensors ``input_ids``, ``labels``, ``position_ids``, each (rows, seq_len).
+    """
+    rows: list[list[Example]] = []
+    for ex in examples:
+        used = sum(len(e.input_ids) for e in rows[-1]) if rows else seq_len
+        if packing and used + len(ex.input_ids) <= seq_len:
+            rows[-1].append(ex)
+        else:
+            rows.append([ex])
+    n = len(rows)
+    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
+    pos = torch.zeros((n, seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for ex in row:
+            k = len(ex.input_ids)
+            ids[r, at : at + k] = torch.tensor(ex.input_ids)
+            lab = torch.tensor(ex.labels)
+            lab[0] = IGNORE  # the first token of a segment has no prediction inside it
+            labels[r, at : at + k] = lab
+            pos[r, at : at + k] = torch.arange(k)
+            at += k
+        pos[r, at:] = torch.arange(seq_len - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Deterministically hold out ``fraction`` of examples (at least one when fraction > 0)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    k = max(1, int(round(len(examples) * fraction)))
+    held = set(idx[:k])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def epoch_order(n_rows: int, epoch: int, seed: int) -> list[int]:
+    """The row order of one epoch: a permutation fixed by (seed, epoch), so resume can replay it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_rows, generator=g).tolist()
