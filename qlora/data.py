@@ -3,10 +3,11 @@
 Every row the trainer sees is exactly ``seq_len`` tokens: several examples
 packed back to back, or one example, followed by padding. Each example's
 ``position_ids`` restart at 0 and the attention mask is left ``None``;
-transformers (>= 4.54) turns restarting position ids into a block-diagonal
-causal mask for sdpa, eager and flash-attention alike, so **no token attends
-across an example boundary** (tests check logits against each example run
-alone). Padding forms its own segment and carries no loss. Fixed-size rows
+with no KV cache (``use_cache=False``, as in training) transformers (>= 4.54)
+turns restarting position ids into a block-diagonal causal mask for sdpa,
+eager and flash-attention alike, so **no token attends across an example
+boundary** (tests check logits against each example run alone). With a
+cache, transformers skips that detection, so never pack for generation. Padding forms its own segment and carries no loss. Fixed-size rows
 also make the memory planner's ``micro_batch x seq_len`` exact.
 
 Labels use -100 for tokens without loss: prompts and system/user turns by
@@ -126,8 +127,15 @@ def detect_format(columns: list[str], fmt: str, text_field: str, instruction_fie
     return fmt
 
 
-def _encode_text(tok, text: str) -> Example:
+def _with_bos(tok, text: str) -> list[int]:
     ids = tok(text, add_special_tokens=True)["input_ids"]
+    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids  # some tokenizers define a BOS but do not add it themselves
+    return ids
+
+
+def _encode_text(tok, text: str) -> Example:
+    ids = _with_bos(tok, text)
     if tok.eos_token_id is not None:
         ids = ids + [tok.eos_token_id]
     return Example(ids, list(ids))
@@ -173,7 +181,7 @@ def _encode_instruction(tok, record: dict, instruction_field: str, input_field: 
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
         return _encode_chat(tok, msgs, train_on, where)
     prompt = _ALPACA_PROMPT.format(instruction=instr, input_block=f"### Input:\n{extra}\n\n" if extra else "")
-    p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    p_ids = _with_bos(tok, prompt)
     o_ids = tok(out, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
     labels = (list(p_ids) if train_on == "all" else [IGNORE] * len(p_ids)) + o_ids
     return Example(p_ids + o_ids, labels)

@@ -1,0 +1,111 @@
+"""Run metrics: metrics.jsonl (crash-tolerant), optional TensorBoard, end-of-run plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; each record is one line, flushed and fsynced.
+
+    On resume the file is cut back to the records at or before the resumed
+    step (and any torn last line from a kill is dropped), so a resumed run's
+    log equals an uninterrupted one.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn write from a killed run
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+        self.records = [json.loads(k) for k in kept]
+        self._f = open(self.path, "a")
+        self._tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        if self._tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    log.info("TensorBoard logs in %s", path)
+    return SummaryWriter(str(path))
+
+
+def plot_run(records: list[dict], out_dir: str | Path) -> list[Path]:
+    """Write loss.png (train/eval loss per step) and memory.png (predicted vs measured peak)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    written = []
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train or evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=120)
+        plt.close(fig)
+        written.append(out_dir / "loss.png")
+    mem = [(r["step"], r["peak_bytes"] / 2**30, r.get("predicted_peak_bytes", 0) / 2**30) for r in records if "peak_bytes" in r]
+    if mem:
+        steps, meas, pred = zip(*mem)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, meas, label=mem_label(records))
+        if any(pred):
+            ax.plot(steps, pred, "--", label="planner prediction")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("GiB")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "memory.png", dpi=120)
+        plt.close(fig)
+        written.append(out_dir / "memory.png")
+    return written
+
+
+def mem_label(records: list[dict]) -> str:
+    kinds = {r.get("peak_kind") for r in records if "peak_kind" in r}
+    return "measured peak (" + ", ".join(sorted(k for k in kinds if k)) + ")" if kinds else "measured peak"
