@@ -11,6 +11,9 @@ import torch
 from quant.errors import InputError, choices
 
 log = logging.getLogger(__name__)
+# bitsandbytes warns on every CPU step that paging falls back to plain tensors;
+# build_optimizer logs that fact once instead.
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -50,10 +53,7 @@ def build_optimizer(
         "paged_adamw_32bit": bnb_optim.PagedAdamW32bit,
         "adamw_8bit": bnb_optim.AdamW8bit,
     }[name]
-    with warnings.catch_warnings():
-        # on CPU bitsandbytes warns that paging falls back to plain tensors; we log it once instead
-        warnings.simplefilter("ignore")
-        opt = cls(param_groups, **kw)
+    opt = cls(param_groups, **kw)
     if name.startswith("paged") and not any(p.is_cuda for g in param_groups for p in g["params"]):
         log.info("optimizer %s on CPU: no unified memory, state is held as ordinary host tensors", name)
     return opt

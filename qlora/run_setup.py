@@ -1,0 +1,122 @@
+"""Turning a recipe into a device, a plan and a trainable model (used by ``train``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from quant.loading import load_quantized_model
+from quant.errors import InputError
+
+from .adapter_io import load_adapter, save_adapter
+from .builtin_models import resolve_model_dir
+from .diagnostics import lora_diagnostics
+from .param_groups import loraplus_param_groups
+from .recipe import Recipe
+from .surgery import apply_lora, lora_modules, lora_parameters
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu.
+
+    Raises:
+        InputError: ``cuda`` requested on a machine without CUDA.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("The recipe asks for device 'cuda' but torch sees no CUDA GPU here; set device: cpu or auto.")
+    return torch.device(name)
+
+
+def autocast_dtype_for(device: torch.device, compute: str) -> torch.dtype:
+    """bf16 autocast where supported; fp16 (with a loss scaler) on GPUs without bf16."""
+    want = _DTYPES[compute]
+    if device.type == "cuda" and want == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: using fp16 autocast with a gradient scaler instead")
+        return torch.float16
+    return want
+
+
+@dataclass
+class RunPlan:
+    """What the planner resolved for a run, plus the tokenizer and base-model folder."""
+
+    model_dir: Path
+    tokenizer: Any
+    seq_len: int
+    micro_batch_size: int
+    grad_accum: int
+    rank: int
+    predicted_peak_bytes: int
+    budget_bytes: int
+    autocast_dtype: torch.dtype
+    summary: str
+    diagnostics: Callable[[torch.nn.Module], dict] = field(default=lambda m: {})
+
+
+def build_model(recipe: Recipe, plan: RunPlan, device: torch.device, resume_adapter: Path | None = None):
+    """NF4 base (streamed) + LoRA + gradient checkpointing, ready to train.
+
+    With ``resume_adapter`` the adapter weights are read from that folder
+    instead of freshly initialized.
+
+    Returns:
+        (model, save_fn(folder), ...) where save_fn writes the PEFT adapter.
+    """
+    dtype = _DTYPES[recipe.model.dtype]
+    log.info("non-quantized parameters (embeddings, norms, head) stay %s: recipe model.dtype", dtype)
+    model = load_quantized_model(
+        plan.model_dir, device, recipe.quant.quant_type, recipe.quant.blocksize, recipe.quant.double_quant,
+        _DTYPES[recipe.quant.compute_dtype], dtype=dtype,
+    )
+    model.config.use_cache = False  # no KV cache in training: keeps packed-sequence masking on (see qlora.data)
+    lora = recipe.lora
+    apply_lora(
+        model, lora.targets, plan.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.variant == "dora",
+        lora.init, _DTYPES[lora.dtype], lora.rank_pattern or None, lora.alpha_pattern or None, lora.freeze_A,
+    )
+    if resume_adapter is not None:
+        load_adapter(model, resume_adapter, dtype=_DTYPES[lora.dtype], trainable=True)
+        if lora.freeze_A:
+            for _, m in lora_modules(model):
+                m.lora_A.weight.requires_grad_(False)
+    if recipe.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and with kwargs
+        enable_checkpointing(model)
+        log.info("gradient checkpointing on (non-reentrant), one checkpoint per decoder layer")
+    base = str(plan.model_dir) if not recipe.model.path.startswith("builtin:") else recipe.model.path
+
+    def save(folder: Path) -> None:
+        save_adapter(model, folder, base_model_name_or_path=base)
+
+    return model, save
+
+
+def enable_checkpointing(model) -> None:
+    """Checkpoint every decoder layer, non-reentrant (transformers >= 5 renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def param_groups(model, recipe: Recipe) -> list[dict]:
+    """Optimizer groups: one for all adapter parameters, or LoRA+ groups (B at ratio x lr)."""
+    if recipe.lora.loraplus_ratio:
+        return loraplus_param_groups(model, recipe.optimizer.lr, recipe.lora.loraplus_ratio)
+    return [{"params": lora_parameters(model)}]
+
+
+def diagnostics_fn(model) -> dict:
+    """Mean/max adapter-to-base norm ratio and grad-norm ratio, for metrics.jsonl."""
+    return lora_diagnostics(model)
