@@ -57,6 +57,7 @@ def _materialize(src: Path, out: Path) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache folder should read like any other
     try:
         cfg = AutoConfig.from_pretrained(src)
         state = torch.random.get_rng_state()

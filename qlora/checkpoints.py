@@ -73,6 +73,7 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step:07d}-", dir=out))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the renamed folder should read like any other
     try:
         write_adapter(tmp / "adapter")
         torch.save(trainer_state, tmp / "trainer_state.pt")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -14,7 +14,7 @@ from quant.errors import InputError
 
 from .adapter_io import load_adapter, save_adapter
 from .builtin_models import resolve_model_dir
-from .diagnostics import lora_diagnostics
+from .diagnostics import lora_diagnostics, summarize
 from .param_groups import loraplus_param_groups
 from .recipe import Recipe
 from .surgery import apply_lora, lora_modules, lora_parameters
@@ -60,7 +60,6 @@ class RunPlan:
     budget_bytes: int
     autocast_dtype: torch.dtype
     summary: str
-    diagnostics: Callable[[torch.nn.Module], dict] = field(default=lambda m: {})
 
 
 def build_model(recipe: Recipe, plan: RunPlan, device: torch.device, resume_adapter: Path | None = None):
@@ -118,5 +117,5 @@ def param_groups(model, recipe: Recipe) -> list[dict]:
 
 
 def diagnostics_fn(model) -> dict:
-    """Mean/max adapter-to-base norm ratio and grad-norm ratio, for metrics.jsonl."""
-    return lora_diagnostics(model)
+    """Mean/max adapter-to-base norm ratio and grad-norm ratio over modules, for metrics.jsonl."""
+    return {f"lora/{k}": v for k, v in summarize(lora_diagnostics(model)).items()}

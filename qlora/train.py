@@ -29,7 +29,7 @@ from .loss import causal_lm_loss
 from .metrics import MetricsLog, plot_run
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, recipe_to_dict
-from .run_setup import RunPlan, build_model, param_groups, plan_run, resolve_device
+from .run_setup import RunPlan, build_model, diagnostics_fn, param_groups, plan_run, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,9 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                     break
                 if scaler is not None:
                     scaler.unscale_(opt)
+                diag = {}
+                if recipe.diagnostics_steps and (step + 1) % recipe.diagnostics_steps == 0:
+                    diag = diagnostics_fn(model)  # before zero_grad: the grad-norm ratio needs the grads
                 params = [p for g in groups for p in g["params"]]
                 gnorm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
                 if scaler is not None:
@@ -256,8 +259,7 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                 rec = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(gnorm), "tokens": n_targets,
                        "tok_per_s": per_step * seq_len / dt, "peak_bytes": peak, "peak_kind": kind,
                        "predicted_peak_bytes": plan.predicted_peak_bytes}
-                if recipe.diagnostics_steps and step % recipe.diagnostics_steps == 0:
-                    rec.update(plan.diagnostics(model))
+                rec.update(diag)
                 if eval_rows is not None and (step % recipe.eval_steps == 0 or step == total_steps):
                     ev = evaluate(model, eval_rows, micro, chunk, autocast_dtype, device)
                     rec.update(eval_loss=ev, eval_ppl=math.exp(min(ev, 50)))

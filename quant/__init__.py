@@ -34,15 +34,23 @@ Public API
 quantize_4bit / dequantize_4bit / QuantState4bit   blockwise 4-bit tensors
 NF4Linear / nf4_linear                             the frozen layer
 quantize_model                                     nn.Linear -> NF4Linear in place
+load_quantized_model                               stream a checkpoint dir (16-bit or bnb 4-bit) into a 4-bit model
+save_quantized / QuantizeReport                    write the bitsandbytes pre-quantized layout, with sizes
+quantize_checkpoint                                16-bit dir -> 4-bit dir, tensor by tensor (the CLI's path)
+Checkpoint                                         a validated safetensors checkpoint directory
 bits_per_param                                     storage arithmetic (used by memory/)
 InputError                                         the user-facing error type
 """
 
 from ._codebook import BLOCKSIZES, FP4_CODE, NF4_CODE, QUANT_TYPES
 from .blockwise import QuantState4bit, bits_per_param, dequantize_4bit, quantize_4bit
+from .checkpoint import Checkpoint
 from .errors import InputError
 from .linear import NF4Linear, nf4_linear
+from .loading import load_quantized_model
 from .model import DEFAULT_SKIP, linear_names, quantize_model
+from .saving import QuantizeReport, save_quantized
+from .streaming import quantize_checkpoint
 
 __all__ = [
     "BLOCKSIZES",
@@ -50,13 +58,18 @@ __all__ = [
     "FP4_CODE",
     "NF4_CODE",
     "QUANT_TYPES",
+    "Checkpoint",
     "InputError",
     "NF4Linear",
     "QuantState4bit",
+    "QuantizeReport",
     "bits_per_param",
     "dequantize_4bit",
     "linear_names",
+    "load_quantized_model",
     "nf4_linear",
     "quantize_4bit",
+    "quantize_checkpoint",
     "quantize_model",
+    "save_quantized",
 ]

@@ -16,3 +16,11 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _qlora_cache(tmp_path_factory):
+    """Builtin models are materialized once per test session, in a temp folder (subprocesses inherit it)."""
+    if "QLORA_CACHE" not in os.environ:
+        os.environ["QLORA_CACHE"] = str(tmp_path_factory.mktemp("qlora-cache"))
+    yield

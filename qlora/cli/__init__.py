@@ -20,6 +20,9 @@ from quant.errors import InputError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("qlora.cli.quantize", "quantize a Hugging Face checkpoint to NF4/FP4 (bitsandbytes layout)"),
+    "merge": ("qlora.cli.merge", "merge a LoRA adapter into its base: write a plain 16-bit checkpoint"),
+    "train": ("qlora.cli.train", "fine-tune with a recipe (plans first; resumes automatically)"),
+    "generate": ("qlora.cli.generate", "sample from the 4-bit base model with an adapter"),
 }
 
 
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes' CPU backend warns at import that an optional kernel hub package
+    # is missing; qlora never uses that kernel, so the warning is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

@@ -1,0 +1,291 @@
+"""Merging adapters into base weights: in memory (and back), and to a plain checkpoint.
+
+All merge arithmetic runs in float32 and is rounded once to the output dtype:
+``W' = W0 + s·B·A`` (DoRA: ``W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖`` per row).
+
+In memory, :func:`merge` swaps each adapted layer's base for a dense 16-bit
+``nn.Linear`` holding ``W'`` and keeps the original base aside, so
+:func:`unmerge` restores it bit for bit (for an NF4 base that is the untouched
+4-bit layer; re-quantizing ``W'`` instead would add a second rounding).
+The cost while merged is one dense 16-bit weight per adapted layer
+(``out*in*2`` bytes) on top of the kept base. ``keep_base=False`` merges an
+``nn.Linear`` base in place with no extra memory, and cannot be undone.
+
+:func:`merge_checkpoint` (``qlora merge``) writes a plain 16-bit Hugging Face
+checkpoint, merging either into the original 16-bit weights of the base
+checkpoint (``into='original'``) or into the NF4 weights the adapter was
+trained against, dequantized (``into='dequantized'``). docs/merging.md has
+the measured logit error of both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant.errors import InputError, choices
+from quant.linear import NF4Linear
+
+from .adapter_io import Adapter, install_adapter, read_adapter, temp_dir_beside
+from .dora import dora_merged_weight
+from .lora import LoRALinear, base_weight
+from .surgery import lora_modules, replace_module
+
+log = logging.getLogger(__name__)
+
+INTO = ("dequantized", "original")
+_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt")
+
+
+def base_dtype(layer: nn.Module) -> torch.dtype:
+    """The 16-bit dtype a base layer stands for: ``NF4Linear.weight_dtype`` or the ``nn.Linear`` weight's."""
+    return layer.weight_dtype if isinstance(layer, NF4Linear) else layer.weight.dtype
+
+
+@torch.no_grad()
+def merged_weight(module: LoRALinear, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W0 + s·B·A`` (or DoRA's merged weight) ``(out, in)``: float32 math, rounded once to ``dtype``.
+
+    ``dtype`` defaults to the base's 16-bit dtype. Costs two float32
+    ``out*in`` temporaries (W0 and the sum).
+    """
+    w0 = base_weight(module.base_layer, torch.float32)
+    if module.lora_magnitude_vector is not None:
+        w = dora_merged_weight(module, w0)
+    else:
+        w = w0.addmm_(module.lora_B.weight.float(), module.lora_A.weight.float(), alpha=module.scale)
+    return w.to(dtype or base_dtype(module.base_layer))
+
+
+def _dense(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A frozen ``nn.Linear`` with ``weight`` and ``layer``'s bias (cast to the weight dtype)."""
+    bias = getattr(layer, "bias", None)
+    out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True), requires_grad=False)
+    return out
+
+
+def merge(model: nn.Module, keep_base: bool = True) -> int:
+    """Fold every active adapter into its layer for fast inference; returns how many were merged.
+
+    While merged, ``LoRALinear`` runs only its (dense) base; training the
+    adapter has no effect until :func:`unmerge`. Original bases are kept as
+    plain attributes (not submodules), so they are not in ``state_dict`` and
+    ``model.to()`` does not move them; :func:`unmerge` moves them back to the
+    merged layer's device.
+
+    Args:
+        keep_base: keep the original base for an exact :func:`unmerge`
+            (costs one dense 16-bit weight per adapted layer while merged).
+            False: an ``nn.Linear`` base is overwritten in place (no extra
+            memory, not reversible); an NF4 base is dropped for the dense one.
+    """
+    n = 0
+    for name, m in lora_modules(model):
+        if not m.active:
+            continue
+        base = m.base_layer
+        w = merged_weight(m)
+        if isinstance(base, nn.Linear) and not keep_base:
+            base.weight.data.copy_(w)
+        else:
+            if keep_base:
+                object.__setattr__(m, "_unmerged_base", base)  # not a submodule: see docstring
+            m.base_layer = _dense(base, w)
+        m.merged = True
+        n += 1
+    log.info("merged %d adapters in memory (keep_base=%s)", n, keep_base)
+    return n
+
+
+def unmerge(model: nn.Module) -> int:
+    """Restore the original bases kept by :func:`merge`; returns how many were restored.
+
+    Raises:
+        InputError: a module was merged with ``keep_base=False``.
+    """
+    n = 0
+    for name, m in lora_modules(model):
+        if not m.merged:
+            continue
+        base = m.__dict__.get("_unmerged_base")
+        if base is None:
+            raise InputError(f"Module {name!r} was merged with keep_base=False; its original weights are gone.")
+        m.base_layer = base.to(m.base_layer.weight.device)
+        del m.__dict__["_unmerged_base"]
+        m.merged = False
+        n += 1
+    log.info("unmerged %d adapters", n)
+    return n
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn ``model`` into a plain 16-bit model in place: no ``LoRALinear``, no ``NF4Linear``.
+
+    Adapted layers become ``nn.Linear`` with the merged weight; other NF4
+    layers are dequantized (float32 math, rounded once). ``dtype`` defaults to
+    each layer's 16-bit dtype; when given, every other parameter is cast too.
+    Returns ``model``.
+    """
+    merged = dequantized = 0
+    for name, m in list(lora_modules(model)):
+        if m.merged:
+            w = m.base_layer.weight.detach().to(dtype or m.base_layer.weight.dtype)
+        elif m.lora_A is not None and m.enabled:
+            w = merged_weight(m, dtype)
+            merged += 1
+        else:
+            w = base_weight(m.base_layer, dtype or base_dtype(m.base_layer))
+        replace_module(model, name, _dense(m.base_layer, w))
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
+        replace_module(model, name, _dense(m, m.dequantize(dtype or m.weight_dtype)))
+        dequantized += 1
+    if dtype is not None:
+        model.to(dtype)
+    log.info("merged %d adapted layers, dequantized %d other 4-bit layers (dtype %s)", merged, dequantized, dtype or "per layer")
+    return model
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_checkpoint` wrote."""
+
+    out_dir: Path
+    into: str
+    dtype: torch.dtype
+    merged_modules: int
+    tokenizer_files: tuple[str, ...]
+
+
+def _read_base_config(base_dir: Path) -> dict:
+    path = base_dir / "config.json"
+    if not path.is_file():
+        raise InputError(f"{str(base_dir)!r} is not a Hugging Face model folder (no config.json).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e}).") from None
+
+
+def _out_dtype(dtype: torch.dtype | str | None, config: dict) -> torch.dtype:
+    from quant.checkpoint import parse_dtype
+
+    if dtype is not None:
+        return parse_dtype(dtype)
+    saved = config.get("dtype") or config.get("torch_dtype")
+    if saved in ("bfloat16", "float16"):
+        log.info("merged checkpoint dtype %s: the base checkpoint's", saved)
+        return parse_dtype(saved)
+    log.info("merged checkpoint dtype bfloat16: the base checkpoint records %r, not a 16-bit dtype", saved)
+    return torch.bfloat16
+
+
+def merge_checkpoint(
+    base_dir: str | os.PathLike,
+    adapter: str | os.PathLike | Adapter,
+    out_dir: str | os.PathLike,
+    into: str = "dequantized",
+    dtype: torch.dtype | str | None = None,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    skip: Sequence[str] = (),
+    device: str = "cpu",
+) -> MergeResult:
+    """Merge a PEFT adapter into a base checkpoint and write a plain Hugging Face checkpoint.
+
+    Args:
+        base_dir: local checkpoint (16-bit, or bitsandbytes 4-bit for ``into='dequantized'``).
+        adapter: PEFT adapter folder (qlora's or PEFT's), or an :class:`Adapter`
+            (e.g. from :func:`qlora.multi_adapter.combine_adapters`).
+        out_dir: new folder (must not exist, or be empty); written under a temporary name and renamed.
+        into: ``'dequantized'``: W' = dequant(quant(W0)) + ΔW, the weights the
+            QLoRA adapter was trained against (quantized with ``quant_type``,
+            ``blocksize``, ``double_quant`` exactly as training does; a 4-bit
+            checkpoint is used as stored). ``'original'``: W' = W0 + ΔW with the
+            checkpoint's 16-bit W0.
+        quant_type, blocksize, double_quant, skip: the 4-bit format training
+            used (``'dequantized'`` only); ``skip`` adds layers that training kept
+            16-bit besides the output head.
+        dtype: output dtype; default the base checkpoint's 16-bit dtype, else bfloat16.
+        device: where the merge math runs.
+
+    Returns:
+        :class:`MergeResult`.
+
+    Raises:
+        InputError: bad arguments, folders, adapter, or ``'original'`` on a 4-bit checkpoint.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if into not in INTO:
+        raise InputError(f"Unknown merge target --into {into!r}; valid choices are {choices(INTO)}.")
+    base, out = Path(base_dir), Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"Output folder {str(out)!r} already exists and is not empty; choose a new folder.")
+    config = _read_base_config(base)
+    out_dtype = _out_dtype(dtype, config)
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)  # validate before loading any weights
+    prequantized = "quantization_config" in config
+    if into == "original":
+        if prequantized:
+            raise InputError(
+                f"{str(base)!r} is a 4-bit checkpoint, so it has no original 16-bit weights; use --into dequantized, "
+                "or pass the 16-bit checkpoint the 4-bit one was made from."
+            )
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=out_dtype, device_map=device)
+    else:
+        from quant.loading import load_quantized_model
+        from quant.model import DEFAULT_SKIP
+
+        model = load_quantized_model(
+            base, device, quant_type, blocksize, double_quant, compute_dtype=out_dtype,
+            skip=tuple(DEFAULT_SKIP) + tuple(skip), dtype=out_dtype,
+        )
+    if adapter.base_model_name_or_path and Path(adapter.base_model_name_or_path).name != base.name:
+        log.info("adapter was trained on %r; merging into %s", adapter.base_model_name_or_path, base)
+    install_adapter(model, adapter, dtype=None, trainable=False)
+    n = sum(1 for _, m in lora_modules(model) if m.lora_A is not None)
+    merge_and_unload(model, out_dtype)
+    model.config.dtype = out_dtype
+    for attr in ("quantization_config",):  # a 4-bit base's config would make transformers expect 4-bit weights
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_beside(out)
+    try:
+        model.save_pretrained(str(tmp))
+        copied = _copy_tokenizer(base, tmp)
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("merged %d modules into %s weights of %s -> %s (%s)", n, into, base, out, out_dtype)
+    return MergeResult(out, into, out_dtype, n, tuple(copied))
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer and chat-template files, if any, so the merged folder is self-contained."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        name = f.name
+        if f.is_file() and (
+            name.startswith(("tokenizer", "chat_template")) or name in _TOKENIZER_FILES or name.endswith((".tiktoken", "spiece.model"))
+        ):
+            shutil.copy2(f, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,276 @@
+"""Several named adapters on one base: switch the active one, combine them, do arithmetic.
+
+``LoRALinear`` holds exactly one adapter. The others wait in a bank on the
+model (``model.qlora_adapters``: name -> module name -> slot), and switching
+moves the slot objects in and out of the modules, so it costs no copies and
+an optimizer built on the active adapter's parameters keeps pointing at them.
+Banked adapters are plain attributes: ``model.to()`` does not move them;
+:func:`set_active_adapter` moves a slot to its layer's device when installing it.
+
+Combining is exact by concatenating ranks: for adapters ``i`` with scale
+``s_i`` and weight ``w_i``,
+``A = [A_1; A_2; ...]`` ``(Σr_i, in)`` and ``B = [w_1·s_1·B_1, w_2·s_2·B_2, ...]``
+``(out, Σr_i)`` with scale 1, so ``B·A = Σ w_i·s_i·B_i·A_i``. Negative weights
+give task-vector arithmetic (``[1, -1]`` is a difference). DoRA adapters are
+not linear in their parameters and cannot be combined this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quant.errors import InputError, choices
+
+from .adapter_io import Adapter, ModuleAdapter, check_adapter_fits, read_adapter
+from .lora import LoRAFactor, LoRALinear
+from .surgery import adapter_dtype, freeze_model, lora_modules, replace_module
+
+log = logging.getLogger(__name__)
+
+BANK = "qlora_adapters"
+ACTIVE = "qlora_active_adapter"
+
+
+@dataclass
+class _Slot:
+    """One module's adapter, as the objects that sit in a ``LoRALinear`` while it is active."""
+
+    lora_A: LoRAFactor
+    lora_B: LoRAFactor
+    magnitude: nn.Parameter | None
+    alpha: float
+    use_rslora: bool
+    dropout: nn.Module
+
+
+def _bank(model: nn.Module) -> dict[str, dict[str, _Slot]]:
+    bank = model.__dict__.get(BANK)
+    if bank is None:
+        bank = {}
+        object.__setattr__(model, BANK, bank)
+        live = _capture(model)
+        if live:  # an adapter applied/loaded before the bank existed becomes "default"
+            bank["default"] = live
+            object.__setattr__(model, ACTIVE, "default")
+    return bank
+
+
+def _capture(model: nn.Module) -> dict[str, _Slot]:
+    return {
+        name: _Slot(m.lora_A, m.lora_B, m.lora_magnitude_vector, m.alpha, m.use_rslora, m.lora_dropout)
+        for name, m in lora_modules(model)
+        if m.lora_A is not None
+    }
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters held by ``model`` (``'default'`` for one applied before any was named)."""
+    return list(_bank(model))
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name, or None."""
+    _bank(model)
+    return model.__dict__.get(ACTIVE)
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    adapter: str | os.PathLike | Adapter,
+    dtype: torch.dtype | str | None = None,
+    trainable: bool = False,
+    activate: bool = False,
+) -> None:
+    """Add a named adapter (a PEFT folder or an :class:`Adapter`) to the bank.
+
+    Layers it covers are wrapped in ``LoRALinear`` if needed (pass-through
+    until it is active). It becomes active when ``activate`` or when it is
+    the first adapter. ``dtype=None`` keeps the file's dtype. Only the new
+    adapter is trainable afterwards (when ``trainable``): the base and every
+    other adapter are frozen.
+
+    Raises:
+        InputError: the name is taken or empty, or the adapter does not fit
+            the model (see :func:`qlora.adapter_io.check_adapter_fits`).
+    """
+    bank = _bank(model)
+    if not isinstance(name, str) or not name:
+        raise InputError(f"Adapter name must be a non-empty string, got {name!r}.")
+    if name in bank:
+        raise InputError(f"An adapter named {name!r} is already loaded; loaded adapters: {choices(bank)}.")
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)
+    dtype = None if dtype is None else adapter_dtype(dtype)
+    layers = check_adapter_fits(model, adapter)
+    if any(m.merged for _, m in lora_modules(model)):
+        raise InputError("Cannot add an adapter while adapters are merged; call qlora.unmerge first.")
+    freeze_model(model)
+    slots = {}
+    for mod_name, layer in layers.items():
+        m = adapter.modules[mod_name]
+        if not isinstance(layer, LoRALinear):
+            layer = LoRALinear(layer, m.rank, m.alpha, init=None, dtype=dtype or m.lora_A.dtype)
+            layer.lora_A = layer.lora_B = None  # pass-through until this adapter is activated
+            replace_module(model, mod_name, layer)
+        slots[mod_name] = _slot(m, layer, dtype, trainable, adapter.dropout)
+    for p in (p for s in bank.values() for sl in s.values() for p in _params(sl)):
+        p.requires_grad_(False)  # freeze_model only saw the live ones; banked adapters stay frozen too
+    bank[name] = slots
+    if activate or model.__dict__.get(ACTIVE) is None:
+        set_active_adapter(model, name)
+    log.info("added adapter %r (%d modules, trainable=%s); active: %r", name, len(slots), trainable, active_adapter(model))
+
+
+def _slot(m: ModuleAdapter, layer: LoRALinear, dtype, trainable: bool, dropout: float) -> _Slot:
+    dev = next(iter(list(layer.base_layer.parameters()) + list(layer.base_layer.buffers()))).device
+    mag = None
+    if m.magnitude is not None:  # float32 whatever the adapter dtype (see qlora.dora)
+        mag = nn.Parameter(m.magnitude.detach().to(dev, torch.float32, copy=True), requires_grad=trainable)
+    return _Slot(
+        LoRAFactor(m.lora_A.detach().to(dev, dtype or m.lora_A.dtype, copy=True), trainable),
+        LoRAFactor(m.lora_B.detach().to(dev, dtype or m.lora_B.dtype, copy=True), trainable),
+        mag, float(m.alpha), m.use_rslora, nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+    )
+
+
+def _params(s: _Slot) -> list[nn.Parameter]:
+    return [s.lora_A.weight, s.lora_B.weight] + ([s.magnitude] if s.magnitude is not None else [])
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter every ``LoRALinear`` runs; modules it does not cover pass through.
+
+    Raises:
+        InputError: unknown name (listing the loaded ones), or adapters are merged.
+    """
+    bank = _bank(model)
+    if name not in bank:
+        raise InputError(f"No adapter named {name!r}; loaded adapters: {choices(bank) or 'none'}.")
+    if any(m.merged for _, m in lora_modules(model)):
+        raise InputError("Cannot switch adapters while they are merged; call qlora.unmerge first.")
+    current = model.__dict__.get(ACTIVE)
+    if current in bank:
+        bank[current] = _capture(model)  # keep what is live (it may have been replaced or trained)
+    slots = bank[name]
+    for mod_name, m in lora_modules(model):
+        s = slots.get(mod_name)
+        if s is None:
+            m.lora_A = m.lora_B = m.lora_magnitude_vector = None
+            continue
+        dev = next(iter(list(m.base_layer.parameters()) + list(m.base_layer.buffers()))).device
+        if s.lora_A.weight.device != dev:
+            s.lora_A.to(dev), s.lora_B.to(dev)
+            if s.magnitude is not None:
+                s.magnitude.data = s.magnitude.data.to(dev)
+        m.lora_A, m.lora_B, m.lora_magnitude_vector = s.lora_A, s.lora_B, s.magnitude
+        m.alpha, m.use_rslora, m.lora_dropout = s.alpha, s.use_rslora, s.dropout
+    object.__setattr__(model, ACTIVE, name)
+    log.info("active adapter: %r", name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Drop adapter ``name`` from the bank (the active one cannot be deleted).
+
+    Raises:
+        InputError: unknown name, or it is the active adapter.
+    """
+    bank = _bank(model)
+    if name not in bank:
+        raise InputError(f"No adapter named {name!r}; loaded adapters: {choices(bank) or 'none'}.")
+    if name == model.__dict__.get(ACTIVE):
+        raise InputError(f"Adapter {name!r} is active; activate another one before deleting it.")
+    del bank[name]
+
+
+def bank_adapter(model: nn.Module, name: str) -> Adapter:
+    """A loaded adapter as an :class:`Adapter` (tensors are references, not copies).
+
+    Raises:
+        InputError: unknown name.
+    """
+    bank = _bank(model)
+    if name not in bank:
+        raise InputError(f"No adapter named {name!r}; loaded adapters: {choices(bank) or 'none'}.")
+    slots = _capture(model) if name == model.__dict__.get(ACTIVE) else bank[name]
+    mods = {
+        n: ModuleAdapter(
+            s.lora_A.weight.detach(), s.lora_B.weight.detach(), s.alpha, s.use_rslora,
+            None if s.magnitude is None else s.magnitude.detach(),
+        )
+        for n, s in slots.items()
+    }
+    dropout = next((s.dropout.p for s in slots.values() if isinstance(s.dropout, nn.Dropout)), 0.0)
+    return Adapter(mods, dropout, getattr(getattr(model, "config", None), "_name_or_path", None))
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model only inside the ``with`` block (e.g. a reference model for DPO)."""
+    mods = [m for _, m in lora_modules(model)]
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
+
+
+@torch.no_grad()
+def combine_adapters(
+    adapters: Sequence[Adapter], weights: Sequence[float], dtype: torch.dtype = torch.float32
+) -> Adapter:
+    """One adapter equal to ``Σ w_i·s_i·B_i·A_i`` by concatenating ranks (exact).
+
+    Per module the result has rank ``Σ r_i`` over the adapters that cover it,
+    ``alpha = rank`` (scale 1, no rsLoRA) and ``B`` columns pre-scaled by
+    ``w_i·s_i`` (float32 math, one rounding to ``dtype``; float32 by default
+    so the combination stays exact to float32 precision).
+
+    Raises:
+        InputError: no adapters, a weight count that differs, or a DoRA adapter.
+    """
+    if not adapters:
+        raise InputError("combine_adapters needs at least one adapter.")
+    if len(weights) != len(adapters):
+        raise InputError(f"combine_adapters got {len(adapters)} adapters but {len(weights)} weights; pass one weight each.")
+    for i, a in enumerate(adapters):
+        if a.use_dora:
+            raise InputError(f"Adapter #{i} is a DoRA adapter; DoRA is not linear in B·A, so it cannot be combined by weights.")
+    names: list[str] = []
+    for a in adapters:
+        names += [n for n in a.modules if n not in names]
+    out: dict[str, ModuleAdapter] = {}
+    for n in names:
+        parts = [(a.modules[n], float(w)) for a, w in zip(adapters, weights) if n in a.modules]
+        a_cat = torch.cat([m.lora_A.float() for m, _ in parts], dim=0)
+        b_cat = torch.cat([m.lora_B.float() * (w * m.scale) for m, w in parts], dim=1)
+        rank = a_cat.shape[0]
+        out[n] = ModuleAdapter(a_cat.to(dtype), b_cat.to(dtype), float(rank), False, None)
+    log.info("combined %d adapters with weights %s into one of %d modules", len(adapters), list(weights), len(out))
+    return Adapter(out, 0.0, adapters[0].base_model_name_or_path)
+
+
+def add_weighted_adapter(
+    model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str, activate: bool = True
+) -> Adapter:
+    """Combine loaded adapters ``names`` with ``weights`` into a new loaded adapter ``new_name``.
+
+    Returns the combined :class:`Adapter` (save it with :func:`qlora.write_adapter`,
+    or merge it with :func:`qlora.merge_and_unload` once active).
+
+    Raises:
+        InputError: unknown names, see :func:`combine_adapters` and :func:`add_adapter`.
+    """
+    combined = combine_adapters([bank_adapter(model, n) for n in names], weights)
+    add_adapter(model, new_name, combined, activate=activate)
+    return combined
