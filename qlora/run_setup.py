@@ -22,6 +22,7 @@ from .surgery import apply_lora, lora_modules, lora_parameters
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CHUNK_TOKENS = 1024  # rows per chunk of the chunked loss (qlora.loss); the planner is told the same
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,6 +63,70 @@ class RunPlan:
     summary: str
 
 
+def _budget(recipe: Recipe, device: torch.device) -> str:
+    """The memory the plan must fit: the recipe's ``gpu``, else the device's own size.
+
+    On CPU the budget is the machine's RAM; the prediction is then the
+    tensor peak the live-tensor tracker would measure (no CUDA context).
+    """
+    if recipe.gpu:
+        return recipe.gpu
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_properties(device).total_memory // 2**20}MiB"
+    import psutil
+
+    return f"{psutil.virtual_memory().total // 2**20}MiB"
+
+
+def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
+    """Resolve ``auto`` values with :func:`memory.plan` before any weight is read.
+
+    Raises:
+        InputError: the planner predicts that the run does not fit (the
+            message lists its suggestions), or bad settings.
+    """
+    import memory
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(recipe.model.path)
+    lora = recipe.lora
+    attn = "sdpa" if recipe.model.attn_implementation == "flash_attention_2" else recipe.model.attn_implementation
+    p = memory.plan(
+        _budget(recipe, device), str(model_dir), recipe.seq_len, recipe.micro_batch_size, lora.rank,
+        recipe.effective_batch_size, lora.targets, lora.dropout, lora.variant == "dora", lora.dtype,
+        recipe.optimizer.name, recipe.gradient_checkpointing, attn,
+        loss="chunked" if recipe.chunked_loss else "hf", loss_chunk_tokens=CHUNK_TOKENS,
+        quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
+        double_quant=recipe.quant.double_quant, device=device.type,
+    )
+    fp = p.footprint
+    gib = 2**30
+    lines = [
+        f"plan: {model_dir.name} on {device.type} with a {p.gpu.total_bytes / gib:.2f} GiB budget ({p.gpu.name}), "
+        f"{p.margin:.0%} kept free",
+        f"  seq_len {p.seq_len}, micro_batch_size {p.micro_batch_size} x {p.gradient_accumulation_steps} accumulation "
+        f"= {p.effective_batch_size} sequences/step, LoRA rank {p.rank} on {len(fp.targets)} module types",
+        f"  predicted peak {fp.tensor_peak_bytes / gib:.3f} GiB of tensors in phase '{fp.peak_phase}'"
+        + (f", {p.peak_bytes / gib:.2f} GiB with CUDA context and allocator reserve" if device.type == "cuda" else ""),
+    ]
+    for k, v in sorted(fp.breakdown.items(), key=lambda kv: -kv[1])[:6]:
+        if v:
+            lines.append(f"    {k:<28} {v / 2**20:10.1f} MiB")
+    lines += [f"  note: {n}" for n in p.notes]
+    if not p.fits:
+        sugg = "; ".join(f"{s.change} (predicted {s.footprint.device_total_bytes / gib:.2f} GiB)" for s in p.suggestions[:5])
+        raise InputError(
+            f"This run does not fit: the planner predicts {p.peak_bytes / gib:.2f} GiB but only "
+            f"{p.usable_bytes / gib:.2f} GiB of {p.gpu.name} is usable. Changes that would fit: {sugg or 'none found'}."
+        )
+    return RunPlan(
+        model_dir=model_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir), seq_len=p.seq_len,
+        micro_batch_size=p.micro_batch_size, grad_accum=p.gradient_accumulation_steps, rank=p.rank,
+        predicted_peak_bytes=fp.tensor_peak_bytes, budget_bytes=p.gpu.total_bytes,
+        autocast_dtype=autocast_dtype_for(device, recipe.quant.compute_dtype), summary="\n".join(lines),
+    )
+
+
 def build_model(recipe: Recipe, plan: RunPlan, device: torch.device, resume_adapter: Path | None = None):
     """NF4 base (streamed) + LoRA + gradient checkpointing, ready to train.
 
@@ -90,8 +155,9 @@ def build_model(recipe: Recipe, plan: RunPlan, device: torch.device, resume_adap
                 m.lora_A.weight.requires_grad_(False)
     if recipe.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and with kwargs
-        enable_checkpointing(model)
-        log.info("gradient checkpointing on (non-reentrant), one checkpoint per decoder layer")
+        enable_checkpointing(model, recipe.offload_activations)
+        log.info("gradient checkpointing on (non-reentrant), one checkpoint per decoder layer; activation offload %s "
+                 "(recipe offload_activations)", "on" if recipe.offload_activations else "off")
     base = str(plan.model_dir) if not recipe.model.path.startswith("builtin:") else recipe.model.path
 
     def save(folder: Path) -> None:
@@ -100,13 +166,25 @@ def build_model(recipe: Recipe, plan: RunPlan, device: torch.device, resume_adap
     return model, save
 
 
-def enable_checkpointing(model) -> None:
-    """Checkpoint every decoder layer, non-reentrant (transformers >= 5 renamed the method)."""
+def enable_checkpointing(model, offload_activations: bool = False):
+    """Checkpoint every decoder layer, non-reentrant (transformers >= 5 renamed the method).
+
+    With ``offload_activations`` the checkpointed layer inputs wait in pinned
+    host memory between forward and backward (see :mod:`qlora.offload`).
+
+    Returns:
+        The :class:`qlora.offload.ActivationOffloader`, or None without offload.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not offload_activations:
+        return None
+    from .offload import offload_checkpointed_inputs
+
+    return offload_checkpointed_inputs(model)
 
 
 def param_groups(model, recipe: Recipe) -> list[dict]:

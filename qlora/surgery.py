@@ -167,9 +167,14 @@ def lora_report(model: nn.Module) -> LoRAReport:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Set the submodule at qualified ``name`` to ``new``."""
+    """Set the submodule at qualified ``name`` to ``new``, in the mode (train/eval) of the one it replaces.
+
+    A fresh module starts in training mode; inserted into a model in eval
+    mode it would otherwise apply dropout during inference.
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(getattr(parent, child).training)
     setattr(parent, child, new)
 
 

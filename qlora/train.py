@@ -29,7 +29,7 @@ from .loss import causal_lm_loss
 from .metrics import MetricsLog, plot_run
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, recipe_to_dict
-from .run_setup import RunPlan, build_model, diagnostics_fn, param_groups, plan_run, resolve_device
+from .run_setup import CHUNK_TOKENS, RunPlan, build_model, diagnostics_fn, param_groups, plan_run, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,20 @@ def _targets(labels: torch.Tensor) -> int:
 
 
 def forward_loss(model, batch: dict, chunk_tokens: int | None, autocast_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Summed loss over one micro-batch and its target-token count (see :func:`causal_lm_loss`)."""
+    """Summed loss over one micro-batch and its target-token count.
+
+    ``chunk_tokens`` set: :func:`qlora.loss.causal_lm_loss` on the final
+    hidden states (never materializes all logits). ``None``: transformers'
+    own loss on full fp32 logits (the standard path), asked for a sum through
+    ``num_items_in_batch`` so that normalization stays with the caller.
+    """
     device_type = batch["input_ids"].device.type
+    n = _targets(batch["labels"])
     with torch.autocast(device_type, dtype=autocast_dtype):
+        if chunk_tokens is None:
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                        use_cache=False, num_items_in_batch=max(n, 1))
+            return out.loss * max(n, 1), n
         out = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         softcap = getattr(model.config, "final_logit_softcapping", None)
         return causal_lm_loss(out[0], model.get_output_embeddings().weight, batch["labels"], chunk_tokens, softcap)
@@ -185,7 +196,7 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
     sched = build_scheduler(opt, total_steps, recipe.schedule.warmup_steps, recipe.schedule.name, recipe.schedule.min_lr_ratio)
     autocast_dtype = plan.autocast_dtype
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
-    chunk = 1024 if recipe.chunked_loss else None
+    chunk = CHUNK_TOKENS if recipe.chunked_loss else None
 
     start_step, resumed = 0, None
     if state is not None:

@@ -71,7 +71,9 @@ def test_final_adapter_loads_in_peft(tmp_path):
 def test_gradient_accumulation_does_not_depend_on_split(tmp_path):
     from qlora.run_setup import build_model, plan_run, resolve_device
 
-    recipe = _recipe(tmp_path, "lora.dropout=0.0", "micro_batch_size=1")
+    # fp32 end to end, so that only the normalization (not bf16 rounding) could make splits differ
+    recipe = _recipe(tmp_path, "lora.dropout=0.0", "micro_batch_size=1", "model.dtype=float32",
+                     "lora.dtype=float32", "quant.compute_dtype=float32")
     plan = plan_run(recipe, resolve_device("cpu"))
     model, _ = build_model(recipe, plan, torch.device("cpu"))
     model.train()
@@ -94,7 +96,7 @@ def test_gradient_accumulation_does_not_depend_on_split(tmp_path):
         loss, g_split = grads(split)
         assert abs(loss - whole) < 1e-5
         for a, b in zip(g_split, g_whole):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_nan_loss_stops_with_checkpoint(tmp_path):
@@ -143,8 +145,8 @@ def test_every_shipped_recipe_validates():
 
 
 def _cli(out, *extra, env=None):
-    cmd = [sys.executable, "-m", "qlora.cli", "train", str(TINY), *FAST, "max_steps=6", "lora.dropout=0.1",
-           f"output_dir={out}", "--no-progress", *extra]
+    cmd = [sys.executable, "-m", "qlora.cli", "train", "--no-progress", str(TINY), *FAST, "max_steps=6",
+           "lora.dropout=0.1", f"output_dir={out}", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env or os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
