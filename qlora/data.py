@@ -249,8 +249,8 @@ def pack_rows(examples: list[Example], seq_len: int, pad_id: int, packing: bool 
     """Lay examples into fixed rows of ``seq_len`` tokens.
 
     With packing, examples are placed greedily in order (first fit on the
-    current row) and never split. Each example's positions restart at 0; the
-    trailing pad segment also restarts at 0, so it is isolated too.
+    current row) and never split. Each example's positions restart at 0;
+    trailing padding continues the last example's positions (see below).
 
     Returns:
         dict of int64 tensors ``input_ids``, ``labels``, ``position_ids``, each (rows, seq_len).
@@ -276,7 +276,13 @@ def pack_rows(examples: list[Example], seq_len: int, pad_id: int, packing: bool 
             labels[r, at : at + k] = lab
             pos[r, at : at + k] = torch.arange(k)
             at += k
-        pos[r, at:] = torch.arange(seq_len - at)
+        # Padding continues the last example's positions instead of restarting:
+        # it carries no loss and sits after every real token, so letting it see
+        # the last example changes nothing, and a row holding one example keeps
+        # monotone positions -- transformers then uses plain causal attention
+        # instead of building a (seq x seq) block mask.
+        last = len(row[-1].input_ids)
+        pos[r, at:] = torch.arange(last, last + seq_len - at)
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 

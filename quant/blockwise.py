@@ -209,7 +209,7 @@ def quantize_8bit(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.
     pos = ((normed + 1.0) * 0.5) * 65535.0 + 0.5
     codes = _bin_lut(x.device)[pos.to(torch.int32).long()]
     codes = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(codes), codes)
-    return codes.view(-1)[:n].contiguous(), absmax
+    return codes.view(-1)[:n].clone(), absmax  # clone: a prefix view would keep the padded storage alive
 
 
 def _bin_lut(device: torch.device | str) -> torch.Tensor:

@@ -20,6 +20,7 @@ from quant.errors import InputError
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("qlora.cli.quantize", "quantize a Hugging Face checkpoint to NF4/FP4 (bitsandbytes layout)"),
+    "plan": ("qlora.cli.plan", "predict peak GPU memory and choose batch/rank/sequence settings that fit"),
     "merge": ("qlora.cli.merge", "merge a LoRA adapter into its base: write a plain 16-bit checkpoint"),
     "train": ("qlora.cli.train", "fine-tune with a recipe (plans first; resumes automatically)"),
     "generate": ("qlora.cli.generate", "sample from the 4-bit base model with an adapter"),

@@ -127,9 +127,14 @@ def test_packing_layout_and_no_cross_attention(tok, tmp_path):
 
 
 def test_unpacked_rows_hold_one_example_each(tok, tmp_path):
+    from transformers.masking_utils import find_packed_sequence_indices
+
     exs, _ = _tokenize(tok, _jsonl(tmp_path / "u.jsonl", [{"text": "a b"}, {"text": "c d"}]))
     rows = pack_rows(exs, 16, tok.pad_token_id, packing=False)
     assert rows["input_ids"].shape == (2, 16)
+    # one example + padding keeps monotone positions: transformers builds no (seq x seq) block mask
+    assert torch.equal(rows["position_ids"], torch.arange(16).expand(2, 16))
+    assert find_packed_sequence_indices(rows["position_ids"]) is None
 
 
 def test_eval_split_is_deterministic(tok):

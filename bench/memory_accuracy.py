@@ -1,0 +1,308 @@
+"""How close is the memory planner? Predicted vs measured peak, per configuration.
+
+    .venv/bin/python bench/memory_accuracy.py                 # CPU grid (any machine)
+    .venv/bin/python bench/memory_accuracy.py --device cuda   # GPU grid (needs a CUDA GPU, ~80 GB for all rows)
+    .venv/bin/python bench/memory_accuracy.py --docs          # only re-render docs/memory-accuracy.md
+
+Each row builds a QLoRA model from a config with random weights (values do
+not change memory), runs real training steps with ``qlora.memcheck`` and
+compares the measured peak of the second step with ``memory.estimate`` for
+the same settings. Nothing is fitted to these measurements.
+
+* CPU: the peak bytes of live tensors (``memory.tracker.LiveTensorTracker``)
+  vs the prediction's tensor peak with CPU kernels (``device='cpu'``).
+* CUDA: ``torch.cuda.max_memory_allocated`` vs the prediction's tensor peak
+  with CUDA kernels, plus ``max_memory_reserved`` and the memory the process
+  holds outside PyTorch's allocator (CUDA context, cuBLAS), which calibrate
+  the planner's separately reported context and allocator-reserve terms.
+  Target: every prediction within 5% of ``max_memory_allocated``.
+
+Writes bench/results/memory-accuracy-<device>.json and .md, then renders
+docs/memory-accuracy.md from whichever result files exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+# bench/ holds a script named quant.py: keep this folder off the import path so
+# that `import quant` finds the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+RESULTS = ROOT / "results"
+DOCS = ROOT.parent / "docs" / "memory-accuracy.md"
+
+# Small but complete architectures for the CPU grid (config.json facts).
+_TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
+TINY = {
+    "tiny-llama": dict(_TINY, model_type="llama"),
+    "tiny-qwen2": dict(_TINY, model_type="qwen2", tie_word_embeddings=True),
+    "tiny-gemma2": dict(_TINY, model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh"),
+    "tiny-phi3": dict(_TINY, model_type="phi3", num_key_value_heads=4, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "tiny-qwen3": dict(_TINY, model_type="qwen3", head_dim=32, tie_word_embeddings=True),
+}
+
+# (model, settings). Models are TINY keys or catalog names (real shapes, random weights).
+CPU_GRID = [
+    ("tiny-llama", dict(batch=2, seq=64, rank=8)),
+    ("tiny-llama", dict(batch=1, seq=1024, rank=8)),
+    ("tiny-llama", dict(batch=2, seq=128, rank=16, gradient_checkpointing=False)),
+    ("tiny-llama", dict(batch=4, seq=64, rank=64, dropout=0.1)),
+    ("tiny-llama", dict(batch=2, seq=128, rank=8, attn="eager")),
+    ("tiny-llama", dict(batch=2, seq=256, rank=8, loss="chunked", chunk_tokens=128)),
+    ("tiny-qwen2", dict(batch=2, seq=128, rank=16, optimizer="adamw_8bit")),
+    ("tiny-gemma2", dict(batch=2, seq=128, rank=8)),
+    ("tiny-gemma2", dict(batch=1, seq=256, rank=8, gradient_checkpointing=False, loss="chunked", chunk_tokens=64)),
+    ("tiny-phi3", dict(batch=2, seq=128, rank=8, targets="attention")),
+    ("tiny-qwen3", dict(batch=2, seq=64, rank=8, dora=True)),
+    ("tiny-qwen3", dict(batch=2, seq=64, rank=8, adapter_dtype="float32", targets="qv")),
+    ("smollm2-135m", dict(batch=2, seq=256, rank=16)),
+    ("smollm2-135m", dict(batch=1, seq=512, rank=16, gradient_checkpointing=False, optimizer="paged_adamw_8bit")),
+    ("qwen2.5-0.5b", dict(batch=1, seq=256, rank=16, loss="chunked", chunk_tokens=128)),
+]
+
+CUDA_GRID = [
+    (model, dict(batch=b, seq=s, rank=16, optimizer="paged_adamw_8bit"))
+    for model in ("llama-3.1-8b", "qwen2.5-7b")
+    for b, s in ((1, 512), (1, 2048), (4, 2048), (2, 4096), (1, 8192))
+] + [
+    ("llama-3.1-8b", dict(batch=1, seq=4096, rank=16, optimizer="adamw", adapter_dtype="float32")),
+    ("llama-3.1-8b", dict(batch=2, seq=4096, rank=64, optimizer="paged_adamw_8bit", loss="chunked", chunk_tokens=1024)),
+    ("llama-3.1-8b", dict(batch=1, seq=1024, rank=16, optimizer="paged_adamw_8bit", gradient_checkpointing=False)),
+    ("qwen2.5-7b", dict(batch=2, seq=2048, rank=32, optimizer="paged_adamw_8bit", dropout=0.05)),
+]
+
+
+def _config(name: str) -> tuple[str, dict]:
+    import memory
+
+    if name in TINY:
+        return name, TINY[name]
+    spec = memory.load_spec(name)
+    return spec.name, spec.config
+
+
+def _environment(device: str) -> dict:
+    import bitsandbytes
+    import torch
+    import transformers
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "logical_cpus": os.cpu_count(),
+    }
+    try:
+        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    except OSError:
+        env["cpu"] = platform.processor() or "?"
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_total_bytes"] = torch.cuda.mem_get_info()[1]
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def run_row(name: str, settings: dict, device: str) -> dict:
+    """Predict and measure one configuration; returns a JSON-able row."""
+    import torch
+
+    from qlora.memcheck import check
+
+    label, config = _config(name)
+    t0 = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    c = check(config, name=label, device=device, **settings)
+    fp, m = c.footprint, c.measurement
+    row = {
+        "model": label,
+        "settings": settings,
+        "predicted_bytes": fp.tensor_peak_bytes,
+        "measured_bytes": m.peak_bytes,
+        "error": c.error,
+        "peak_phase": fp.peak_phase,
+        "phases": fp.phases,
+        "breakdown": fp.breakdown,
+        "loss": m.loss,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        row["reserved_bytes"] = m.reserved_bytes
+        # memory the process holds that PyTorch's allocator does not: CUDA context, cuBLAS handles
+        row["outside_allocator_bytes"] = total - free - torch.cuda.memory_reserved()
+        row["predicted_device_total_bytes"] = fp.device_total_bytes
+    del c
+    return row
+
+
+def _md_table(rows: list[dict], device: str) -> str:
+    head = "| # | model | settings | predicted MiB | measured MiB | error | peak phase |"
+    sep = "|---:|---|---|---:|---:|---:|---|"
+    if device == "cuda":
+        head += " reserved MiB | outside allocator MiB |"
+        sep += "---:|---:|"
+    lines = [head, sep]
+    for i, r in enumerate(rows, 1):
+        s = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        line = (
+            f"| {i} | {r['model']} | {s} | {r['predicted_bytes'] / 2**20:.2f} | {r['measured_bytes'] / 2**20:.2f} | "
+            f"{100 * r['error']:+.2f}% | {r['peak_phase']} |"
+        )
+        if device == "cuda":
+            line += f" {r['reserved_bytes'] / 2**20:.0f} | {r['outside_allocator_bytes'] / 2**20:.0f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _summary(rows: list[dict]) -> str:
+    errs = [abs(r["error"]) for r in rows]
+    return f"{len(rows)} configurations; |error| max {100 * max(errs):.2f}%, mean {100 * sum(errs) / len(errs):.2f}%."
+
+
+def _env_line(env: dict) -> str:
+    hw = env.get("gpu") or f"{env.get('cpu', '?')} ({env.get('logical_cpus', '?')} logical CPUs)"
+    return (
+        f"{hw}; {env['platform']}; python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"bitsandbytes {env['bitsandbytes']}; torch threads {env['torch_threads']}; {env['date']}"
+    )
+
+
+def write_results(device: str, env: dict, rows: list[dict]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    data = {"what": "memory planner: predicted vs measured peak per training step", "device": device,
+            "command": f"python bench/memory_accuracy.py --device {device}", "environment": env, "rows": rows}
+    (RESULTS / f"memory-accuracy-{device}.json").write_text(json.dumps(data, indent=2) + "\n")
+    md = [f"# Memory planner accuracy ({device})", "", f"Environment: {_env_line(env)}", "", _summary(rows), "",
+          _md_table(rows, device), ""]
+    (RESULTS / f"memory-accuracy-{device}.md").write_text("\n".join(md))
+
+
+def render_docs() -> None:
+    """Write docs/memory-accuracy.md from the result files that exist."""
+    parts = [
+        "# Memory planner accuracy",
+        "",
+        "`qlora plan` and `memory.estimate` predict the peak memory of one QLoRA training step from the model's",
+        "config alone. This page compares those predictions with measurements of real training steps, per",
+        "configuration. It is generated by `bench/memory_accuracy.py`; the raw numbers are in",
+        "`bench/results/memory-accuracy-*.json`.",
+        "",
+        "How a row is measured: the model is built from its config with random weights (values do not change",
+        "memory), quantized to NF4 with double quantization, given LoRA adapters and, unless stated,",
+        "per-layer activation checkpointing (non-reentrant); two training steps run (forward with labels,",
+        "backward, optimizer step) and the second is measured, so optimizer state exists, as it does for the",
+        "rest of a run. Inputs are random token ids with every position labelled. Settings not listed are the",
+        "defaults: LoRA on all linear layers, bf16 adapters, torch AdamW on CPU rows, transformers' loss on",
+        "full fp32 logits (`loss=chunked` is qlora's chunked loss), sdpa attention where the model has it",
+        "(Gemma-2 has eager only). Errors are (predicted - measured) / measured. Nothing in the model is fitted",
+        "to these measurements.",
+        "",
+    ]
+    cuda = RESULTS / "memory-accuracy-cuda.json"
+    parts += ["## CUDA (`torch.cuda.max_memory_allocated`)", ""]
+    if cuda.exists():
+        data = json.loads(cuda.read_text())
+        parts += [f"Hardware and libraries: {_env_line(data['environment'])}.", "", _summary(data["rows"]),
+                  "Target: every prediction within 5%.", "", _md_table(data["rows"], "cuda"), ""]
+    else:
+        parts += [
+            "**Not measured yet: no CUDA GPU was available when this page was generated.** The GPU grid",
+            "(Llama-3.1-8B and Qwen2.5-7B architectures with random weights at sequence lengths 512-8192 and",
+            "micro-batches 1-4, plus fp32-adapter, rank-64 chunked-loss, no-checkpointing and dropout rows) is",
+            "ready: `python bench/memory_accuracy.py --device cuda` runs it unchanged and regenerates this page.",
+            "Its target is every prediction within 5% of `max_memory_allocated`. It also records",
+            "`max_memory_reserved` and the memory held outside PyTorch's allocator, which are the measurements",
+            "the planner's separately reported CUDA-context (512 MiB) and allocator-reserve (5% of the peak)",
+            "defaults still need.",
+            "",
+        ]
+    cpu = RESULTS / "memory-accuracy-cpu.json"
+    parts += ["## CPU (peak bytes of live tensors)", ""]
+    if cpu.exists():
+        data = json.loads(cpu.read_text())
+        parts += [
+            f"Hardware and libraries: {_env_line(data['environment'])}.",
+            "",
+            "Measured with `memory.tracker.LiveTensorTracker`, which counts every tensor storage from its",
+            "creation to its free (views and in-place results share a storage and count once); predicted with",
+            "`device='cpu'`, i.e. with the kernels the CPU runs (e.g. PyTorch's fused flash attention for CPU,",
+            "unfused dropout with a mask in the input dtype). Memory inside a kernel that is never a tensor is",
+            "not part of either number.",
+            "",
+            _summary(data["rows"]),
+            "",
+            _md_table(data["rows"], "cpu"),
+            "",
+            "The remaining error is known: `quant` keeps each layer's 8-bit double-quantization codes in a",
+            "storage padded to a multiple of 256 bytes, which the planner (reading the buffers' sizes) does not",
+            "count -- at most 255 bytes per quantized layer.",
+            "",
+        ]
+    else:
+        parts += ["Not measured yet.", ""]
+    parts += [
+        "## What the comparison covers",
+        "",
+        "The CPU rows check everything the planner derives -- the per-architecture activation profile from",
+        "meta-device dry runs of the model's own code, its extrapolation from a 2-3 layer probe to the full",
+        "depth, the logits/loss term (transformers' and qlora's chunked loss), 4-bit and 16-bit weights,",
+        "adapters, optimizer state, DoRA, dropout, eager attention -- against a real step. What only a GPU",
+        "run can check is the CUDA-specific part: which attention kernel runs and its workspace, fused",
+        "dropout, the foreach AdamW temporaries, cuBLAS workspaces and the allocator's rounding.",
+        "",
+    ]
+    DOCS.parent.mkdir(exist_ok=True)
+    DOCS.write_text("\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--docs", action="store_true", help="only re-render docs/memory-accuracy.md from existing results")
+    ap.add_argument("--only", type=int, nargs="*", help="run only these row numbers (1-based), for debugging")
+    args = ap.parse_args(argv)
+    if args.docs:
+        render_docs()
+        return 0
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA GPU; torch sees none", file=sys.stderr)
+        return 2
+    grid = CUDA_GRID if args.device == "cuda" else CPU_GRID
+    env = _environment(args.device)
+    rows = []
+    for i, (name, settings) in enumerate(grid, 1):
+        if args.only and i not in args.only:
+            continue
+        row = run_row(name, settings, args.device)
+        rows.append(row)
+        print(f"{i:2d} {row['model']:<14} {settings} predicted {row['predicted_bytes'] / 2**20:9.2f} MiB "
+              f"measured {row['measured_bytes'] / 2**20:9.2f} MiB  {100 * row['error']:+.2f}%", flush=True)
+    if not args.only:
+        write_results(args.device, env, rows)
+        render_docs()
+    print(_summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

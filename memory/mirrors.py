@@ -1,0 +1,211 @@
+"""Meta-device stand-ins that reproduce the tensor traffic of qlora's layers.
+
+``memory`` must not import ``qlora``, yet the activation memory of a step
+depends on what the LoRA layer and the kernels allocate and save. The
+modules here repeat, op for op, the forward code of
+``qlora.lora.LoRALinear`` (and ``qlora.dora.dora_forward``) so that a
+meta-device dry run (:mod:`memory.probe`) allocates and saves exactly what the
+real layer does. ``tests/memory/test_mirrors.py`` runs the probe with the
+real qlora classes and with these mirrors and requires identical timelines,
+so a change in qlora that moves memory fails a test instead of silently
+skewing plans.
+
+Also here: the frozen 4-bit base layer for the probe (``quant.NF4Linear`` on
+meta, its dequantization allocations tagged), and stand-ins that make
+``scaled_dot_product_attention`` and ``dropout`` on meta allocate what the
+target device's kernels allocate (on meta, torch would run its generic
+fallbacks instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant import NF4Linear
+
+from .tracker import LiveTensorTracker
+
+
+class ProbeNF4Linear(NF4Linear):
+    """``quant.NF4Linear`` on meta, with its dequantization allocations tagged ``"dequant"``.
+
+    Dequantization runs quant's own code path (``dequantize_4bit`` with its
+    default backend: the bitsandbytes kernel where bitsandbytes is installed,
+    whose meta implementation allocates exactly its output, else the chunked
+    torch path with its temporaries), so the probe allocates what the device will.
+    """
+
+    tracker: LiveTensorTracker | None = None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        ctx = self.tracker.tagged("dequant") if self.tracker is not None else contextlib.nullcontext()
+        with ctx:
+            return super().dequantize(dtype)
+
+
+class LoRAMirror(nn.Module):
+    """Repeats ``qlora.lora.LoRALinear.forward`` (and DoRA's) op for op.
+
+    ``h = base(x) + s * B(A(dropout(x).to(dtype)))``, output cast to the base
+    output dtype. Weights live on meta; only shapes and dtypes matter.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, dropout: float, dora: bool, dtype: torch.dtype):
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device="meta"))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, dtype=dtype, device="meta"))
+        # qlora keeps DoRA magnitudes in float32 whatever the adapter dtype (qlora.dora.enable_dora)
+        self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=torch.float32, device="meta")) if dora else None
+        self.p = dropout
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = 1.0 / rank  # the value is irrelevant to memory
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.magnitude is not None:
+            return self._dora(x, result)
+        a, b = self.lora_A, self.lora_B
+        h = F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale
+        return result + h.to(result.dtype)
+
+    def _weight_norm(self) -> torch.Tensor:
+        # qlora.dora.dora_weight_norm: dense fp32 W0 (one dequantization), += s*B@A in place, row norms
+        with torch.no_grad():
+            base = self.base_layer
+            w = base.dequantize(torch.float32) if hasattr(base, "dequantize") else base.weight.detach().to(torch.float32, copy=True)
+            w.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=self.scale)
+            return torch.linalg.vector_norm(w, dim=1)
+
+    def _dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        a, b, mag = self.lora_A, self.lora_B, self.magnitude
+        dt = a.dtype
+        ratio = mag.float() / self._weight_norm()
+        bias = getattr(self.base_layer, "bias", None)
+        x_d = self.lora_dropout(x)
+        if self.p == 0:
+            y0 = result if bias is None else result - bias
+        else:
+            y0 = self.base_layer(x_d)
+            y0 = y0 if bias is None else y0 - bias
+        lora = F.linear(F.linear(x_d.to(dt), a), b)
+        h = (ratio - 1).to(dt) * y0.to(dt) + ratio.to(dt) * lora * self.scale
+        return result + h.to(result.dtype)
+
+
+# ---------------------------------------------------------------------------- attention kernels
+
+
+class _CudaFlash(torch.autograd.Function):
+    """FlashAttention-2 through ``aten._scaled_dot_product_flash_attention`` on meta.
+
+    Forward keeps q, k, v, out and an fp32 log-sum-exp (b, heads, s). The
+    CUDA backward (flash-attention's ``mha_bwd``) also allocates an fp32
+    ``dq_accum`` (b, s, heads, d), an fp32 ``softmax_d`` (b, heads, s) and,
+    for grouped-query attention, bf16 ``dk``/``dv`` expanded to all query
+    heads before they are summed per group; those are allocated here so the
+    probe sees them. (The kernel rounds s up to a multiple of 128 for the
+    fp32 buffers; that rounding is ignored: < 128*heads*d*4 bytes.)
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        b, h, s, d = q.shape
+        # mha_bwd's own buffers, live while the kernel runs
+        work = [q.new_empty((b, s, h, d), dtype=torch.float32), q.new_empty((b, h, s), dtype=torch.float32)]
+        if k.shape[1] != h:  # GQA: dk/dv for every query head, summed per group afterwards
+            work += [q.new_empty((b, s, h, d)), q.new_empty((b, s, h, d))]
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, None, None, s, s, 0.0, ctx.is_causal, seed, seed, scale=ctx.scale
+        )
+        del work, seed
+        return dq, dk, dv, None, None
+
+
+def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """What ``F.scaled_dot_product_attention`` runs on a CUDA GPU, on meta tensors.
+
+    bf16/fp16 without a mask and head_dim <= 256 -> FlashAttention-2 (GQA
+    native); with a mask -> memory-efficient attention (no s x s buffer,
+    log-sum-exp saved); anything else -> the math path (s x s softmax saved).
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    flash_ok = attn_mask is None and dropout_p == 0.0 and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
+    if flash_ok:
+        return _CudaFlash.apply(query, key, value, bool(is_causal), scale)
+    if key.shape[1] != query.shape[1]:  # the efficient kernel has no GQA: expand like the math path does
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)  # the kernel's additive bias
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, True, dropout_p, bool(is_causal), scale=scale
+    )[0]
+
+
+def _cpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """What ``F.scaled_dot_product_attention`` runs on CPU: the fused flash kernel for CPU.
+
+    It takes grouped k/v directly and keeps out plus an fp32 log-sum-exp.
+    """
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, bool(is_causal), attn_mask=attn_mask, scale=scale
+    )[0]
+
+
+def _cuda_dropout(input, p=0.5, training=True, inplace=False):
+    """Dropout as CUDA runs it: the fused ``native_dropout`` with a bool (1 byte) mask.
+
+    CPU (and meta) take the unfused path instead: a mask in the input's
+    dtype, then the product.
+    """
+    if not training or p == 0.0:
+        return _F_DROPOUT(input, p, training, inplace)
+    return torch.native_dropout(input, p, True)[0]
+
+
+_F_DROPOUT = F.dropout
+
+
+@contextlib.contextmanager
+def device_dropout(device: str) -> Iterator[None]:
+    """Route ``F.dropout`` (and so ``nn.Dropout``) to the target device's kernel while probing."""
+    if device != "cuda":
+        yield
+        return
+    F.dropout = _cuda_dropout
+    try:
+        yield
+    finally:
+        F.dropout = _F_DROPOUT
+
+
+@contextlib.contextmanager
+def device_sdpa(device: str) -> Iterator[None]:
+    """Route ``F.scaled_dot_product_attention`` to the target device's kernel while probing on meta.
+
+    On meta, torch would pick its math fallback (which saves an s x s
+    softmax per head); the real devices do not.
+    """
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _cuda_sdpa if device == "cuda" else _cpu_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

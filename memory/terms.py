@@ -1,0 +1,178 @@
+"""Closed-form terms of the footprint: weights, adapters, optimizer state, chunked loss.
+
+Everything here is arithmetic on exact module shapes (a :class:`ModelSpec`)
+and on the storage layouts of the libraries that hold the tensors:
+
+* 4-bit weights: the byte sizes of ``quant.NF4Linear``'s own buffers,
+  read off a meta-device instance of each distinct shape (so the layout
+  cannot drift from quant's);
+* optimizer state: ``torch.optim.AdamW`` keeps ``exp_avg``/``exp_avg_sq`` in
+  the parameter dtype plus a 0-d float32 ``step`` (on the host for CUDA
+  parameters); bitsandbytes 8-bit AdamW keeps two uint8 states plus a
+  float32 absmax per 256 elements, and 32-bit state for tensors under 4096
+  elements; its 32-bit AdamW keeps two float32 states; paged variants put
+  the state of tensors with >= 1e5 elements in CUDA unified memory
+  (host-backed, not in ``max_memory_allocated``);
+* qlora's chunked loss (:func:`chunked_loss_segment`), derived op by op from
+  ``qlora/loss.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from quant import NF4Linear
+
+from .probe import TAGS
+from .profile import Segment
+
+OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+_PAGED_MIN = 100_000  # bitsandbytes pages a state tensor only from this many elements
+_MIN_8BIT = 4096  # bitsandbytes keeps 32-bit state below this many elements
+_BLOCK_8BIT = 256  # bitsandbytes blockwise 8-bit optimizer state block
+
+
+@functools.lru_cache(maxsize=256)
+def nf4_bytes(in_features: int, out_features: int, quant_type: str, blocksize: int, double_quant: bool) -> int:
+    """Bytes of one ``NF4Linear``'s 4-bit weight: codes, scales, its 16-entry code table.
+
+    Excludes the bias (16-bit, counted with the frozen parameters) and the
+    256-entry nested code table, which quantization may share between
+    layers (:func:`nested_table_bytes`).
+    """
+    layer = NF4Linear(in_features, out_features, False, quant_type, blocksize, double_quant, device="meta")
+    skip = ("bias", "nested_quant_map")
+    return sum(b.numel() * b.element_size() for name, b in layer.named_buffers() if name not in skip)
+
+
+def nested_table_bytes(n_quantized: int, double_quant: bool, device: str) -> int:
+    """The double-quantization code tables (256 float32 each).
+
+    ``quant`` takes the table from one cached CPU tensor: on CPU every layer
+    references that one tensor; on CUDA each layer gets its own copy.
+    """
+    if not double_quant or n_quantized == 0:
+        return 0
+    return 256 * 4 * (1 if device == "cpu" else n_quantized)
+
+
+DORA_MAGNITUDE_ITEMSIZE = 4  # qlora keeps DoRA magnitudes in float32 (qlora.dora.enable_dora)
+
+
+def lora_tensors(in_features: int, out_features: int, rank: int, dora: bool, itemsize: int) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of one adapted module's trainable tensors.
+
+    A ``(r, in)`` and B ``(out, r)`` in the adapter dtype; with DoRA, the
+    magnitude ``(out,)`` in float32.
+    """
+    out = [(rank * in_features, itemsize), (out_features * rank, itemsize)]
+    if dora:
+        out.append((out_features, DORA_MAGNITUDE_ITEMSIZE))
+    return out
+
+
+def optimizer_state_bytes(numel: int, param_itemsize: int, optimizer: str, device: str) -> tuple[int, int]:
+    """(device bytes, host-backed bytes) of the state one parameter tensor of ``numel`` elements gets.
+
+    Raises:
+        ValueError: unknown optimizer (callers validate user input first).
+    """
+    if optimizer == "adamw":
+        # exp_avg + exp_avg_sq in the param dtype; 'step' is a 0-d fp32 tensor kept
+        # on the host for CUDA params (non-capturable, non-fused), with the param on CPU
+        return 2 * numel * param_itemsize + (4 if device == "cpu" else 0), 0
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        if numel < _MIN_8BIT:
+            state = 8 * numel
+        else:
+            state = 2 * numel + 2 * 4 * -(-numel // _BLOCK_8BIT)
+    elif optimizer == "paged_adamw_32bit":
+        state = 8 * numel
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    # Only the two state tensors are paged; absmax stays a plain device tensor.
+    paged = optimizer.startswith("paged") and device == "cuda" and numel >= _PAGED_MIN
+    if not paged:
+        return state, 0
+    moments = 2 * numel * (1 if optimizer.endswith("8bit") and numel >= _MIN_8BIT else 4)
+    return state - moments, moments
+
+
+def optimizer_shared_bytes(optimizer: str) -> int:
+    """Per-optimizer tensors: bitsandbytes' two 256-entry float32 quantization maps for 8-bit state."""
+    return 2 * 256 * 4 if optimizer.endswith("8bit") else 0
+
+
+def optimizer_step_temporaries(tensors: list[tuple[int, int]], optimizer: str, device: str) -> int:
+    """Peak extra bytes while ``optimizer.step()`` runs.
+
+    * torch AdamW on CUDA (foreach, the default there): ``_foreach_sqrt`` of
+      every ``exp_avg_sq`` at once -- one param-dtype copy of all adapter
+      parameters.
+    * torch AdamW on CPU (single-tensor): ``exp_avg_sq.sqrt()`` and its
+      division by the bias correction, per tensor -- two copies of the
+      largest parameter.
+    * bitsandbytes: one fused kernel call per tensor; on CUDA it allocates
+      nothing, on CPU its temporaries live inside the op and no tensor
+      outlives it.
+    """
+    if optimizer != "adamw" or not tensors:
+        return 0
+    if device == "cuda":
+        return sum(n * size for n, size in tensors)
+    return 2 * max(n * size for n, size in tensors)
+
+
+def _vec(**by_tag: int) -> torch.Tensor:
+    v = torch.zeros(len(TAGS), dtype=torch.float64)
+    for tag, n in by_tag.items():
+        v[TAGS.index(tag)] = float(n)
+    return v
+
+
+def chunked_loss_segment(
+    b: int, s: int, hidden: int, vocab: int, chunk_tokens: int | None, softcap: bool, itemsize: int = 2
+) -> Segment:
+    """Peak and net effect of ``qlora.loss.causal_lm_loss`` (forward + backward), per tag.
+
+    Worst case: every position after the first carries a label, so the
+    loss reads ``n = b*(s-1)`` rows. ``k = min(chunk_tokens, n)`` rows of
+    logits exist at a time (all ``n`` when unchunked).
+
+    Forward: the final hidden states (``b*s*H``), the gathered rows ``h``
+    (``n*H``; for b > 1 the shifted slice is first copied, ``n*H`` more), the
+    int64 label rows and their index (``8n`` each, saved), then per chunk the
+    bf16 logits, their fp32 copy and fp32 log-softmax: 8 bytes per logit at
+    the worst moment (12 with soft-capping: the scaled copy and the saved tanh).
+
+    Backward, per chunk (recomputed under checkpointing): saved log-softmax,
+    the NLL gradient and the log-softmax gradient, 12 bytes per logit (16
+    with soft-capping); the chunks' row gradients accumulate in an ``n*H``
+    buffer plus one ``n*H`` zero-padded slice gradient at a time. Last, the
+    gradient of the final hidden states (``b*s*H``) is handed to the stack
+    (tag ``seed``).
+    """
+    n = b * (s - 1)
+    chunked = chunk_tokens is not None and n > chunk_tokens
+    k = chunk_tokens if chunked else n
+    H, hs = hidden, itemsize
+    per_logit_fwd, per_logit_bwd = (12, 16) if softcap else (8, 12)
+    final = b * s * H * hs
+    rows = n * H * hs
+    index = 16 * n
+    gather = final + (rows + 8 * n if b > 1 else 0) + rows + index
+    fwd = final + rows + index + per_logit_fwd * k * vocab
+    if chunked:
+        # h, its gradient buffer and the index while one chunk's logits are differentiated;
+        # then h, buffer and one zero-padded slice gradient
+        bwd = 2 * rows + index + per_logit_bwd * k * vocab
+        tail = 3 * rows + index
+    else:
+        retained = (4 + (4 if softcap else 0)) * n * vocab + index
+        bwd = retained - (4 + (4 if softcap else 0)) * n * vocab + per_logit_bwd * n * vocab
+        tail = index + 2 * rows
+    peak = max(gather, fwd, bwd, tail, final + rows)
+    return Segment(_vec(head=peak), _vec(seed=final))

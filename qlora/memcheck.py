@@ -1,0 +1,250 @@
+"""Measure a real QLoRA training step's memory and compare it with the planner.
+
+The step is the trainer's: a causal LM (random weights: their values do not
+change memory) -> ``quant.quantize_model`` -> ``apply_lora`` -> transformers'
+non-reentrant activation checkpointing -> forward with labels -> backward
+-> optimizer step -> ``zero_grad(set_to_none=True)``. :func:`train_step` is
+that step, small enough for the trainer to call.
+
+Measurement starts at step 2 (optimizer state is created lazily in step 1):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over
+  step 2 after ``reset_peak_memory_stats``; the prediction's tensor peak is
+  compared with the allocated figure.
+* CPU (and any device): :class:`memory.tracker.LiveTensorTracker` counts the
+  bytes of every live tensor storage during step 2, starting from the
+  parameters, buffers, optimizer state and inputs that exist when it begins.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import memory
+from memory.tracker import LiveTensorTracker
+from quant import quantize_model
+from quant.errors import InputError, choices
+
+from .train import accumulate_gradients
+from .optim import build_optimizer
+from .run_setup import enable_checkpointing
+from .surgery import apply_lora, lora_parameters
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("hf", "chunked")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_model(
+    config: dict,
+    device: str = "cpu",
+    targets: str = "all-linear",
+    rank: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    dora: bool = False,
+    adapter_dtype: str = "bfloat16",
+    gradient_checkpointing: bool = True,
+    attn: str = "sdpa",
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    seed: int = 0,
+) -> nn.Module:
+    """A trainable QLoRA model with random weights, built from config.json facts.
+
+    The 16-bit model is created on ``device`` (bf16), its linears are
+    quantized one at a time (the 16-bit copy of each is freed as it goes),
+    LoRA wraps ``targets``, and every decoder layer is checkpointed.
+
+    Raises:
+        InputError: bad config, targets, rank or dtype.
+    """
+    from memory.spec import build_config, causal_lm_class
+
+    torch.manual_seed(seed)
+    cfg = build_config(config)
+    cls = causal_lm_class(cfg)
+    with torch.device(device):
+        model = cls._from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
+    model.config.use_cache = False
+    quantize_model(model, quant_type, blocksize, double_quant, torch.bfloat16)
+    apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype)
+    if gradient_checkpointing:
+        enable_checkpointing(model)  # the trainer's call: non-reentrant, one checkpoint per layer
+    model.train()
+    return model
+
+
+def make_optimizer(model: nn.Module, name: str = "adamw", lr: float = 1e-4) -> torch.optim.Optimizer:
+    """The trainer's optimizer over the model's adapter parameters."""
+    return build_optimizer([{"params": lora_parameters(model)}], name, lr=lr)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    loss: str = "hf",
+    chunk_tokens: int | None = 1024,
+) -> float:
+    """One optimizer step on one micro-batch; returns the loss value.
+
+    Args:
+        input_ids, labels: int64 ``(batch, seq)``; labels ``-100`` where no loss.
+        loss: ``'hf'`` -- transformers' causal-LM loss (``model(labels=...)``,
+            full fp32 logits); ``'chunked'`` -- :func:`qlora.loss.causal_lm_loss`
+            on the final hidden states, ``chunk_tokens`` rows at a time.
+
+    Runs :func:`qlora.train.accumulate_gradients` (the trainer's step, under
+    its bf16 autocast) on one micro-batch; gradients are set to None after
+    the step (so they are allocated afresh by the next backward).
+
+    Raises:
+        InputError: unknown ``loss``.
+    """
+    if loss not in LOSSES:
+        raise InputError(f"Unknown loss {loss!r}; valid choices are {choices(LOSSES)}.")
+    # The trainer's own forward/backward (qlora.train), so what is measured is what trains.
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    out = accumulate_gradients(model, [batch], chunk_tokens if loss == "chunked" else None, torch.bfloat16)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Peak memory of one training step (step 2 or later).
+
+    Attributes:
+        device: ``'cpu'``, ``'cuda'``...
+        peak_bytes: CUDA ``max_memory_allocated``, or the tracker's peak of
+            live tensor bytes elsewhere.
+        reserved_bytes: CUDA ``max_memory_reserved`` (None off CUDA).
+        start_bytes: bytes alive when the measured step began.
+        loss: the measured step's loss (finite, as a sanity check).
+    """
+
+    device: str
+    peak_bytes: int
+    reserved_bytes: int | None
+    start_bytes: int
+    loss: float
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = []
+    for state in optimizer.state.values():
+        out.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def measure_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: int,
+    seq: int,
+    loss: str = "hf",
+    chunk_tokens: int | None = 1024,
+    warmup_steps: int = 1,
+) -> Measurement:
+    """Run ``warmup_steps`` steps, then measure the peak of the next one.
+
+    Inputs are random token ids with every position labelled (the most
+    loss tokens a batch of this shape can have).
+    """
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def batch_tensors():
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+        return ids, ids.clone()
+
+    for _ in range(warmup_steps):
+        train_step(model, optimizer, *batch_tensors(), loss=loss, chunk_tokens=chunk_tokens)
+    ids, labels = batch_tensors()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens)
+        torch.cuda.synchronize(device)
+        return Measurement(
+            "cuda", torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), start, value
+        )
+    tracker = LiveTensorTracker(device.type)
+    with tracker:
+        tracker.track(model.parameters())
+        tracker.track(model.buffers())
+        tracker.track(_optimizer_tensors(optimizer))
+        tracker.track([ids, labels])
+        start = tracker.current
+        value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens)
+    return Measurement(device.type, tracker.peak, None, start, value)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A prediction next to a measurement of the same configuration."""
+
+    footprint: memory.Footprint
+    measurement: Measurement
+
+    @property
+    def predicted_bytes(self) -> int:
+        """The prediction's tensor peak (context and allocator reserve excluded)."""
+        return self.footprint.tensor_peak_bytes
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted_bytes - self.measurement.peak_bytes) / self.measurement.peak_bytes
+
+
+def check(
+    config: dict,
+    batch: int,
+    seq: int,
+    rank: int = 16,
+    targets: str = "all-linear",
+    dropout: float = 0.0,
+    dora: bool = False,
+    adapter_dtype: str = "bfloat16",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = True,
+    attn: str = "auto",
+    loss: str = "hf",
+    chunk_tokens: int = 1024,
+    device: str = "cpu",
+    name: str = "custom",
+) -> Check:
+    """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
+
+    Raises:
+        InputError: invalid settings (as :func:`memory.estimate` and :func:`build_model`).
+    """
+    spec = memory.spec_from_config(config, name=name)
+    fp = memory.estimate(
+        spec, seq_len=seq, micro_batch_size=batch, rank=rank, targets=targets, dropout=dropout, dora=dora,
+        adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+        attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
+    )
+    model = build_model(
+        config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn
+    )
+    opt = make_optimizer(model, optimizer)
+    m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None)
+    log.info(
+        "predicted %.2f MiB, measured %.2f MiB (%+.1f%%)",
+        fp.tensor_peak_bytes / 2**20, m.peak_bytes / 2**20, 100 * (fp.tensor_peak_bytes - m.peak_bytes) / m.peak_bytes,
+    )
+    return Check(fp, m)

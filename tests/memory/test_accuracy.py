@@ -1,0 +1,36 @@
+"""Prediction vs measurement: a real QLoRA step on CPU, tracked tensor by tensor.
+
+Each case builds the model from its config with random weights, quantizes
+it, adds LoRA, runs two real training steps and measures the peak bytes of
+live tensors in the second (qlora.memcheck); the planner predicts the same
+configuration from the config alone. Nothing is fitted per case.
+"""
+
+import math
+
+import pytest
+from arch_configs import ARCHS
+
+from qlora.memcheck import check
+
+CASES = [
+    ("llama", dict(batch=2, seq=64, rank=8)),
+    ("llama", dict(batch=1, seq=128, rank=16, gradient_checkpointing=False)),
+    ("llama", dict(batch=1, seq=512, rank=8)),  # long sequence
+    ("llama", dict(batch=2, seq=32, rank=64, dropout=0.1)),
+    ("llama-odd", dict(batch=2, seq=40, rank=4, attn="eager", gradient_checkpointing=False)),
+    ("qwen2", dict(batch=2, seq=48, rank=8)),
+    ("gemma2", dict(batch=2, seq=48, rank=8)),  # eager, soft-capping, sliding/full layers
+    ("phi3", dict(batch=3, seq=32, rank=8, loss="chunked", chunk_tokens=16)),
+    ("qwen3", dict(batch=2, seq=32, rank=8, dora=True)),
+    ("mistral", dict(batch=2, seq=48, rank=16, optimizer="adamw_8bit", adapter_dtype="float32")),
+]
+
+
+@pytest.mark.parametrize("arch, settings", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
+def test_prediction_within_10_percent_of_cpu_measured_peak(arch, settings):
+    c = check(ARCHS[arch], name=arch, device="cpu", **settings)
+    m = c.measurement
+    assert m.device == "cpu" and math.isfinite(m.loss)
+    assert m.peak_bytes > m.start_bytes > 0
+    assert abs(c.error) < 0.10, f"predicted {c.predicted_bytes}, measured {m.peak_bytes} ({100 * c.error:+.2f}%)"

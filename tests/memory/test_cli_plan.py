@@ -1,0 +1,77 @@
+"""`qlora plan`: the plan for the default model, its JSON, its recipe, and clean errors."""
+
+import json
+
+import pytest
+import yaml
+
+from qlora.cli import main
+
+
+def _plan(capsys, *argv):
+    capsys.readouterr()
+    rc = main(["plan", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_default_plan_for_llama_3_1_8b_on_24gb(capsys):
+    rc, out, err = _plan(capsys, "--gpu", "24GB")
+    assert rc == 0, err
+    assert "llama-3.1-8b" in out and "fits" in out
+    assert "6.98e9 params x 4.127 bits" in out
+    assert "GiB" in out and "vendors" in out  # the GB-means-GiB note
+    assert "tensor peak" in out and "CUDA context" in out
+
+
+def test_json_has_the_stable_keys(capsys):
+    rc, out, _ = _plan(capsys, "--gpu", "rtx4090", "--json")
+    d = json.loads(out)
+    for key in ("fits", "budget_bytes", "peak_bytes", "micro_batch_size", "gradient_accumulation_steps", "rank", "seq_len", "model", "gpu", "breakdown"):
+        assert key in d, key
+    assert rc == 0 and d["fits"] is True and d["model"] == "llama-3.1-8b"
+    assert d["gpu"]["name"] == "rtx4090" and d["budget_bytes"] == 24564 * 2**20
+    assert d["peak_bytes"] == d["tensor_peak_bytes"] + d["cuda_context_bytes"] + d["allocator_reserve_bytes"]
+    assert sum(d["breakdown"].values()) == d["tensor_peak_bytes"]
+    assert d["micro_batch_size"] * d["gradient_accumulation_steps"] == d["effective_batch_size"]
+
+
+def test_out_writes_a_recipe_and_not_fitting_exits_1(capsys, tmp_path):
+    recipe = tmp_path / "r" / "plan.yaml"
+    rc, _, err = _plan(capsys, "--gpu", "8GB", "--model", "builtin:tiny-llama", "--rank", "auto", "--out", recipe)
+    assert rc == 0, err
+    from qlora.recipe import load_recipe
+
+    r = load_recipe(recipe)  # what plan writes is a recipe the trainer accepts
+    assert r.lora.rank == 256 and r.effective_batch_size == 16 and 16 % r.micro_batch_size == 0
+    assert r.model.path == "builtin:tiny-llama" and r.gradient_checkpointing is True and r.chunked_loss is True
+    assert yaml.safe_load(recipe.read_text())["gpu"] == "8GB"
+    rc, out, err = _plan(capsys, "--gpu", "4GB", "--model", "llama-3.1-8b", "--out", tmp_path / "no.yaml")
+    assert rc == 2 and "no recipe was written" in err and not (tmp_path / "no.yaml").exists()
+    assert "does not fit" in out and "bigger GPU" in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--gpu", "24XB"], "24XB"),
+        (["--gpu", "rtx9999"], "rtx9999"),
+        (["--gpu", "24GB", "--model", "llama-9b"], "llama-9b"),
+        (["--gpu", "24GB", "--model", "builtin:nope"], "builtin:nope"),
+        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--seq-len", "0"], "seq_len"),
+        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--batch-size", "-1"], "micro_batch_size"),
+        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--rank", "0"], "rank"),
+        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--seq-len", "long"], "--seq-len"),
+        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--optimizer", "sgd"], "sgd"),
+    ],
+)
+def test_bad_input_is_one_clear_error_with_exit_2(capsys, argv, needle):
+    rc, _, err = _plan(capsys, *argv)
+    assert rc == 2
+    assert err.startswith("error:") and needle in err and "Traceback" not in err
+
+
+def test_non_causal_config_is_refused(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    rc, _, err = _plan(capsys, "--gpu", "24GB", "--model", tmp_path)
+    assert rc == 2 and "not a decoder-only causal language model" in err and "Traceback" not in err

@@ -1,0 +1,71 @@
+"""The planner: largest fitting micro-batch/rank/sequence, and what to change when nothing fits."""
+
+import pytest
+from arch_configs import ARCHS
+
+import memory
+from memory.gpus import GPU
+from quant.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return memory.spec_from_config(ARCHS["llama"], "llama")
+
+
+def _gpu_between(fits: int, too_big: int, margin: float = 0.05) -> GPU:
+    """A budget whose usable part lies strictly between two predicted totals."""
+    total = int((fits + too_big) / 2 / (1 - margin))
+    return GPU("test", total, "test")
+
+
+def test_picks_the_largest_micro_batch_that_fits(spec):
+    tot = {b: memory.estimate(spec, seq_len=256, micro_batch_size=b).device_total_bytes for b in (3, 4)}
+    gpu = _gpu_between(tot[3], tot[4])
+    p = memory.plan(gpu, spec, seq_len=256, micro_batch_size="auto", effective_batch_size=12)
+    assert p.fits and p.micro_batch_size == 3 and p.gradient_accumulation_steps == 4
+    assert p.peak_bytes == tot[3] <= p.usable_bytes
+    # with an effective batch of 16 the micro-batch is lowered to a divisor: 2 x 8
+    p16 = memory.plan(gpu, spec, seq_len=256, micro_batch_size="auto", effective_batch_size=16)
+    assert (p16.micro_batch_size, p16.gradient_accumulation_steps, p16.max_micro_batch_size) == (2, 8, 3)
+
+
+def test_rank_auto_picks_the_largest_fitting_rank(spec):
+    tot = {r: memory.estimate(spec, seq_len=512, rank=r, micro_batch_size=1).device_total_bytes for r in (32, 64)}
+    p = memory.plan(_gpu_between(tot[32], tot[64]), spec, seq_len=512, rank="auto", micro_batch_size=1)
+    assert p.fits and p.rank == 32
+
+
+def test_seq_len_auto_picks_the_longest_fitting_multiple_of_256(spec):
+    tot = {s: memory.estimate(spec, seq_len=s, micro_batch_size=1).device_total_bytes for s in (768, 1024)}
+    p = memory.plan(_gpu_between(tot[768], tot[1024]), spec, seq_len="auto", micro_batch_size=1)
+    assert p.fits and p.seq_len == 768
+
+
+def test_nothing_fits_lists_changes_that_do_with_their_peaks(spec):
+    want = dict(seq_len=2048, micro_batch_size=2, rank=64, optimizer="adamw", adapter_dtype="float32")
+    need = memory.estimate(spec, **want).device_total_bytes
+    gpu = GPU("small", int((need - 2**20) / 0.95), "small")  # usable is 1 MiB short
+    p = memory.plan(gpu, spec, effective_batch_size=2, **want)
+    assert not p.fits and p.suggestions
+    assert all(s.fits and s.footprint.device_total_bytes <= p.usable_bytes for s in p.suggestions if s.gpu is None)
+    changes = " | ".join(s.change for s in p.suggestions)
+    assert "8-bit" in changes and "loss=chunked" in changes
+    bigger = [s for s in p.suggestions if s.gpu]
+    assert bigger and memory.parse_gpu(bigger[0].gpu).total_bytes * 0.95 >= need
+
+
+def test_sweep_is_the_cartesian_product_in_order(spec):
+    rows = memory.sweep(spec, seq_lens=[64, 128], micro_batch_sizes=[1, 2], ranks=[8], device="cpu")
+    assert [(r.seq_len, r.micro_batch_size) for r in rows] == [(64, 1), (64, 2), (128, 1), (128, 2)]
+    assert rows[0].tensor_peak_bytes < rows[3].tensor_peak_bytes
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(seq_len=0), "seq_len"), (dict(micro_batch_size=0), "micro_batch_size"), (dict(rank=-4), "rank"),
+     (dict(margin=0.7), "margin"), (dict(effective_batch_size=0), "effective_batch_size"), (dict(seq_len="long"), "seq_len")],
+)
+def test_bad_plan_settings(spec, kw, match):
+    with pytest.raises(InputError, match=match):
+        memory.plan("24GB", spec, **kw)
