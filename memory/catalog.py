@@ -240,6 +240,8 @@ def _normalize(name: str) -> str:
 
 
 _REPO_INDEX = {_normalize(repo): name for name, (_, repo) in _MODELS.items()}
+# Family names people type without a version: the newest catalog entry of that family.
+_ALIASES = {"mistral-7b": "mistral-7b-v0.3", "phi-3-mini": "phi-3-mini-4k", "phi-3.5": "phi-3.5-mini"}
 
 
 def resolve_name(name: str) -> str | None:
@@ -247,7 +249,7 @@ def resolve_name(name: str) -> str | None:
     key = _normalize(name)
     if key in _MODELS:
         return key
-    return _REPO_INDEX.get(key)
+    return _REPO_INDEX.get(key) or _ALIASES.get(key)
 
 
 def catalog_config(name: str) -> tuple[str, dict]:

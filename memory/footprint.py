@@ -100,7 +100,8 @@ class Footprint:
         phases: phase -> tensor bytes at that phase's worst moment.
         peak_phase: the phase holding the peak.
         tensor_peak_bytes: what ``torch.cuda.max_memory_allocated`` should read.
-        host_bytes: paged optimizer state living in host-backed unified memory.
+        host_bytes: paged optimizer state living in host-backed unified memory,
+            plus offloaded layer inputs in pinned host memory.
         cuda_context_bytes, allocator_reserve_bytes: on top of the tensor peak
             on a GPU (0 for ``device='cpu'``).
         quantized_params, lora_params: element counts.
@@ -131,6 +132,7 @@ class Footprint:
     quantized_params: int
     lora_params: int
     nf4_bits_per_param: float
+    offload_activations: bool = False
 
     @property
     def device_total_bytes(self) -> int:
@@ -240,6 +242,7 @@ def estimate(
     device: str = "cuda",
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES,
     allocator_reserve: float = ALLOCATOR_RESERVE,
+    offload_activations: bool = False,
 ) -> Footprint:
     """Predict the memory of one QLoRA training step.
 
@@ -258,6 +261,10 @@ def estimate(
             (CPU kernels; what :class:`memory.tracker.LiveTensorTracker` measures).
         cuda_context_bytes, allocator_reserve: overheads outside the tensor
             peak; the reserve is a fraction of the tensor peak.
+        offload_activations: checkpointed layer inputs wait in pinned host
+            memory (``qlora.offload``); on CUDA all but two layers' inputs
+            leave the device and are counted in ``host_bytes``. On CPU there
+            is nothing to move, so nothing changes.
 
     Returns:
         A :class:`Footprint`. Never prints.
@@ -284,13 +291,13 @@ def estimate(
     return _estimate(
         spec, seq_len, micro_batch_size, rank, shorts, float(dropout), bool(dora), adapter_dtype, optimizer,
         bool(gradient_checkpointing), attn, loss, loss_chunk_tokens, quant_type, blocksize, bool(double_quant),
-        device, cuda_context_bytes, allocator_reserve,
+        device, cuda_context_bytes, allocator_reserve, bool(offload_activations),
     )
 
 
 def _estimate(
     spec, seq_len, batch, rank, shorts, dropout, dora, adapter_dtype, optimizer, checkpointing, attn, loss,
-    chunk, quant_type, blocksize, double_quant, device, context, reserve,
+    chunk, quant_type, blocksize, double_quant, device, context, reserve, offload=False,
 ) -> Footprint:
     """:func:`estimate` after validation."""
     persistent = weight_terms(spec, quant_type, blocksize, double_quant, device)
@@ -312,6 +319,17 @@ def _estimate(
     candidates: dict[str, dict[str, int]] = {}
     for phase in ("forward", "loss", "backward"):
         candidates[phase] = dict(persistent, **_terms(getattr(peaks, phase)))
+    offloaded = 0
+    if offload and checkpointing and device == "cuda":
+        # qlora.offload keeps two layers' inputs on the device (the one being
+        # recomputed and the one being prefetched); the rest (bf16 hidden
+        # states, 2*b*s*h bytes per layer) wait in pinned host memory.
+        per_layer = 2 * batch * seq_len * spec.hidden_size
+        offloaded = max(0, len(spec.layer_types) - 2) * per_layer
+        for phase in ("forward", "loss", "backward"):
+            kept = candidates[phase].get("saved_activations", 0)
+            candidates[phase]["saved_activations"] = max(0, kept - offloaded)
+        state_host += len(spec.layer_types) * per_layer
     step_tmp = optimizer_step_temporaries(tensors, optimizer, device)
     candidates["optimizer"] = dict(persistent, **_terms(peaks.after), optimizer_step=step_tmp)
     phases = {p: sum(v.values()) for p, v in candidates.items()}
@@ -328,6 +346,7 @@ def _estimate(
         allocator_reserve_bytes=int(reserve * tensor_peak) if on_gpu else 0,
         quantized_params=spec.quantized_params, lora_params=sum(n for n, _ in tensors),
         nf4_bits_per_param=bits_per_param(quant_type, blocksize, double_quant),
+        offload_activations=bool(offloaded),
     )
 
 

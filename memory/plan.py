@@ -148,6 +148,7 @@ def plan(
     blocksize: int = 64,
     double_quant: bool = True,
     device: str = "cuda",
+    offload_activations: bool = False,
 ) -> Plan:
     """Choose settings that fit ``gpu`` (see the module docstring).
 
@@ -157,7 +158,7 @@ def plan(
         seq_len, micro_batch_size, rank: an int, or ``"auto"`` to search.
         effective_batch_size: sequences per optimizer step (micro-batch x accumulation).
         margin: fraction of the GPU kept free, in [0, 0.5).
-        quant_type, blocksize, double_quant, device: as :func:`memory.estimate`
+        quant_type, blocksize, double_quant, device, offload_activations: as :func:`memory.estimate`
             (``device='cpu'`` plans a CPU run: no CUDA context or reserve).
         Others: as :func:`memory.estimate`.
 
@@ -181,6 +182,7 @@ def plan(
         targets=targets, dropout=dropout, dora=dora, adapter_dtype=adapter_dtype, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, attn=attn, loss=loss, loss_chunk_tokens=loss_chunk_tokens,
         quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, device=device,
+        offload_activations=offload_activations,
     )
 
     def est(s: int, b: int, r: int, **over) -> Footprint:

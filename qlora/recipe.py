@@ -99,6 +99,7 @@ class Recipe:
     max_steps: Union[int, None] = None
     epochs: float = 1.0
     gradient_checkpointing: bool = True
+    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (qlora.offload); needs checkpointing
     chunked_loss: bool = True
     max_grad_norm: Union[float, None] = 1.0
     eval_steps: int = 50
@@ -211,6 +212,9 @@ def _check_ranges(obj: Any, prefix: str) -> None:
     if isinstance(obj, Recipe):
         _positive(obj, prefix, "seq_len", "micro_batch_size", "effective_batch_size", "max_steps", "epochs",
                   "eval_steps", "save_steps", "log_steps", "diagnostics_steps", "keep_checkpoints")
+        if obj.offload_activations and not obj.gradient_checkpointing:
+            raise InputError("Recipe key 'offload_activations' is true but 'gradient_checkpointing' is false: only "
+                             "checkpointed layer inputs are offloaded. Set gradient_checkpointing: true or offload_activations: false.")
     elif isinstance(obj, LoraConfig):
         _positive(obj, prefix, "rank", "alpha")
         if not 0.0 <= obj.dropout < 1.0:

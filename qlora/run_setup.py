@@ -98,6 +98,7 @@ def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
         loss="chunked" if recipe.chunked_loss else "hf", loss_chunk_tokens=CHUNK_TOKENS,
         quant_type=recipe.quant.quant_type, blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant, device=device.type,
+        offload_activations=recipe.offload_activations,
     )
     fp = p.footprint
     gib = 2**30

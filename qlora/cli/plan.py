@@ -41,6 +41,8 @@ def add_parser(sub, name: str, help_: str) -> None:
                    help="qlora's chunked loss, TOKENS rows per chunk (the trainer's default: 1024)")
     p.add_argument("--hf-loss", action="store_true",
                    help="model transformers' loss on full fp32 logits instead (recipe chunked_loss: false)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="checkpointed layer inputs wait in pinned host memory (recipe offload_activations: true)")
     p.add_argument("--margin", default="0.05", metavar="F", help="fraction of the GPU kept free (default 0.05)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", default=None, metavar="RECIPE.yaml", help="write the chosen settings as a recipe (only when the plan fits)")
@@ -221,6 +223,7 @@ def write_recipe(p, alpha: float, path: str, model_arg: str | None, output_dir: 
         "optimizer": {"name": fp.optimizer},
         "gradient_checkpointing": fp.gradient_checkpointing,
         "chunked_loss": fp.loss == "chunked",
+        "offload_activations": fp.offload_activations,
         "gpu": p.gpu.name,
         "output_dir": output_dir,
     }
@@ -265,6 +268,7 @@ def run(args) -> int:
         loss="hf" if chunk is None else "chunked",
         loss_chunk_tokens=chunk or 1024,
         margin=_number(args.margin, "--margin"),
+        offload_activations=args.offload_activations,
     )
     alpha = _number(args.alpha, "--alpha") if args.alpha is not None else 2.0 * p.rank
     if args.json:

@@ -92,3 +92,15 @@ def test_sdpa_refused_where_the_architecture_has_none():
     spec = memory.spec_from_config(ARCHS["gemma2"], "gemma2")
     with pytest.raises(InputError, match="eager"):
         memory.estimate(spec, attn="sdpa")
+
+
+def test_offloaded_checkpoints_leave_the_gpu_but_not_the_cpu():
+    kw = dict(model="llama-3.1-8b", seq_len=8192, micro_batch_size=1, loss="chunked")
+    on, off = memory.estimate(**kw, offload_activations=True), memory.estimate(**kw)
+    per_layer = 2 * 8192 * 4096  # bf16 layer input, hidden 4096
+    moved = (32 - 2) * per_layer
+    assert on.offload_activations and not off.offload_activations
+    assert on.host_bytes - off.host_bytes == 32 * per_layer
+    assert off.tensor_peak_bytes - on.tensor_peak_bytes == pytest.approx(moved, rel=0.02)
+    cpu_on = memory.estimate(**kw, device="cpu", offload_activations=True)
+    assert cpu_on.tensor_peak_bytes == memory.estimate(**kw, device="cpu").tensor_peak_bytes  # a no-op move on CPU
