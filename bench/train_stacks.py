@@ -1,0 +1,226 @@
+"""One stack of bench/train.py, trained in this (fresh) process: ``python bench/train_stacks.py SPEC_JSON``.
+
+Prints one JSON line of measurements. bench/train.py starts one process per
+stack and run, so host RSS and CUDA peaks never mix and an out-of-memory
+probe cannot poison the next one. The stacks are described in bench/train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+# bench/ holds quant.py: drop this folder from the import path so `import quant` finds the package.
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
+
+import torch  # noqa: E402
+
+OPTIMIZERS = {"paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit", "adamw_8bit": "AdamW8bit", "adamw": None}
+
+
+class PeakRSS:
+    """Peak resident set size of this process while the block runs (5 ms sampling + getrusage's high-water mark).
+
+    ``peak_anon`` is the sampled peak of resident minus file-backed pages:
+    heap memory (tensors, allocator caches) without library code or
+    memory-mapped checkpoint pages a loader keeps mapped.
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self.peak, self.peak_anon = interval_s, 0, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _statm(self) -> tuple[int, int]:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        return int(fields[1]) * self._page, int(fields[2]) * self._page  # resident, file-backed + shared
+
+    def rss(self) -> int:
+        return self._statm()[0]
+
+    def _sample(self):
+        while not self._stop.is_set():
+            res, shared = self._statm()
+            self.peak, self.peak_anon = max(self.peak, res), max(self.peak_anon, res - shared)
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self._maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        res, shared = self._statm()
+        self.peak, self.peak_anon = res, res - shared
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if maxrss > self._maxrss0:  # the lifetime high-water mark moved during the block: it is this block's
+            self.peak = max(self.peak, maxrss)
+
+
+def _bytes_by_dtype(model) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        k = str(t.dtype).removeprefix("torch.")
+        out[k] = out.get(k, 0) + t.numel() * t.element_size()
+    return out
+
+
+def _hf_optimizer(params, name: str, lr: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    import bitsandbytes.optim as bnb_optim
+
+    return getattr(bnb_optim, OPTIMIZERS[name])(params, lr=lr)
+
+
+def build_hf(spec: dict, device: torch.device, upcast: bool):
+    """transformers + bitsandbytes + PEFT, as the standard stack is used; returns (model, optimizer, step_fn)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": str(device)})
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}
+    if upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs)
+    else:  # prepare_model_for_kbit_training without its fp32 cast: freeze, then the same checkpointing call
+        model.requires_grad_(False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    torch.manual_seed(spec["seed"])
+    cfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules="all-linear",
+                     bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    model.train()
+    opt = _hf_optimizer([p for p in model.parameters() if p.requires_grad], spec["optimizer"], spec["lr"])
+
+    def step(ids: torch.Tensor) -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)  # the user's loop keeps `out` (and its logits) through backward
+        out.loss.backward()
+        return float(out.loss.detach())
+
+    return model, opt, step
+
+
+def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool):
+    """qlora's own path; returns (model, optimizer, step_fn). ``chunked=False``: transformers' loss on full logits."""
+    from quant import load_quantized_model
+    from qlora.optim import build_optimizer
+    from qlora.run_setup import enable_checkpointing
+    from qlora.surgery import apply_lora, lora_parameters
+    from qlora.train import forward_loss
+
+    model = load_quantized_model(spec["model_dir"], device, "nf4", 64, True, torch.bfloat16, dtype=torch.bfloat16)
+    model.config.use_cache = False
+    torch.manual_seed(spec["seed"])
+    apply_lora(model, "all-linear", spec["rank"], spec["alpha"], spec["dropout"], dtype=spec["qlora_adapter_dtype"])
+    enable_checkpointing(model, offload_activations=offload)
+    model.train()
+    opt = build_optimizer([{"params": lora_parameters(model)}], spec["optimizer"], spec["lr"])
+    chunk = spec["chunk_tokens"] if chunked else None
+
+    def step(ids: torch.Tensor) -> float:
+        b, s = ids.shape
+        batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(s, device=ids.device).expand(b, s)}
+        loss_sum, n = forward_loss(model, batch, chunk, torch.bfloat16)
+        (loss_sum / n).backward()
+        return float(loss_sum.detach()) / n
+
+    return model, opt, step
+
+
+def child(spec: dict) -> dict:
+    """Train one stack for ``spec['steps']`` steps in this process and return its measurements."""
+    import bitsandbytes  # noqa: F401  (every stack imports the same libraries before the RSS baseline)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import qlora.train  # noqa: F401
+
+    warnings.filterwarnings("ignore")
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.init()
+        if spec.get("cap_bytes"):
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_bytes"] / total), device)
+    rss = PeakRSS()
+    rss_imports = rss.rss()
+    stack = spec["stack"]
+    res = dict(stack=stack, batch=spec["batch"], seq_len=spec["seq_len"], ok=False, oom=False)
+    t_setup = time.perf_counter()
+    if stack.startswith("hf"):
+        model, opt, step = build_hf(spec, device, upcast=stack == "hf")
+    else:
+        model, opt, step = build_qlora(spec, device, offload=stack == "qlora-offload", chunked=stack != "qlora-unchunked")
+    res["setup_s"] = round(time.perf_counter() - t_setup, 2)
+    res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    res["model_bytes_by_dtype"] = _bytes_by_dtype(model)
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    pool = [torch.randint(0, spec["vocab_size"], (spec["batch"], spec["seq_len"]), generator=g) for _ in range(min(4, spec["steps"]))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        sync()
+        res["cuda_allocated_setup"] = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    res["rss_imports"], res["rss_setup"] = rss_imports, rss.rss()
+    times, cpu_times, losses = [], [], []
+    try:
+        with rss:
+            for i in range(spec["steps"]):
+                ids = pool[i % len(pool)].to(device)
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                losses.append(step(ids))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
+        res["ok"] = all(math.isfinite(x) for x in losses)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; cuBLAS reports its own allocation failures
+        if not isinstance(e, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(e) and "out of memory" not in str(e):
+            raise
+        res["oom"] = True
+    res["step_s"] = [round(t, 4) for t in times]
+    res["step_cpu_s"] = [round(t, 4) for t in cpu_times]
+    res["losses"] = [round(x, 5) for x in losses]
+    res["final_loss"] = losses[-1] if losses else None
+    timed = times[2:]
+    tokens = spec["batch"] * spec["seq_len"]
+    res["tokens_per_s"] = tokens * len(timed) / sum(timed) if timed else None
+    # On a shared machine other processes' load inflates wall time; the median step, and with one
+    # thread the process's own CPU time, are the views of the same steps least disturbed by it.
+    res["tokens_per_s_median_step"] = tokens / sorted(timed)[len(timed) // 2] if timed else None
+    res["tokens_per_s_best_step"] = tokens / min(timed) if timed else None
+    res["tokens_per_cpu_s"] = tokens * len(timed) / sum(cpu_times[2:]) if timed else None
+    res["peak_rss"] = rss.peak
+    res["peak_rss_above_imports"] = rss.peak - rss_imports
+    res["peak_rss_anon"] = rss.peak_anon
+    if device.type == "cuda":
+        res["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+        res["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps(child(json.loads(sys.argv[1]))), flush=True)
