@@ -215,3 +215,16 @@ def test_training_mode_with_dropout_matches_peft(tmp_path, use_dora):
         torch.testing.assert_close(m.lora_A.weight.grad, peft_grads[f"{name}.lora_A.weight"], rtol=1e-4, atol=1e-6)
         if use_dora:
             torch.testing.assert_close(m.lora_magnitude_vector.grad, peft_grads[f"{name}.lora_magnitude_vector.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_loaded_into_an_eval_model_applies_no_dropout(tmp_path):
+    """A fresh nn.Dropout starts in training mode; loading must follow the model's mode."""
+    model = tiny_model("llama")
+    apply_lora(model, "all-linear", rank=4, alpha=8.0, dropout=0.5)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "a")
+    fresh = tiny_model("llama").eval()
+    load_adapter(fresh, tmp_path / "a")
+    assert all(not m.training for m in fresh.modules())
+    x = batch()
+    torch.testing.assert_close(logits(fresh, x), logits(fresh, x))  # deterministic: no dropout at inference
