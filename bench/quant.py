@@ -42,6 +42,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path from tests
+from _machine import device_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 # This script is called quant.py: drop its own folder from the import path so
 # that `import quant` finds the package, not this file.
@@ -214,18 +217,6 @@ def memory(quick: bool, devices: list[str], runs: int) -> tuple[dict, list[dict]
 
 
 # ---- report -----------------------------------------------------------------------
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

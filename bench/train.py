@@ -58,6 +58,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path from tests
+from _machine import device_name  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 # bench/ holds quant.py: drop this folder from the import path so `import quant` finds the package.
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
@@ -279,18 +282,6 @@ def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolut
 
 
 # ---- report ---------------------------------------------------------------------------
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:
