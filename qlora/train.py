@@ -206,7 +206,10 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
             scaler.load_state_dict(state["scaler"])
         ckpts.set_rng_state(state["rng"])
         start_step = resumed = int(state["step"])
-        say(f"resuming from {last} (step {start_step} of {total_steps})")
+        if start_step >= total_steps:
+            say(f"{out} already holds a finished run ({last.name}); writing its adapter and plots again")
+        else:
+            say(f"resuming from {last} (step {start_step} of {total_steps})")
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step)
     result = TrainResult(out, start_step, "done", resumed)
@@ -280,8 +283,8 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                     bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
                                     peak=f"{peak / 2**30:.2f}G", refresh=False)
                     bar.update(1)
-                if step % recipe.save_steps == 0 and step < total_steps:
-                    save_ckpt(step)
+                if step % recipe.save_steps == 0 or step == total_steps:
+                    save_ckpt(step)  # the last one too: re-running a finished run then has nothing to redo
                 if stop.signum is not None:
                     path = save_ckpt(step)
                     say(f"received {signal.Signals(stop.signum).name}: saved {path}; re-run the same command to resume.")

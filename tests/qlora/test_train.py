@@ -45,7 +45,21 @@ def test_tiny_recipe_trains_and_writes_everything(tmp_path):
     assert (out / "loss.png").exists() and (out / "memory.png").exists()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "builtin:tiny-llama" and cfg["r"] == 4
-    assert len(list(out.glob("checkpoint-*"))) <= 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000002", "checkpoint-0000004"]
+    # re-running a finished run redoes nothing and keeps its log
+    said = []
+    again = train(_recipe(tmp_path), say=said.append, progress=False)
+    assert again.stopped == "done" and again.resumed_from == 4 and "already holds a finished run" in " ".join(said)
+    assert _losses(out)[0] == losses
+
+
+def test_generate_samples_with_the_trained_adapter(tmp_path, capsys):
+    train(_recipe(tmp_path, "max_steps=1"), say=lambda m: None, progress=False)
+    rc = cli_main(["generate", "--base", "builtin:tiny-llama", "--adapter", str(tmp_path / "out"),
+                   "--prompt", "What is 2 plus 2?", "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("> What is 2 plus 2?\n")
+    assert cli_main(["generate", "--base", "builtin:tiny-llama", "--prompt", "x", "--max-new-tokens", "0"]) == 2
 
 
 def test_final_adapter_loads_in_peft(tmp_path):
