@@ -159,7 +159,7 @@ def build_model(recipe: Recipe, plan: RunPlan, device: torch.device, resume_adap
         enable_checkpointing(model, recipe.offload_activations)
         log.info("gradient checkpointing on (non-reentrant), one checkpoint per decoder layer; activation offload %s "
                  "(recipe offload_activations)", "on" if recipe.offload_activations else "off")
-    base = str(plan.model_dir) if not recipe.model.path.startswith("builtin:") else recipe.model.path
+    base = str(plan.model_dir.resolve())  # the folder actually trained on, so other tools can find the base
 
     def save(folder: Path) -> None:
         save_adapter(model, folder, base_model_name_or_path=base)

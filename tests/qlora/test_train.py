@@ -44,7 +44,9 @@ def test_tiny_recipe_trains_and_writes_everything(tmp_path):
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert (out / "loss.png").exists() and (out / "memory.png").exists()
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == "builtin:tiny-llama" and cfg["r"] == 4
+    from qlora.builtin_models import resolve_model_dir
+
+    assert cfg["base_model_name_or_path"] == str(resolve_model_dir("builtin:tiny-llama").resolve()) and cfg["r"] == 4
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000002", "checkpoint-0000004"]
     # re-running a finished run redoes nothing and keeps its log
     said = []
