@@ -368,7 +368,7 @@ def install_module_adapter(
     module.lora_magnitude_vector = None if mag is None else nn.Parameter(mag, trainable)
     module.alpha, module.use_rslora = float(m.alpha), m.use_rslora
     module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-    module.lora_dropout.train(module.training)  # a fresh Dropout is in training mode; follow the layer
+    module.train(module.training)  # fresh submodules (Dropout, factors) start in training mode; follow the layer
 
 
 def _device(layer: nn.Module) -> torch.device:
