@@ -30,9 +30,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path from tests
-from _machine import device_name  # noqa: E402
+from _machine import device_name, package_versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 # This script is called quant.py: drop its own folder from the import path so
@@ -219,15 +217,6 @@ def memory(quick: bool, devices: list[str], runs: int) -> tuple[dict, list[dict]
 # ---- report -----------------------------------------------------------------------
 
 
-def versions() -> dict:
-    import bitsandbytes
-    import safetensors
-    import transformers
-
-    return dict(python=platform.python_version(), torch=torch.__version__, bitsandbytes=bitsandbytes.__version__,
-                transformers=transformers.__version__, safetensors=safetensors.__version__)
-
-
 def write_markdown(path: Path, res: dict) -> None:
     L = [f"# quant benchmark: {res['device_name']}", "",
          f"Date {res['date']}; command `{res['command']}`; torch threads {res['torch_threads']}.", "",
@@ -268,7 +257,7 @@ def main() -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     shapes = QUICK_SHAPES if args.quick else SHAPES
     res = dict(command="python bench/quant.py" + (" --quick" if args.quick else ""), date=datetime.date.today().isoformat(),
-               versions=versions(), torch_threads=torch.get_num_threads(), throughput=[])
+               versions=package_versions("torch", "bitsandbytes", "transformers", "safetensors"), torch_threads=torch.get_num_threads(), throughput=[])
     print("throughput:", flush=True)
     for d in devices:
         res["throughput"] += throughput(torch.device(d), shapes, args.reps)

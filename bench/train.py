@@ -48,7 +48,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path from tests
-from _machine import device_name  # noqa: E402
+from _machine import device_name, package_versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 # bench/ holds quant.py: drop this folder from the import path so `import quant` finds the package.
@@ -284,13 +283,6 @@ def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolut
 # ---- report ---------------------------------------------------------------------------
 
 
-def versions() -> dict:
-    from importlib.metadata import version  # no imports of the libraries themselves: the parent stays light
-
-    return dict(python=platform.python_version(), torch=torch.__version__,
-                **{k: version(k) for k in ("transformers", "peft", "bitsandbytes", "accelerate")})
-
-
 def write_markdown(path: Path, res: dict) -> None:
     s, m = res["settings"], res["model"]
     cuda = res["device"] == "cuda"
@@ -398,7 +390,7 @@ def main() -> int:
                     pytorch_cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     res = dict(mode=args.mode + ("-tiny" if args.tiny else ""), command="python bench/train.py " + " ".join(sys.argv[1:]),
                date=datetime.date.today().isoformat(), device=mode["device"], device_name=device_name(mode["device"]),
-               versions=versions(), torch_threads=args.threads or torch.get_num_threads(), settings=settings)
+               versions=package_versions("torch", "transformers", "peft", "bitsandbytes", "accelerate"), torch_threads=args.threads or torch.get_num_threads(), settings=settings)
     if mode["device"] == "cuda":
         res["device_name"] += f"; host CPU {device_name('cpu')}"
     with tempfile.TemporaryDirectory(prefix="qlora-bench-train-") as tmp:

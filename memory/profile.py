@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .probe import TAGS, Timeline, body_run, head_run, probe_layer_types
+from .probe import Timeline, body_run, head_run, probe_layer_types
 from .spec import ModelSpec
 
 log = logging.getLogger(__name__)

@@ -80,14 +80,7 @@ def plot_run(records: list[dict], out_dir: str | Path) -> list[Path]:
             ax.plot(*zip(*train), label="train loss", lw=1)
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss.png", dpi=120)
-        plt.close(fig)
-        written.append(out_dir / "loss.png")
+        written.append(_finish(plt, fig, ax, "cross-entropy (nats/token)", out_dir / "loss.png"))
     mem = [(r["step"], r["peak_bytes"] / 2**30, r.get("predicted_peak_bytes", 0) / 2**30) for r in records if "peak_bytes" in r]
     if mem:
         steps, meas, pred = zip(*mem)
@@ -95,15 +88,20 @@ def plot_run(records: list[dict], out_dir: str | Path) -> list[Path]:
         ax.plot(steps, meas, label=mem_label(records))
         if any(pred):
             ax.plot(steps, pred, "--", label="planner prediction")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("GiB")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / "memory.png", dpi=120)
-        plt.close(fig)
-        written.append(out_dir / "memory.png")
+        written.append(_finish(plt, fig, ax, "GiB", out_dir / "memory.png"))
     return written
+
+
+def _finish(plt, fig, ax, ylabel: str, path: Path) -> Path:
+    """Label, save and close one per-step plot."""
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def mem_label(records: list[dict]) -> str:

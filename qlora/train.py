@@ -21,8 +21,6 @@ from typing import Callable
 
 import torch
 
-from quant.errors import InputError
-
 from . import checkpoints as ckpts
 from .data import IGNORE, epoch_order, load_records, pack_rows, split_eval, tokenize_dataset
 from .loss import causal_lm_loss
@@ -228,6 +226,17 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    orders: dict[int, list[int]] = {}  # epoch -> row order, built once per epoch (not per sample)
+
+    def row_at(g: int) -> int:
+        """Row of the g-th sequence of the run: a pure function of (g, seed), so resume replays it."""
+        epoch = g // n_rows
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = epoch_order(n_rows, epoch, recipe.seed)
+        return orders[epoch][g % n_rows]
+
+    params = [p for g in groups for p in g["params"]]
     bar = _progress(progress, total_steps, start_step)
     model.train()
     step = start_step
@@ -235,14 +244,8 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
         try:
             while step < total_steps:
                 t_step = time.time()
-                idx = [step * per_step + j for j in range(per_step)]
-                micro_batches = []
-                for m in range(accum):
-                    ids = []
-                    for g in idx[m * micro : (m + 1) * micro]:
-                        order = epoch_order(n_rows, g // n_rows, recipe.seed)
-                        ids.append(order[g % n_rows])
-                    micro_batches.append(_batch(rows, ids, device))
+                ids = [row_at(step * per_step + j) for j in range(per_step)]
+                micro_batches = [_batch(rows, ids[m * micro : (m + 1) * micro], device) for m in range(accum)]
                 n_targets = sum(_targets(b["labels"]) for b in micro_batches)
                 mean_loss = accumulate_gradients(model, micro_batches, chunk, autocast_dtype, scaler)
                 if not math.isfinite(mean_loss):
@@ -257,7 +260,6 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                 diag = {}
                 if recipe.diagnostics_steps and (step + 1) % recipe.diagnostics_steps == 0:
                     diag = diagnostics_fn(model)  # before zero_grad: the grad-norm ratio needs the grads
-                params = [p for g in groups for p in g["params"]]
                 gnorm = torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm or float("inf"))
                 if scaler is not None:
                     scaler.step(opt)
