@@ -142,37 +142,32 @@ def chunked_loss_segment(
     loss reads ``n = b*(s-1)`` rows. ``k = min(chunk_tokens, n)`` rows of
     logits exist at a time (all ``n`` when unchunked).
 
-    Forward: the final hidden states (``b*s*H``), the gathered rows ``h``
-    (``n*H``; for b > 1 the shifted slice is first copied, ``n*H`` more), the
-    int64 label rows and their index (``8n`` each, saved), then per chunk the
-    bf16 logits, their fp32 copy and fp32 log-softmax: 8 bytes per logit at
-    the worst moment (12 with soft-capping: the scaled copy and the saved tanh).
+    Gather: the final hidden states (``b*s*H``), the gathered rows ``h``
+    (``n*H``; for b > 1 the shifted slice is first copied, ``n*H`` more, and
+    the shifted labels, ``8n``), the int64 target index and labels (``8n``
+    each).
 
-    Backward, per chunk (recomputed under checkpointing): saved log-softmax,
-    the NLL gradient and the log-softmax gradient, 12 bytes per logit (16
-    with soft-capping); the chunks' row gradients accumulate in an ``n*H``
-    buffer plus one ``n*H`` zero-padded slice gradient at a time. Last, the
+    Fused forward (the gradient is computed here, see qlora/loss.py): ``h``,
+    the ``n*H`` gradient buffer, the index, and one chunk at a time: bf16
+    logits and their fp32 copy (6 bytes per logit at the worst moment), then
+    in place, then the 16-bit softmax gradient beside the fp32 buffer (6
+    again); with soft-capping the kept tanh adds 4 (8 at worst). Nothing of
+    vocab size is saved.
+
+    Backward: the saved gradient, its scaled copy and the zero-padded
+    gradient of the gathered rows (``3*n*H``) with the index; last, the
     gradient of the final hidden states (``b*s*H``) is handed to the stack
     (tag ``seed``).
     """
     n = b * (s - 1)
-    chunked = chunk_tokens is not None and n > chunk_tokens
-    k = chunk_tokens if chunked else n
+    k = n if chunk_tokens is None else min(chunk_tokens, n)
     H, hs = hidden, itemsize
-    per_logit_fwd, per_logit_bwd = (12, 16) if softcap else (8, 12)
+    per_logit = 8 if softcap else 6
     final = b * s * H * hs
     rows = n * H * hs
     index = 16 * n
     gather = final + (rows + 8 * n if b > 1 else 0) + rows + index
-    fwd = final + rows + index + per_logit_fwd * k * vocab
-    if chunked:
-        # h, its gradient buffer and the index while one chunk's logits are differentiated;
-        # then h, buffer and one zero-padded slice gradient
-        bwd = 2 * rows + index + per_logit_bwd * k * vocab
-        tail = 3 * rows + index
-    else:
-        retained = (4 + (4 if softcap else 0)) * n * vocab + index
-        bwd = retained - (4 + (4 if softcap else 0)) * n * vocab + per_logit_bwd * n * vocab
-        tail = index + 2 * rows
-    peak = max(gather, fwd, bwd, tail, final + rows)
+    fwd = final + 2 * rows + index + per_logit * k * vocab
+    tail = 3 * rows + index
+    peak = max(gather, fwd, tail, final + rows)
     return Segment(_vec(head=peak), _vec(seed=final))
