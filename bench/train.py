@@ -4,7 +4,8 @@
     .venv/bin/python bench/train.py --mode cuda           # Llama-3.1-8B architecture, seq 2048, batch 1 and 4
     .venv/bin/python bench/train.py --mode max-context    # longest seq at batch 1 under a 24 GiB cap, per stack
     # the 8B random checkpoint is 16 GB: --checkpoint-dir DIR writes it once and reuses it across commands
-    .venv/bin/python bench/train.py --tiny --results-dir /tmp/x   # seconds: the CI smoke size
+    .venv/bin/python bench/train.py --tiny --results-dir /tmp/x   # seconds: the CI smoke size (any mode, on the CPU)
+    # on a lent GPU: --budget-min 9 stops starting stacks before a 10-minute command limit; results are written after each
 
 Stacks, each trained in its own subprocess by bench/train_stacks.py (so host
 RSS and CUDA peaks never mix, and a failed OOM probe cannot poison the next):
@@ -59,6 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path from tests
 from _machine import device_name, package_versions  # noqa: E402
+from _search import search_longest  # noqa: E402,F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent
 # bench/ holds quant.py: drop this folder from the import path so `import quant` finds the package.
@@ -90,7 +92,8 @@ MODES = {
     "max-context": dict(model="llama-3.1-8b", device="cuda", seq_len=None, batches=[1], steps=2,
                         stacks=["hf", "qlora", "qlora-offload"]),
 }
-TINY = dict(model="tiny", seq_len=64, batches=[2], steps=4, repeats=1)
+# --tiny runs any mode on the CPU in seconds (CI); max-context then uses a simulated cap (train_stacks._SimulatedCap).
+TINY = dict(model="tiny", device="cpu", seq_len=64, batches=[2], steps=4, repeats=1)
 
 
 # ---- the shared checkpoint ---------------------------------------------------------
@@ -144,21 +147,41 @@ def make_checkpoint(path: Path, arch: dict, seed: int = 0, shard_bytes: int = 2 
     return dict(params=sum(s.numel() for s in shapes.values()), checkpoint_bytes=total, tensors=len(shapes))
 
 
-def run_child(spec: dict, timeout_s: float | None = None) -> dict:
-    """Train one stack as ``spec`` says in a fresh Python process (bench/train_stacks.py); its measurements.
+class Budget:
+    """Wall-clock budget for the whole command (a lent GPU runs one command for at most 10 minutes).
+
+    Past the deadline no further child starts; a running child gets what is
+    left as its timeout. Results written so far stay valid.
+    """
+
+    def __init__(self, minutes: float | None):
+        self.end = time.monotonic() + 60 * minutes if minutes else None
+
+    def left(self) -> float | None:
+        return None if self.end is None else self.end - time.monotonic()
+
+    def spent(self) -> bool:
+        return self.end is not None and self.left() < 5
+
+
+def run_child(spec: dict, budget: Budget | None = None) -> dict:
+    """Build and train one stack as ``spec`` says in a fresh Python process (bench/train_stacks.py); its output.
 
     Raises:
-        RuntimeError: the child failed for a reason other than running out of memory.
+        RuntimeError: the child failed (its exit code and the end of its stderr), or ran past the budget.
     """
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])  # bitsandbytes' CPU kernels use OpenMP too
-    p = subprocess.run([sys.executable, str(ROOT / "train_stacks.py"), json.dumps(spec)], capture_output=True,
-                       text=True, env=env, timeout=timeout_s)
+    timeout = budget.left() if budget is not None else None
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "train_stacks.py"), json.dumps(spec)], capture_output=True,
+                           text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"stack {spec['stack']} was stopped at the time budget ({timeout:.0f} s left when it started)") from None
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
-        raise RuntimeError(f"stack {spec['stack']} (batch {spec['batch']}, seq {spec['seq_len']}) failed with exit code "
-                           f"{p.returncode}:\n{p.stderr[-4000:]}")
+        raise RuntimeError(f"stack {spec['stack']} failed with exit code {p.returncode}:\n{p.stderr[-4000:]}")
     return json.loads(lines[-1])
 
 
@@ -176,21 +199,48 @@ MEMORY = ("peak_rss", "peak_rss_above_imports", "peak_rss_anon", "rss_setup",
           "cuda_max_allocated", "cuda_max_reserved", "cuda_allocated_setup")
 
 
-def train_runs(base: dict, stacks: list[str], batches: list[int], repeats: int) -> list[dict]:
-    """Every stack x batch, ``repeats`` times, interleaved (a slow spell on a shared machine hits every stack)."""
-    runs = []
+def _failed(stack: str, batch: int, seq_len: int, error: str) -> dict:
+    return dict(stack=stack, batch=batch, seq_len=seq_len, ok=False, oom=False, error=error, step_s=[], losses=[],
+                final_loss=None, trainable_params=None, model_bytes_by_dtype={}, **{k: None for k in SPEEDS})
+
+
+def train_runs(base: dict, stacks: list[str], batches: list[int], repeats: int, budget: Budget,
+               on_result: Callable[[list[dict]], None] = lambda runs: None) -> list[dict]:
+    """Every stack x batch, ``repeats`` times, interleaved (a slow spell on a shared machine hits every stack).
+
+    On CUDA one process per stack trains all batch sizes, smallest first,
+    with the peak counters reset in between (each load of an 8B model costs
+    tens of seconds of short device time); on the CPU each batch size gets
+    its own process, since a process's resident memory never shrinks back.
+    A stack that fails or runs past the budget is recorded with its error;
+    the others still run. ``on_result`` gets the runs so far after each child.
+    """
+    runs: list[dict] = []
+    groups = [sorted(batches)] if base["device"] == "cuda" else [[b] for b in batches]
     for rep in range(repeats):
-        for batch in batches:
+        for group in groups:
             for stack in stacks:
-                r = dict(run_child(dict(base, stack=stack, batch=batch)), repeat=rep + 1)
-                runs.append(r)
-                if base["device"] == "cuda":
-                    mem = f"max allocated {_gib(r['cuda_max_allocated'])}, reserved {_gib(r['cuda_max_reserved'])}"
-                else:
-                    mem = f"peak RSS {_gib(r['peak_rss'])} (+{_gib(r['peak_rss_above_imports'])} above imports)"
-                tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
-                print(f"  run {rep + 1} b={batch} seq={base['seq_len']} {stack:14s} {'ok ' if r['ok'] else 'OOM' if r['oom'] else 'bad'} "
-                      f"{tps:>8s} tok/s  {mem}  final loss {r['final_loss']}", flush=True)
+                if budget.spent():
+                    runs += [dict(_failed(stack, b, base["seq_len"], "not run: time budget spent"), repeat=rep + 1) for b in group]
+                    continue
+                try:
+                    out = run_child(dict(base, stack=stack, batches=group), budget)["runs"]
+                except RuntimeError as e:
+                    print(f"  run {rep + 1} {stack}: FAILED\n{e}", flush=True)
+                    out = [_failed(stack, b, base["seq_len"], str(e)[-2000:]) for b in group]
+                for r in out:
+                    runs.append(dict(r, repeat=rep + 1))
+                    if r.get("error"):
+                        continue
+                    if base["device"] == "cuda":
+                        mem = f"max allocated {_gib(r['cuda_max_allocated'])}, reserved {_gib(r['cuda_max_reserved'])}"
+                    else:
+                        mem = f"peak RSS {_gib(r['peak_rss'])} (+{_gib(r['peak_rss_above_imports'])} above imports)"
+                    tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+                    print(f"  run {rep + 1} b={r['batch']} seq={base['seq_len']} {stack:14s} "
+                          f"{'ok ' if r['ok'] else 'OOM' if r['oom'] else 'bad'} {tps:>8s} tok/s  {mem}  final loss {r['final_loss']}",
+                          flush=True)
+                on_result(runs)
     return runs
 
 
@@ -200,9 +250,11 @@ def summarize(runs: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["batch"], r["stack"]) for r in runs):
         rs = [r for r in runs if (r["batch"], r["stack"]) == key]
         ok = all(r["ok"] for r in rs)
+        first = next((r for r in rs if not r.get("error")), rs[0])
         row = dict(batch=key[0], stack=key[1], seq_len=rs[0]["seq_len"], repeats=len(rs), ok=ok, oom=any(r["oom"] for r in rs),
-                   final_loss=rs[0]["final_loss"], final_losses=[r["final_loss"] for r in rs],
-                   trainable_params=rs[0]["trainable_params"], model_bytes_by_dtype=rs[0]["model_bytes_by_dtype"])
+                   error=next((r["error"] for r in rs if r.get("error")), None),
+                   final_loss=first["final_loss"], final_losses=[r["final_loss"] for r in rs],
+                   trainable_params=first["trainable_params"], model_bytes_by_dtype=first["model_bytes_by_dtype"])
         for k in SPEEDS:
             row[k] = max(r[k] for r in rs) if ok else None
         for k in MEMORY:
@@ -231,52 +283,50 @@ def ratios(summary: list[dict], device: str) -> list[dict]:
     return out
 
 
-def search_longest(fits: Callable[[int], bool], start: int, max_seq: int, resolution: int) -> tuple[int, int | None]:
-    """The longest length ``fits`` accepts: double from ``start``, then bisect on multiples of ``resolution``.
+def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolution: int, budget: Budget,
+                on_result: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Longest trainable sequence per stack at batch 1 under ``base['cap_bytes']``.
 
-    Assumes ``fits`` is monotone (true up to some length, false beyond).
-
-    Returns:
-        (longest length that fit, 0 if none; shortest that failed, None if
-        every length up to ``max_seq`` fit).
-    """
-    lo, hi, seq = 0, None, start
-    while seq <= max_seq:
-        if not fits(seq):
-            hi = seq
-            break
-        lo, seq = seq, seq * 2
-    while hi is not None and hi - lo > resolution:
-        mid = (lo + hi) // 2 // resolution * resolution
-        if mid <= lo:  # the bracket is narrower than one step of the grid
-            break
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, hi
-
-
-def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolution: int) -> list[dict]:
-    """Longest trainable sequence per stack: double from ``start`` until a probe fails, then bisect to ``resolution``.
-
-    A probe is a fresh child that must finish ``base['steps']`` steps (the
-    first creates optimizer state) at batch 1 without running out of memory.
+    One process per stack loads the model once and searches in place (see
+    bench/_search.py: doubling from ``start``, then probes placed by the
+    measured memory slope, then bisection to ``resolution``); a probe is one
+    training step after a short warm-up step has created optimizer state.
+    Because an out-of-memory in one probe can leave the allocator
+    fragmented, the answer is then confirmed in a fresh process that trains
+    ``base['steps']`` steps at that length, stepping down by ``resolution``
+    (at most three times) if it does not fit there.
     """
     out = []
     for stack in stacks:
-        probes = []
-
-        def ok(seq: int) -> bool:
-            t0 = time.perf_counter()
-            r = run_child(dict(base, stack=stack, batch=1, seq_len=seq))
-            probes.append(dict(seq_len=seq, ok=r["ok"], oom=r["oom"], cuda_max_allocated=r.get("cuda_max_allocated"),
-                               cuda_max_reserved=r.get("cuda_max_reserved"), seconds=round(time.perf_counter() - t0, 1)))
-            print(f"  {stack:14s} seq {seq:>7d}: {'fits' if r['ok'] else 'OOM' if r['oom'] else 'non-finite loss'}"
-                  f"  (max allocated {_gib(r.get('cuda_max_allocated') or 0)})", flush=True)
-            if not r["ok"] and not r["oom"]:
-                raise RuntimeError(f"{stack} at seq {seq} produced a non-finite loss; not a memory limit")
-            return r["ok"]
-
-        lo, hi = search_longest(ok, start, max_seq, resolution)
-        out.append(dict(stack=stack, max_seq_len=lo, first_failure=hi, hit_search_cap=hi is None, probes=probes))
+        row = dict(stack=stack, max_seq_len=0, first_failure=None, hit_search_cap=False, probes=[], confirmed=[])
+        out.append(row)
+        if budget.spent():
+            row["error"] = "not run: time budget spent"
+            continue
+        try:
+            found = run_child(dict(base, stack=stack, batches=[1], search=dict(start=start, max_seq=max_seq, resolution=resolution,
+                                                                               probe_steps=1)), budget)
+            row.update(probes=found["probes"], first_failure=found["first_failure"], hit_search_cap=found["first_failure"] is None)
+            seq = found["max_seq_len"]
+            for p in found["probes"]:
+                peak = f"max reserved {_gib(p['cuda_max_reserved'])}, " if p.get("cuda_max_reserved") else (
+                    f"simulated peak {_gib(p['simulated_peak'])}, " if p.get("simulated_peak") else "")
+                print(f"  {stack:14s} seq {p['seq_len']:>7d}: {'fits' if p['ok'] else 'OOM'}  ({peak}{p['seconds']} s)", flush=True)
+            while seq > 0 and len(row["confirmed"]) < 4 and not budget.spent():
+                r = run_child(dict(base, stack=stack, batches=[1], seq_len=seq), budget)["runs"][0]
+                row["confirmed"].append(dict(seq_len=seq, ok=r["ok"], oom=r["oom"], cuda_max_allocated=r.get("cuda_max_allocated"),
+                                             cuda_max_reserved=r.get("cuda_max_reserved"), simulated_peak=r.get("simulated_peak")))
+                print(f"  {stack:14s} seq {seq:>7d} in a fresh process, {base['steps']} steps: {'fits' if r['ok'] else 'OOM'}", flush=True)
+                if r["ok"]:
+                    row["max_seq_len"] = seq
+                    break
+                if not r["oom"]:
+                    raise RuntimeError(f"{stack} at seq {seq} produced a non-finite loss; not a memory limit")
+                seq -= resolution
+        except RuntimeError as e:
+            print(f"  {stack}: FAILED\n{e}", flush=True)
+            row["error"] = str(e)[-2000:]
+        on_result(out)
     return out
 
 
@@ -308,13 +358,16 @@ def write_markdown(path: Path, res: dict) -> None:
             dt = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(r["model_bytes_by_dtype"].items()))
             tps = " | ".join(f"{r[k]:.1f}" if r[k] else ("OOM" if r["oom"] else "-") for k in speed)
             loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+            params = f"{r['trainable_params']:,}" if r["trainable_params"] else "-"
+            if r.get("error"):
+                tps = " | ".join(["FAILED"] + ["-"] * (len(speed) - 1))
             L.append(f"| {r['stack']} | {r['batch']} x {r['seq_len']} | {tps} | " + " | ".join(_gib(x or 0) for x in mem)
-                     + f" | {loss} | {r['trainable_params']:,} | {dt} |")
+                     + f" | {loss} | {params} | {dt} |")
         k = "cuda_max_allocated" if cuda else "peak_rss"
         L += ["", "All runs (tokens/s over steps 3..N; step seconds; peak):", "",
               "| run | stack | batch | tokens/s | step seconds | peak |", "|---|---|---|---:|---|---:|"]
         for r in res["runs"]:
-            tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else ("OOM" if r["oom"] else "-")
+            tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else ("OOM" if r["oom"] else "FAILED" if r.get("error") else "-")
             L.append(f"| {r['repeat']} | {r['stack']} | {r['batch']} | {tps} | {', '.join(f'{t:.2f}' for t in r['step_s'])} | "
                      f"{_gib(r.get(k) or 0)} |")
     if res.get("ratios"):
@@ -329,14 +382,21 @@ def write_markdown(path: Path, res: dict) -> None:
             L.append(f"| {q['batch']} | {q['stack']} / {q['vs']} | " + " | ".join(f"{q[k]:.2f}x" for k in speed + [k for k, _ in mems])
                      + f" | {q['final_loss'][0]:.4f}, {q['final_loss'][1]:.4f} |")
     if res.get("max_context"):
-        L += ["", f"## Max context at batch 1 under a {_gib(s['cap_bytes'])} cap (torch.cuda.set_per_process_memory_fraction)", "",
-              f"Doubling from {s['start_seq']} then bisecting to {s['resolution']} tokens; each probe is a fresh process "
-              f"that must finish {s['steps']} steps.", "",
-              "| stack | longest seq that trains | x baseline | first failing seq | probes |", "|---|---:|---:|---:|---:|"]
+        how = "torch.cuda.set_per_process_memory_fraction" if cuda else "simulated on the CPU: tensor bytes allocated during training"
+        L += ["", f"## Max context at batch 1 under a {_gib(s['cap_bytes'])} cap ({how})", "",
+              f"One process per stack: a warm-up step at 256 tokens, then one training step per probe, doubling from "
+              f"{s['start_seq']}, then probes placed by the measured memory slope and bisection, to {s['resolution']} tokens. "
+              f"The answer is confirmed by a fresh process that trains {s['steps']} steps at that length.", "",
+              "| stack | longest seq that trains | x baseline | first failing seq (search) | probes | fresh-process confirmation |",
+              "|---|---:|---:|---:|---:|---|"]
         for r in res["max_context"]:
+            if r.get("error"):
+                L.append(f"| {r['stack']} | FAILED | - | - | {len(r['probes'])} | {r['error'].splitlines()[0][:120]} |")
+                continue
             first = "none up to the search cap" if r["hit_search_cap"] else f"{r['first_failure']:,}"
             x = f"{r['vs_baseline']:.2f}x" if r.get("vs_baseline") else "-"
-            L.append(f"| {r['stack']} | {r['max_seq_len']:,} | {x} | {first} | {len(r['probes'])} |")
+            conf = ", ".join(f"{c['seq_len']:,} {'fits' if c['ok'] else 'OOM'}" for c in r["confirmed"]) or "-"
+            L.append(f"| {r['stack']} | {r['max_seq_len']:,} | {x} | {first} | {len(r['probes'])} | {conf} |")
     L += ["", "Each stack ran in its own process. " + (
         "Memory is the PyTorch caching allocator's view (no CUDA context, no allocator overhead outside it)." if cuda else
         "RSS includes the libraries' code and allocator caches; 'above imports' subtracts the RSS measured after importing "
@@ -365,6 +425,8 @@ def main() -> int:
     p.add_argument("--start-seq", type=int, default=4096, help="max-context: first probe")
     p.add_argument("--max-seq", type=int, default=1 << 20, help="max-context: stop doubling here")
     p.add_argument("--resolution", type=int, default=1024, help="max-context: bisect until the bracket is this narrow")
+    p.add_argument("--budget-min", type=float, help="wall-clock budget: start no stack after it, stop a running one at it "
+                   "(results so far are written after every stack)")
     p.add_argument("--checkpoint-dir", help="where to write (or reuse) the random-weight checkpoint; default a temp dir")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--threads", type=int, help="torch/OpenMP threads per stack (default: torch's); 1 is steadier on a busy shared CPU")
@@ -393,6 +455,15 @@ def main() -> int:
                versions=package_versions("torch", "transformers", "peft", "bitsandbytes", "accelerate"), torch_threads=args.threads or torch.get_num_threads(), settings=settings)
     if mode["device"] == "cuda":
         res["device_name"] += f"; host CPU {device_name('cpu')}"
+    out_dir = Path(args.results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"train-{res['mode']}"
+
+    def save() -> None:  # after every child: a command stopped at a device's time limit keeps what it measured
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        write_markdown(stem.with_suffix(".md"), res)
+
+    budget = Budget(args.budget_min)
     with tempfile.TemporaryDirectory(prefix="qlora-bench-train-") as tmp:
         ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tmp) / "ckpt"
         if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors.index.json").is_file():
@@ -414,18 +485,30 @@ def main() -> int:
             cap = int(args.cap_gib * 2**30)
             settings.update(cap_bytes=cap, start_seq=args.start_seq, max_seq=args.max_seq, resolution=args.resolution)
             print(f"max context at batch 1 under {_gib(cap)}:", flush=True)
-            res["max_context"] = max_context(dict(base, cap_bytes=cap), stacks, args.start_seq, args.max_seq, args.resolution)
-            by = {r["stack"]: r["max_seq_len"] for r in res["max_context"]}
+
+            def got(rows: list[dict]) -> None:
+                by = {r["stack"]: r["max_seq_len"] for r in rows}
+                for r in rows:
+                    r["vs_baseline"] = r["max_seq_len"] / by[BASELINE] if by.get(BASELINE) else None
+                res["max_context"] = rows
+                save()
+
+            max_context(dict(base, cap_bytes=cap), stacks, args.start_seq, args.max_seq, args.resolution, budget, got)
             for r in res["max_context"]:
-                r["vs_baseline"] = r["max_seq_len"] / by[BASELINE] if by.get(BASELINE) else None
                 if r["stack"] != BASELINE and r["vs_baseline"]:
-                    print(f"  {r['stack']} / {BASELINE}: {r['vs_baseline']:.2f}x ({r['max_seq_len']:,} vs {by[BASELINE]:,} tokens)")
+                    print(f"  {r['stack']} / {BASELINE}: {r['vs_baseline']:.2f}x ({r['max_seq_len']:,} vs "
+                          f"{r['max_seq_len'] / r['vs_baseline']:,.0f} tokens)")
         else:
             print(f"training {len(stacks)} stacks x batch {batches} x seq {seq_len}, {steps} steps each:", flush=True)
-            res["runs"] = train_runs(base, stacks, batches, repeats)
-            res["summary"] = summarize(res["runs"])
-            res["ratios"] = ratios(res["summary"], mode["device"])
-            same = {(r["batch"], r["trainable_params"]) for r in res["runs"]}
+
+            def got(runs: list[dict]) -> None:
+                res["runs"] = runs
+                res["summary"] = summarize(runs)
+                res["ratios"] = ratios(res["summary"], mode["device"])
+                save()
+
+            train_runs(base, stacks, batches, repeats, budget, got)
+            same = {(r["batch"], r["trainable_params"]) for r in res["runs"] if not r.get("error")}
             if len({b for b, _ in same}) != len(same):
                 print(f"WARNING: stacks train different parameter counts: {sorted(same)}", flush=True)
             for q in res["ratios"]:
@@ -433,12 +516,12 @@ def main() -> int:
                 print(f"  b={q['batch']} {q['stack']} / {q['vs']}: tokens/s {q['tokens_per_s']:.2f}x "
                       f"(median step {q['tokens_per_s_median_step']:.2f}x), {mems}, "
                       f"final loss {q['final_loss'][0]:.4f} vs {q['final_loss'][1]:.4f}")
-    out_dir = Path(args.results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"train-{res['mode']}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    write_markdown(stem.with_suffix(".md"), res)
+    save()
     print(f"wrote {stem}.json and .md")
+    failed = [r["stack"] for r in res.get("runs", []) + res.get("max_context", []) if r.get("error")]
+    if failed:
+        print(f"FAILED or not run: {', '.join(dict.fromkeys(failed))} (errors in {stem}.json)")
+        return 1
     return 0
 
 

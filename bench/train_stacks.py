@@ -7,6 +7,8 @@ probe cannot poison the next one. The stacks are described in bench/train.py.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -145,8 +147,133 @@ def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool):
     return model, opt, step
 
 
+def _is_oom(e: BaseException) -> bool:
+    # torch.OutOfMemoryError is one; cuBLAS reports its own allocation failures as plain RuntimeErrors
+    return isinstance(e, torch.OutOfMemoryError) or "ALLOC_FAILED" in str(e) or "out of memory" in str(e)
+
+
+def _release(opt, device: torch.device) -> None:
+    """Drop gradients and cached blocks after a batch or a failed probe, so the next one starts clean."""
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+class _SimulatedCap:
+    """A CPU stand-in for a CUDA memory cap: out of memory once tensors allocated inside exceed ``cap`` bytes.
+
+    It lets CI exercise the max-context search and out-of-memory recovery
+    end to end; it says nothing about real limits (setup memory is not
+    counted, and every op pays the tracker's Python hook).
+    """
+
+    def __init__(self, cap: int):
+        from memory.tracker import LiveTensorTracker
+
+        class _Tracker(LiveTensorTracker):
+            def _change(self, key, nbytes, tag):
+                super()._change(key, nbytes, tag)
+                if nbytes > 0 and self.current > cap:
+                    raise torch.OutOfMemoryError(f"simulated out of memory: {self.current} bytes live > cap {cap}")
+
+        self.tracker = _Tracker("cpu")
+
+    def __enter__(self):
+        self.tracker.forget()
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.tracker.__exit__(*exc)
+
+
+def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, device: torch.device, rss: PeakRSS) -> dict:
+    """Train ``steps`` steps at ``batch`` x ``seq`` and measure them; out of memory is a result, not an error."""
+    res = dict(stack=spec["stack"], batch=batch, seq_len=seq, ok=False, oom=False)
+    g = torch.Generator().manual_seed(spec["seed"] + 1)
+    pool = [torch.randint(0, spec["vocab_size"], (batch, seq), generator=g) for _ in range(min(4, steps))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        sync()
+        res["cuda_allocated_setup"] = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    res["rss_setup"] = rss.rss()
+    cap = _SimulatedCap(spec["cap_bytes"]) if device.type == "cpu" and spec.get("cap_bytes") else contextlib.nullcontext()
+    times, cpu_times, losses, oom = [], [], [], False
+    try:
+        with rss, cap:
+            for i in range(steps):
+                ids = pool[i % len(pool)].to(device)
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                losses.append(step(ids))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
+    except RuntimeError as e:
+        if not _is_oom(e):
+            raise
+        oom = True  # recover outside the except block: its traceback still holds the failed step's tensors
+    res["oom"] = oom
+    res["ok"] = not oom and all(math.isfinite(x) for x in losses)
+    res["step_s"] = [round(t, 4) for t in times]
+    res["step_cpu_s"] = [round(t, 4) for t in cpu_times]
+    res["losses"] = [round(x, 5) for x in losses]
+    res["final_loss"] = losses[-1] if losses else None
+    timed = times[2:]
+    tokens = batch * seq
+    res["tokens_per_s"] = tokens * len(timed) / sum(timed) if timed else None
+    # On a shared machine other processes' load inflates wall time; the median step, and with one
+    # thread the process's own CPU time, are the views of the same steps least disturbed by it.
+    res["tokens_per_s_median_step"] = tokens / sorted(timed)[len(timed) // 2] if timed else None
+    res["tokens_per_s_best_step"] = tokens / min(timed) if timed else None
+    res["tokens_per_cpu_s"] = tokens * len(timed) / sum(cpu_times[2:]) if timed else None
+    res["peak_rss"], res["peak_rss_anon"] = rss.peak, rss.peak_anon
+    if device.type == "cuda":
+        res["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+        res["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
+    elif isinstance(cap, _SimulatedCap):
+        res["simulated_peak"] = cap.tracker.peak
+    _release(opt, device)
+    return res
+
+
+def _search(model, opt, step, spec: dict, device: torch.device, rss: PeakRSS) -> dict:
+    """Max context at batch 1 in this one process: a short step creates optimizer state, then one step per probe."""
+    sys.path.insert(0, str(ROOT))
+    from _search import linear_prediction, search_longest
+
+    sr = spec["search"]
+    warm = _run_steps(model, opt, step, spec, 1, min(sr["start"], 256), 1, device, rss)
+    if not warm["ok"]:
+        raise RuntimeError(f"{spec['stack']}: the warm-up step at 256 tokens failed ({warm})")
+    probes, points = [], []
+    peak_key = "cuda_max_reserved" if device.type == "cuda" else "simulated_peak"
+
+    def fits(seq: int) -> bool:
+        t0 = time.perf_counter()
+        r = _run_steps(model, opt, step, spec, 1, seq, sr["probe_steps"], device, rss)
+        if not r["ok"] and not r["oom"]:
+            raise RuntimeError(f"{spec['stack']} at seq {seq} produced a non-finite loss; not a memory limit")
+        probes.append(dict(seq_len=seq, ok=r["ok"], oom=r["oom"], cuda_max_allocated=r.get("cuda_max_allocated"),
+                           cuda_max_reserved=r.get("cuda_max_reserved"), simulated_peak=r.get("simulated_peak"),
+                           seconds=round(time.perf_counter() - t0, 1)))
+        print(f"{spec['stack']} seq {seq}: {'fits' if r['ok'] else 'OOM'} ({probes[-1]['seconds']} s)", file=sys.stderr, flush=True)
+        if r["ok"] and r.get(peak_key):
+            points.append((seq, r[peak_key]))
+        return r["ok"]
+
+    lo, hi = search_longest(fits, sr["start"], sr["max_seq"], sr["resolution"],
+                            predict=lambda: linear_prediction(points, spec["cap_bytes"]))
+    return dict(max_seq_len=lo, first_failure=hi, probes=probes)
+
+
 def child(spec: dict) -> dict:
-    """Train one stack for ``spec['steps']`` steps in this process and return its measurements."""
+    """Build one stack in this process, then train each of ``spec['batches']`` (or run ``spec['search']``); measurements."""
     import bitsandbytes  # noqa: F401  (every stack imports the same libraries before the RSS baseline)
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -166,60 +293,22 @@ def child(spec: dict) -> dict:
     rss = PeakRSS()
     rss_imports = rss.rss()
     stack = spec["stack"]
-    res = dict(stack=stack, batch=spec["batch"], seq_len=spec["seq_len"], ok=False, oom=False)
     t_setup = time.perf_counter()
     if stack.startswith("hf"):
         model, opt, step = build_hf(spec, device, upcast=stack == "hf")
     else:
         model, opt, step = build_qlora(spec, device, offload=stack == "qlora-offload", chunked=stack != "qlora-unchunked")
-    res["setup_s"] = round(time.perf_counter() - t_setup, 2)
-    res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    res["model_bytes_by_dtype"] = _bytes_by_dtype(model)
-    g = torch.Generator().manual_seed(spec["seed"] + 1)
-    pool = [torch.randint(0, spec["vocab_size"], (spec["batch"], spec["seq_len"]), generator=g) for _ in range(min(4, spec["steps"]))]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        sync()
-        res["cuda_allocated_setup"] = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    res["rss_imports"], res["rss_setup"] = rss_imports, rss.rss()
-    times, cpu_times, losses = [], [], []
-    try:
-        with rss:
-            for i in range(spec["steps"]):
-                ids = pool[i % len(pool)].to(device)
-                sync()
-                t0, c0 = time.perf_counter(), time.process_time()
-                losses.append(step(ids))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync()
-                times.append(time.perf_counter() - t0)
-                cpu_times.append(time.process_time() - c0)
-        res["ok"] = all(math.isfinite(x) for x in losses)
-    except RuntimeError as e:  # torch.OutOfMemoryError is one; cuBLAS reports its own allocation failures
-        if not isinstance(e, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(e) and "out of memory" not in str(e):
-            raise
-        res["oom"] = True
-    res["step_s"] = [round(t, 4) for t in times]
-    res["step_cpu_s"] = [round(t, 4) for t in cpu_times]
-    res["losses"] = [round(x, 5) for x in losses]
-    res["final_loss"] = losses[-1] if losses else None
-    timed = times[2:]
-    tokens = spec["batch"] * spec["seq_len"]
-    res["tokens_per_s"] = tokens * len(timed) / sum(timed) if timed else None
-    # On a shared machine other processes' load inflates wall time; the median step, and with one
-    # thread the process's own CPU time, are the views of the same steps least disturbed by it.
-    res["tokens_per_s_median_step"] = tokens / sorted(timed)[len(timed) // 2] if timed else None
-    res["tokens_per_s_best_step"] = tokens / min(timed) if timed else None
-    res["tokens_per_cpu_s"] = tokens * len(timed) / sum(cpu_times[2:]) if timed else None
-    res["peak_rss"] = rss.peak
-    res["peak_rss_above_imports"] = rss.peak - rss_imports
-    res["peak_rss_anon"] = rss.peak_anon
-    if device.type == "cuda":
-        res["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
-        res["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
-    return res
+    common = dict(stack=stack, setup_s=round(time.perf_counter() - t_setup, 2), rss_imports=rss_imports,
+                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  model_bytes_by_dtype=_bytes_by_dtype(model))
+    if spec.get("search"):
+        return dict(common, **_search(model, opt, step, spec, device, rss))
+    runs = []
+    for batch in spec["batches"]:  # ascending: a later batch reuses the allocator cache of an earlier, smaller one
+        r = dict(common, **_run_steps(model, opt, step, spec, batch, spec["seq_len"], spec["steps"], device, rss))
+        r["peak_rss_above_imports"] = r["peak_rss"] - rss_imports
+        runs.append(r)
+    return dict(common, runs=runs)
 
 
 if __name__ == "__main__":

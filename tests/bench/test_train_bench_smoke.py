@@ -36,6 +36,35 @@ def test_max_context_search_brackets_the_limit(limit):
     assert len(probes) == len(set(probes)) <= 20  # each length probed once; a handful of fresh processes
 
 
+@pytest.mark.parametrize("slope,offset,curve", [(100, 10_000, 0.0), (37, 123_457, 0.0), (100, 10_000, 0.002)])
+def test_slope_placed_probes_find_the_same_answer_in_fewer_probes(slope, offset, curve):
+    """Memory ~ offset + slope*seq (+ a curve the line cannot model): the prediction never changes the answer, saves probes
+    on a line, and costs at most its two probes otherwise."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _search import linear_prediction, search_longest
+
+    cap = 8_000_000
+    peak = lambda seq: offset + slope * seq + curve * seq * seq  # noqa: E731
+    results = {}
+    for use_prediction in (False, True):
+        probes, points = [], []
+
+        def fits(seq):
+            probes.append(seq)
+            ok = peak(seq) <= cap
+            if ok:
+                points.append((seq, peak(seq)))
+            return ok
+
+        predict = (lambda: linear_prediction(points, cap)) if use_prediction else None
+        results[use_prediction] = (search_longest(fits, 4096, 1 << 20, 1024, predict), len(probes))
+    (plain, n_plain), (guided, n_guided) = results[False], results[True]
+    assert guided == plain and peak(plain[0]) <= cap < peak(plain[1])
+    assert n_guided <= n_plain + 2  # at most the two predicted probes are wasted when the line is wrong
+    if curve == 0:
+        assert n_guided <= n_plain - 3  # a straight line is found in two probes after the doubling
+
+
 def test_train_bench_runs_both_stacks_and_writes_results(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "train.py"), "--tiny", "--stacks", "hf,qlora", "--threads", "1",
            "--results-dir", str(tmp_path)]
@@ -67,3 +96,27 @@ def test_train_bench_runs_both_stacks_and_writes_results(tmp_path):
     md = (tmp_path / "train-cpu-tiny.md").read_text()
     assert md.startswith("# Training benchmark (cpu-tiny)")
     assert "| qlora / hf |" in md and "peft" in md and res["date"] in md
+
+
+def test_max_context_mode_searches_in_process_and_confirms(tmp_path):
+    """--mode max-context at the tiny size on the CPU (a simulated cap): search, out-of-memory recovery, fresh confirmation."""
+    cmd = [sys.executable, str(ROOT / "bench" / "train.py"), "--mode", "max-context", "--tiny", "--stacks", "hf,qlora",
+           "--cap-gib", "0.01", "--start-seq", "256", "--resolution", "128", "--max-seq", "8192", "--steps", "2",
+           "--threads", "1", "--results-dir", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((tmp_path / "train-max-context-tiny.json").read_text())
+    hf, ql = res["max_context"]
+    for r in (hf, ql):
+        assert not r.get("error") and r["max_seq_len"] > 0 and not r["hit_search_cap"]
+        fit = [p["seq_len"] for p in r["probes"] if p["ok"]]
+        oom = [p["seq_len"] for p in r["probes"] if p["oom"]]
+        assert oom and len(fit) + len(oom) == len(r["probes"])  # it ran into the cap and recovered in place
+        assert max(fit) < min(oom) == r["first_failure"]  # monotone: every probe below the boundary fit
+        assert r["first_failure"] - max(fit) == 128  # bracketed to the resolution
+        assert r["confirmed"][-1] == {**r["confirmed"][-1], "seq_len": r["max_seq_len"], "ok": True}
+        assert len(r["probes"]) <= 8  # the doubling plus a couple of slope-placed probes, not a long bisection
+    # qlora's fused chunked loss keeps no logits for backward: it trains longer sequences under the same cap
+    assert ql["max_seq_len"] > hf["max_seq_len"] and ql["vs_baseline"] == ql["max_seq_len"] / hf["max_seq_len"]
+    md = (tmp_path / "train-max-context-tiny.md").read_text()
+    assert "simulated on the CPU" in md and "| qlora |" in md
