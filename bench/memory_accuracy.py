@@ -185,13 +185,18 @@ def _env_line(env: dict) -> str:
     )
 
 
-def write_results(device: str, env: dict, rows: list[dict]) -> None:
+def write_results(device: str, env: dict, rows: list[dict], skipped: list[int] = (), failed: list[dict] = ()) -> None:
     RESULTS.mkdir(exist_ok=True)
     data = {"what": "memory planner: predicted vs measured peak per training step", "device": device,
-            "command": f"python bench/memory_accuracy.py --device {device}", "environment": env, "rows": rows}
+            "command": f"python bench/memory_accuracy.py --device {device}", "environment": env, "rows": rows,
+            "not_run": list(skipped), "failed": list(failed)}
     (RESULTS / f"memory-accuracy-{device}.json").write_text(json.dumps(data, indent=2) + "\n")
     md = [f"# Memory planner accuracy ({device})", "", f"Environment: {_env_line(env)}", "", _summary(rows), "",
           _md_table(rows, device), ""]
+    if skipped:
+        md += [f"Not run (time budget spent): grid rows {', '.join(map(str, skipped))}.", ""]
+    for f in failed:
+        md += [f"Row {f['row']} ({f['model']}, {f['settings']}) failed: `{f['error'].splitlines()[0][:200]}`", ""]
     (RESULTS / f"memory-accuracy-{device}.md").write_text("\n".join(md))
 
 
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--docs", action="store_true", help="only re-render docs/memory-accuracy.md from existing results")
     ap.add_argument("--only", type=int, nargs="*", help="run only these row numbers (1-based), for debugging")
+    ap.add_argument("--budget-min", type=float, help="start no row after this many minutes (rows so far are written)")
     args = ap.parse_args(argv)
     if args.docs:
         render_docs()
@@ -290,19 +296,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     grid = CUDA_GRID if args.device == "cuda" else CPU_GRID
     env = _environment(args.device)
-    rows = []
+    end = time.monotonic() + 60 * args.budget_min if args.budget_min else None
+    rows, skipped, failed = [], [], []
     for i, (name, settings) in enumerate(grid, 1):
         if args.only and i not in args.only:
             continue
-        row = run_row(name, settings, args.device)
+        if end is not None and time.monotonic() > end:
+            skipped.append(i)
+            continue
+        try:
+            row = run_row(name, settings, args.device)
+        except Exception as e:  # noqa: BLE001  (one broken row must not cost a GPU lease the others' results)
+            failed.append(dict(row=i, model=name, settings=settings, error=f"{type(e).__name__}: {e}"[:2000]))
+            print(f"{i:2d} {name:<14} {settings} FAILED: {failed[-1]['error']}", flush=True)
+            continue
+        finally:
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
         print(f"{i:2d} {row['model']:<14} {settings} predicted {row['predicted_bytes'] / 2**20:9.2f} MiB "
               f"measured {row['measured_bytes'] / 2**20:9.2f} MiB  {100 * row['error']:+.2f}%", flush=True)
-    if not args.only:
-        write_results(args.device, env, rows)
+        if not args.only:  # after every row: a command stopped at a device's time limit keeps what it measured
+            write_results(args.device, env, rows, skipped, failed)
+    if not args.only and rows:
+        write_results(args.device, env, rows, skipped, failed)
         render_docs()
-    print(_summary(rows))
-    return 0
+    if rows:
+        print(_summary(rows))
+    if skipped:
+        print(f"not run (time budget spent): rows {skipped}")
+    return 1 if failed or not rows else 0
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ def estimate(
     optimizer: str = "paged_adamw_8bit",
     gradient_checkpointing: bool = True,
     attn: str = "auto",
-    loss: str = "hf",
+    loss: str = "chunked",
     loss_chunk_tokens: int = 1024,
     quant_type: str = "nf4",
     blocksize: int = 64,
@@ -254,8 +254,9 @@ def estimate(
         optimizer: adamw (torch), adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes).
         gradient_checkpointing: one non-reentrant checkpoint per decoder layer.
         attn: sdpa, eager, or auto (sdpa where the architecture has it).
-        loss: ``hf`` (transformers' loss on full fp32 logits) or ``chunked``
-            (``qlora.loss.causal_lm_loss`` with ``loss_chunk_tokens`` rows per chunk).
+        loss: ``chunked`` (``qlora.loss.causal_lm_loss`` with ``loss_chunk_tokens``
+            rows per chunk; the trainer's default, ``chunked_loss: true``) or
+            ``hf`` (transformers' loss on full fp32 logits).
         quant_type, blocksize, double_quant: the 4-bit format.
         device: ``cuda`` (CUDA kernels; context and reserve added) or ``cpu``
             (CPU kernels; what :class:`memory.tracker.LiveTensorTracker` measures).

@@ -141,7 +141,7 @@ def plan(
     optimizer: str = "paged_adamw_8bit",
     gradient_checkpointing: bool = True,
     attn: str = "auto",
-    loss: str = "hf",
+    loss: str = "chunked",
     loss_chunk_tokens: int = 1024,
     margin: float = MARGIN,
     quant_type: str = "nf4",

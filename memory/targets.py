@@ -1,83 +1,115 @@
-"""Which linears of a spec get LoRA adapters, by the same rules as ``qlora.targets``.
+"""Which linear layers get LoRA adapters: the one set of selection rules, over qualified names.
 
-``memory`` cannot import ``qlora``, so the preset table and matching rules
-are repeated here over a spec's qualified linear names (PEFT semantics: a
-list entry matches a name equal to it or ending in ``"." + entry``; a regex
-must match the whole qualified name). ``tests/memory/test_targets.py``
-checks that both resolve every preset identically on real models.
+Both sides use :func:`select_names`: ``qlora.targets`` on a live module's
+linear layers, and :func:`resolve_targets` here on a spec's (``memory`` sits
+below ``qlora`` and cannot import it, so the rules live here). Matching
+follows PEFT, so a config means the same thing in both:
+
+- a list entry matches a name equal to it or ending in ``"." + entry``
+  (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
+- a regex string must match the whole qualified name (``re.fullmatch``);
+- presets name the projections of Llama, Mistral, Qwen2 and Gemma
+  (``q_proj``...``down_proj``) and of Phi-3, which fuses them into
+  ``qkv_proj`` and ``gate_up_proj``; presets never select the output head.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from quant.errors import InputError, choices
 
 from .spec import ModelSpec
 
+log = logging.getLogger(__name__)
+
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 PRESETS: dict[str, tuple[str, ...] | None] = {
-    "all-linear": None,
+    "all-linear": None,  # every linear layer except the output head
     "attention": ATTENTION,
     "qv": ("q_proj", "v_proj"),
     "mlp": MLP,
 }
 
 
-def _matches(entry: str, name: str) -> bool:
+def matches_name(entry: str, name: str) -> bool:
+    """PEFT's list semantics: exact qualified name or a ``.``-separated suffix."""
     return name == entry or name.endswith("." + entry)
 
 
-def _leaves(names: Sequence[str]) -> str:
-    return choices(sorted({n.rsplit(".", 1)[-1] for n in names}))
+def describe_names(names: Sequence[str]) -> str:
+    """One clause naming the leaf names of ``names`` (for error messages)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    example = f" (e.g. {names[0]})" if names else ""
+    return f"the model's linear layers are named {choices(leaves)}{example}, {len(names)} in all"
 
 
-def resolve_targets(spec: ModelSpec, targets: str | Sequence[str] = "all-linear") -> tuple[str, ...]:
-    """In-layer names (``self_attn.q_proj``...) of the linears ``targets`` selects.
+def select_names(names: Sequence[str], targets: str | Sequence[str], head: Collection[str] = ()) -> list[str]:
+    """The qualified names among ``names`` that ``targets`` selects, in the given order.
 
     Args:
+        names: qualified names of the adaptable linear layers.
         targets: a preset (``all-linear``, ``attention``, ``qv``, ``mlp``), a
-            list of names/suffixes, or a regex over qualified names. The
-            output head is never a preset target.
+            list of names/suffixes, or a regex string matched against whole
+            qualified names. A single plain name without regex characters
+            (``'q_proj'``) is a one-entry list.
+        head: names of the output head, which presets never select.
 
     Raises:
-        InputError: a preset/name/regex that selects no linear of this model,
-            or a selection outside the decoder layers (the planner models
-            adapters on layer linears only).
+        InputError: a preset, list entry or regex that selects nothing; the
+            message names the layers there are.
     """
-    candidates = [lin for lin in spec.linears if lin.quantized]
-    names = [lin.name for lin in candidates]
     if isinstance(targets, str) and targets in PRESETS:
         suffixes = PRESETS[targets]
-        chosen = names if suffixes is None else [n for n in names if any(_matches(s, n) for s in suffixes)]
-        if targets == "qv" and not chosen:  # Phi-3 fuses q/k/v: qlora adapts qkv_proj (k included)
-            chosen = [n for n in names if _matches("qkv_proj", n)]
-    elif isinstance(targets, str) and re.escape(targets) != targets:
+        found = [n for n in names if n not in head and (suffixes is None or any(matches_name(s, n) for s in suffixes))]
+        if targets == "qv" and not found:
+            # Phi-3 style models fuse q, k and v into one matrix: adapting it also adapts k.
+            found = [n for n in names if matches_name("qkv_proj", n)]
+            if found:
+                log.warning("target preset 'qv': this model fuses q/k/v into qkv_proj; adapting qkv_proj (k included)")
+        if not found:
+            raise InputError(f"LoRA target preset {targets!r} matches no linear layer of this model; {describe_names(names)}.")
+        return found
+    if isinstance(targets, str) and re.escape(targets) != targets:
         try:
             rx = re.compile(targets)
         except re.error as e:
             raise InputError(f"LoRA targets {targets!r} is not a valid regular expression ({e}).") from None
-        chosen = [n for n in names if rx.fullmatch(n)]
-    else:
-        entries = [targets] if isinstance(targets, str) else list(targets)
-        if not entries or not all(isinstance(e, str) and e for e in entries):
+        found = [n for n in names if rx.fullmatch(n)]
+        if not found:
             raise InputError(
-                f"LoRA targets must be a preset ({choices(PRESETS)}), a regex or a list of names; got {targets!r}."
+                f"LoRA target regex {targets!r} matches no linear layer (it must match the whole qualified "
+                f"name); {describe_names(names)}. Presets: {choices(PRESETS)}."
             )
-        for e in entries:
-            if not any(_matches(e, n) for n in names):
-                raise InputError(
-                    f"Unknown LoRA target {e!r} for {spec.name}: its linear layers are named {_leaves(names)}. "
-                    f"Presets: {choices(PRESETS)}."
-                )
-        chosen = [n for n in names if any(_matches(e, n) for e in entries)]
-    if not chosen:
-        raise InputError(
-            f"LoRA targets {targets!r} select no linear layer of {spec.name}; its linear layers are named "
-            f"{_leaves(names)}. Presets: {choices(PRESETS)}."
-        )
+        return found
+    entries = [targets] if isinstance(targets, str) else list(targets)
+    if not entries or not all(isinstance(e, str) and e for e in entries):
+        raise InputError(f"LoRA targets must be a preset ({choices(PRESETS)}), a regex or a list of names; got {targets!r}.")
+    for e in entries:
+        if not any(matches_name(e, n) for n in names):
+            raise InputError(
+                f"Unknown LoRA target {e!r}: no linear layer has that name or suffix; {describe_names(names)}. "
+                f"Presets: {choices(PRESETS)}."
+            )
+    return [n for n in names if any(matches_name(e, n) for e in entries)]
+
+
+def resolve_targets(spec: ModelSpec, targets: str | Sequence[str] = "all-linear") -> tuple[str, ...]:
+    """In-layer names (``self_attn.q_proj``...) of the linears ``targets`` selects in ``spec``.
+
+    Args:
+        targets: as :func:`select_names`.
+
+    Raises:
+        InputError: targets that select nothing (:func:`select_names`), or a
+            selection outside the decoder layers or in only some of them (the
+            planner models identical layers).
+    """
+    candidates = [lin for lin in spec.linears if lin.quantized]  # the output head is never quantized
+    chosen = select_names([lin.name for lin in candidates], targets)
     by_name = {lin.name: lin for lin in candidates}
     shorts: dict[str, None] = {}
     for n in chosen:

@@ -78,21 +78,22 @@ def _budget(recipe: Recipe, device: torch.device) -> str:
     return f"{psutil.virtual_memory().total // 2**20}MiB"
 
 
-def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
-    """Resolve ``auto`` values with :func:`memory.plan` before any weight is read.
+def plan_recipe(recipe: Recipe, model: str, device: torch.device):
+    """:func:`memory.plan` for ``recipe``'s settings on ``model`` (a folder, config or catalog name).
+
+    The one place a recipe's keys become planner arguments: ``qlora train``
+    plans the recipe's own model folder with it, and the GPU recipes' headers
+    are checked against it on catalog models (tests/qlora/test_train.py).
 
     Raises:
-        InputError: the planner predicts that the run does not fit (the
-            message lists its suggestions), or bad settings.
+        InputError: bad settings or an unknown model.
     """
     import memory
-    from transformers import AutoTokenizer
 
-    model_dir = resolve_model_dir(recipe.model.path)
     lora = recipe.lora
     attn = "sdpa" if recipe.model.attn_implementation == "flash_attention_2" else recipe.model.attn_implementation
-    p = memory.plan(
-        _budget(recipe, device), str(model_dir), recipe.seq_len, recipe.micro_batch_size, lora.rank,
+    return memory.plan(
+        _budget(recipe, device), model, recipe.seq_len, recipe.micro_batch_size, lora.rank,
         recipe.effective_batch_size, lora.targets, lora.dropout, lora.variant == "dora", lora.dtype,
         recipe.optimizer.name, recipe.gradient_checkpointing, attn,
         loss="chunked" if recipe.chunked_loss else "hf", loss_chunk_tokens=CHUNK_TOKENS,
@@ -100,6 +101,19 @@ def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
         double_quant=recipe.quant.double_quant, device=device.type,
         offload_activations=recipe.offload_activations,
     )
+
+
+def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
+    """Resolve ``auto`` values with :func:`memory.plan` before any weight is read.
+
+    Raises:
+        InputError: the planner predicts that the run does not fit (the
+            message lists its suggestions), or bad settings.
+    """
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(recipe.model.path)
+    p = plan_recipe(recipe, str(model_dir), device)
     fp = p.footprint
     gib = 2**30
     lines = [

@@ -1,42 +1,28 @@
 """Which linear layers get adapters: presets, names/suffixes, regexes, per-module overrides.
 
-Matching follows PEFT so that configs mean the same thing in both:
+The selection rules (presets, PEFT's name/suffix and regex semantics) live
+in :mod:`memory.targets`, shared with the planner so that both always pick
+the same layers; this module applies them to a live model's linear layers
+(by type: ``nn.Linear``, ``NF4Linear``, ``LoRALinear``). Per-module
+overrides follow PEFT too:
 
-- a list entry matches a module whose qualified name equals it or ends with
-  ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
-- a regex string must match the whole qualified name (``re.fullmatch``);
 - a ``rank_pattern``/``alpha_pattern`` key ``k`` matches a module name ``n``
   when ``re.match(rf"(.*\\.)?({k})$", n)`` does, and the first matching key
   in the dict's order wins (PEFT's ``get_pattern_key``).
-
-Presets name the projections of Llama, Mistral, Qwen2 and Gemma
-(``q_proj``...``down_proj``) and of Phi-3, which fuses them into ``qkv_proj``
-and ``gate_up_proj``.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from quant.errors import InputError, choices
+from memory.targets import describe_names, matches_name, select_names
+from quant.errors import InputError
 from quant.linear import NF4Linear
 
 from .lora import LoRALinear
-
-log = logging.getLogger(__name__)
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
-PRESETS: dict[str, tuple[str, ...] | None] = {
-    "all-linear": None,  # every linear layer except the output head
-    "attention": ATTENTION,
-    "qv": ("q_proj", "v_proj"),
-    "mlp": MLP,
-}
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -69,17 +55,6 @@ def _base_of(m: nn.Module) -> nn.Module | None:
     return m.base_layer if isinstance(m, LoRALinear) else None
 
 
-def matches_name(entry: str, name: str) -> bool:
-    """PEFT's list semantics: exact qualified name or a ``.``-separated suffix."""
-    return name == entry or name.endswith("." + entry)
-
-
-def _describe(names: Sequence[str]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    example = f" (e.g. {names[0]})" if names else ""
-    return f"the model's linear layers are named {choices(leaves)}{example}, {len(names)} in all"
-
-
 def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Qualified names of the linear layers selected by ``targets``, in module order.
 
@@ -87,58 +62,17 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]
         model: any module, typically a transformers causal LM (16-bit or NF4).
         targets: a preset (``'all-linear'``, ``'attention'``, ``'qv'``,
             ``'mlp'``), a list of names/suffixes, or a regex string matched
-            against whole qualified names. A single plain name without regex
-            characters (``'q_proj'``) is treated as a one-entry list.
+            against whole qualified names (rules: :func:`memory.targets.select_names`,
+            the same ones the planner applies to a model spec).
 
     Raises:
         InputError: a preset, list entry or regex that matches no linear
             layer; the message lists the layer names the model has.
     """
-    layers = linear_layers(model)
-    names = list(layers)
-    head = output_head_names(model)
+    names = list(linear_layers(model))
     if not names:
         raise InputError(f"The model ({type(model).__name__}) has no nn.Linear or NF4Linear layers to adapt.")
-    if isinstance(targets, str) and targets in PRESETS:
-        return _preset(targets, names, head)
-    if isinstance(targets, str) and re.escape(targets) != targets:
-        try:
-            rx = re.compile(targets)
-        except re.error as e:
-            raise InputError(f"LoRA targets {targets!r} is not a valid regular expression ({e}).") from None
-        found = [n for n in names if rx.fullmatch(n)]
-        if not found:
-            raise InputError(
-                f"LoRA target regex {targets!r} matches no linear layer (it must match the whole qualified "
-                f"name); {_describe(names)}. Presets: {choices(PRESETS)}."
-            )
-        return found
-    entries = [targets] if isinstance(targets, str) else list(targets)
-    if not entries or not all(isinstance(e, str) and e for e in entries):
-        raise InputError(f"LoRA targets must be a preset ({choices(PRESETS)}), a regex or a list of names; got {targets!r}.")
-    for e in entries:
-        if not any(matches_name(e, n) for n in names):
-            raise InputError(
-                f"Unknown LoRA target {e!r}: no linear layer has that name or suffix; {_describe(names)}. "
-                f"Presets: {choices(PRESETS)}."
-            )
-    return [n for n in names if any(matches_name(e, n) for e in entries)]
-
-
-def _preset(preset: str, names: list[str], head: set[str]) -> list[str]:
-    suffixes = PRESETS[preset]
-    if suffixes is None:
-        found = [n for n in names if n not in head]
-    else:
-        found = [n for n in names if n not in head and any(matches_name(s, n) for s in suffixes)]
-        if preset == "qv" and not found:
-            # Phi-3 style models fuse q, k and v into one matrix: adapting it also adapts k.
-            found = [n for n in names if matches_name("qkv_proj", n)]
-            if found:
-                log.warning("target preset 'qv': this model fuses q/k/v into qkv_proj; adapting qkv_proj (k included)")
-    if not found:
-        raise InputError(f"LoRA target preset {preset!r} matches no linear layer of this model; {_describe(names)}.")
-    return found
+    return select_names(names, targets, output_head_names(model))
 
 
 def pattern_key(patterns: Mapping[str, object], name: str) -> str | None:
@@ -172,7 +106,7 @@ def check_patterns(patterns: Mapping[str, object] | None, names: Sequence[str], 
     """
     for key in patterns or {}:
         if not any(pattern_key({key: None}, n) for n in names):
-            raise InputError(f"{what} key {key!r} matches none of the adapted modules; {_describe(list(names))}.")
+            raise InputError(f"{what} key {key!r} matches none of the adapted modules; {describe_names(list(names))}.")
 
 
 def suffix_targets(adapted: Sequence[str], all_names: Sequence[str]) -> list[str]:

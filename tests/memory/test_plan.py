@@ -43,7 +43,7 @@ def test_seq_len_auto_picks_the_longest_fitting_multiple_of_256(spec):
 
 
 def test_nothing_fits_lists_changes_that_do_with_their_peaks(spec):
-    want = dict(seq_len=2048, micro_batch_size=2, rank=64, optimizer="adamw", adapter_dtype="float32")
+    want = dict(seq_len=2048, micro_batch_size=2, rank=64, optimizer="adamw", adapter_dtype="float32", loss="hf")
     need = memory.estimate(spec, **want).device_total_bytes
     gpu = GPU("small", int((need - 2**20) / 0.95), "small")  # usable is 1 MiB short
     p = memory.plan(gpu, spec, effective_batch_size=2, **want)

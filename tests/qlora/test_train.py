@@ -160,6 +160,39 @@ def test_every_shipped_recipe_validates():
         load_recipe(r)
 
 
+def test_gpu_recipe_headers_quote_the_planner():
+    """Each GPU recipe's header numbers are what the planner predicts today for its settings (no stale claims)."""
+    import re
+
+    from qlora.run_setup import plan_recipe
+
+    checked = 0
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        if path == TINY:
+            continue
+        header = " ".join(ln.lstrip("# ") for ln in path.read_text().splitlines() if ln.startswith("#"))
+        model = re.search(r"catalog model (\S+?)[,)]", header)
+        assert model, f"{path.name}: the header names no catalog model for its planner numbers"
+        p = plan_recipe(load_recipe(path), model.group(1), torch.device("cuda"))
+        gib = 2**30
+        quoted = {
+            "tensor peak": (r"predicted ([\d.]+) GiB of tensors", p.footprint.tensor_peak_bytes / gib),
+            "with context and reserve": (r"\(([\d.]+) GiB with CUDA context", p.peak_bytes / gib),
+            "usable": (r"of ([\d.]+) GiB usable", p.usable_bytes / gib),
+            "micro-batch": (r"micro-batch (\d+) x", p.micro_batch_size),
+            "seq_len": (r"at seq ([\d,]+)|is ([\d,]+) tokens", p.seq_len),
+        }
+        for what, (rx, value) in quoted.items():
+            m = re.search(rx, header)
+            if m is None:
+                continue
+            got = float(next(g for g in m.groups() if g).replace(",", ""))
+            assert abs(got - value) < 0.006, f"{path.name}: header says {what} {got}, the planner now says {value:.3f}"
+            checked += 1
+        assert p.fits and "Measured:" in header
+    assert checked >= 5 * 4
+
+
 def _cli(out, *extra, env=None):
     cmd = [sys.executable, "-m", "qlora.cli", "train", "--no-progress", str(TINY), *FAST, "max_steps=6",
            "lora.dropout=0.1", f"output_dir={out}", *extra]
