@@ -28,7 +28,8 @@ gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA G
 print(f"python {platform.python_version()} torch {torch.__version__} (CUDA {torch.version.cuda}) transformers "
       f"{transformers.__version__} peft {peft.__version__} bitsandbytes {bitsandbytes.__version__}; {gpu}", flush=True)
 PY
-left() { echo $(( ${1} - ($(date +%s) - start) / 60 )); }  # minutes of a part's budget still left
+# minutes (fractional, never below 0) of a part's budget still left after what this part has spent
+left() { "$py" -c "import sys; print(max(0.0, float(sys.argv[1]) - (float(sys.argv[3]) - float(sys.argv[2])) / 60))" "$1" "$start" "$(date +%s)"; }
 case $part in
   train)
     "$py" -m pytest -q -x -p no:cacheprovider tests/qlora/test_offload.py tests/qlora/test_loss.py || echo "CUDA TESTS FAILED"
@@ -38,8 +39,8 @@ case $part in
   max-context)
     "$py" bench/train.py --mode max-context --resolution 2048 --budget-min 9 --results-dir "$out" ;;
   memory)
-    "$py" bench/memory_accuracy.py --device cuda --budget-min 8 || echo "SOME ROWS FAILED"
-    cp bench/results/memory-accuracy-cuda.json bench/results/memory-accuracy-cuda.md "$out"/ ;;
+    # results straight into $OUT after every row: a row cut off at the device's limit loses only itself
+    "$py" bench/memory_accuracy.py --device cuda --budget-min 8 --results-dir "$out" || echo "SOME ROWS FAILED" ;;
   tiny)
     "$py" bench/train.py --tiny --stacks hf,qlora --budget-min 2 --results-dir "$out"
     "$py" bench/train.py --tiny --mode max-context --stacks hf,qlora --cap-gib 0.01 --start-seq 256 --resolution 256 \

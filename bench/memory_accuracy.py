@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent
 # bench/ holds a script named quant.py: keep this folder off the import path so
 # that `import quant` finds the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-RESULTS = ROOT / "results"
+DEFAULT_RESULTS = RESULTS = ROOT / "results"
 DOCS = ROOT.parent / "docs" / "memory-accuracy.md"
 
 # Small but complete architectures for the CPU grid (config.json facts).
@@ -173,6 +173,8 @@ def _md_table(rows: list[dict], device: str) -> str:
 
 
 def _summary(rows: list[dict]) -> str:
+    if not rows:
+        return "No configuration was measured."
     errs = [abs(r["error"]) for r in rows]
     return f"{len(rows)} configurations; |error| max {100 * max(errs):.2f}%, mean {100 * sum(errs) / len(errs):.2f}%."
 
@@ -186,7 +188,7 @@ def _env_line(env: dict) -> str:
 
 
 def write_results(device: str, env: dict, rows: list[dict], skipped: list[int] = (), failed: list[dict] = ()) -> None:
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     data = {"what": "memory planner: predicted vs measured peak per training step", "device": device,
             "command": f"python bench/memory_accuracy.py --device {device}", "environment": env, "rows": rows,
             "not_run": list(skipped), "failed": list(failed)}
@@ -285,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", action="store_true", help="only re-render docs/memory-accuracy.md from existing results")
     ap.add_argument("--only", type=int, nargs="*", help="run only these row numbers (1-based), for debugging")
     ap.add_argument("--budget-min", type=float, help="start no row after this many minutes (rows so far are written)")
+    ap.add_argument("--results-dir", help="write the result files here instead of bench/results (docs are then left alone)")
     args = ap.parse_args(argv)
+    global RESULTS
+    if args.results_dir:
+        RESULTS = Path(args.results_dir)
     if args.docs:
         render_docs()
         return 0
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     grid = CUDA_GRID if args.device == "cuda" else CPU_GRID
     env = _environment(args.device)
-    end = time.monotonic() + 60 * args.budget_min if args.budget_min else None
+    end = None if args.budget_min is None else time.monotonic() + 60 * max(0.0, args.budget_min)
     rows, skipped, failed = [], [], []
     for i, (name, settings) in enumerate(grid, 1):
         if args.only and i not in args.only:
@@ -318,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
               f"measured {row['measured_bytes'] / 2**20:9.2f} MiB  {100 * row['error']:+.2f}%", flush=True)
         if not args.only:  # after every row: a command stopped at a device's time limit keeps what it measured
             write_results(args.device, env, rows, skipped, failed)
-    if not args.only and rows:
+    if not args.only and (rows or failed):
         write_results(args.device, env, rows, skipped, failed)
-        render_docs()
+        if RESULTS == DEFAULT_RESULTS:
+            render_docs()
     if rows:
         print(_summary(rows))
     if skipped:

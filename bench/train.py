@@ -155,7 +155,7 @@ class Budget:
     """
 
     def __init__(self, minutes: float | None):
-        self.end = time.monotonic() + 60 * minutes if minutes else None
+        self.end = None if minutes is None else time.monotonic() + 60 * max(0.0, minutes)
 
     def left(self) -> float | None:
         return None if self.end is None else self.end - time.monotonic()
@@ -164,11 +164,26 @@ class Budget:
         return self.end is not None and self.left() < 5
 
 
+class ChildFailed(RuntimeError):
+    """A stack's process failed or was stopped; ``partial`` holds the batches it finished first."""
+
+    def __init__(self, message: str, partial: list[dict]):
+        super().__init__(message)
+        self.partial = partial
+
+
+def _json_lines(text: str | bytes | None) -> list[dict]:
+    if isinstance(text, bytes):  # TimeoutExpired carries bytes even for text=True
+        text = text.decode(errors="replace")
+    return [json.loads(ln) for ln in (text or "").splitlines() if ln.startswith("{")]
+
+
 def run_child(spec: dict, budget: Budget | None = None) -> dict:
     """Build and train one stack as ``spec`` says in a fresh Python process (bench/train_stacks.py); its output.
 
     Raises:
-        RuntimeError: the child failed (its exit code and the end of its stderr), or ran past the budget.
+        ChildFailed: the child failed (its exit code and the end of its stderr) or ran past the budget;
+            carries the batches it finished before that.
     """
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if spec.get("threads"):
@@ -176,13 +191,17 @@ def run_child(spec: dict, budget: Budget | None = None) -> dict:
     timeout = budget.left() if budget is not None else None
     try:
         p = subprocess.run([sys.executable, str(ROOT / "train_stacks.py"), json.dumps(spec)], capture_output=True,
-                           text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"stack {spec['stack']} was stopped at the time budget ({timeout:.0f} s left when it started)") from None
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"stack {spec['stack']} failed with exit code {p.returncode}:\n{p.stderr[-4000:]}")
-    return json.loads(lines[-1])
+                           text=True, env=env, timeout=None if timeout is None else max(1.0, timeout))
+    except subprocess.TimeoutExpired as e:
+        partial = [ln["partial_run"] for ln in _json_lines(e.stdout) if "partial_run" in ln]
+        raise ChildFailed(f"stack {spec['stack']} was stopped at the time budget ({timeout:.0f} s left when it started)",
+                          partial) from None
+    lines = _json_lines(p.stdout)
+    final = [ln for ln in lines if "partial_run" not in ln]
+    if p.returncode != 0 or not final:
+        raise ChildFailed(f"stack {spec['stack']} failed with exit code {p.returncode}:\n{p.stderr[-4000:]}",
+                          [ln["partial_run"] for ln in lines if "partial_run" in ln])
+    return final[-1]
 
 
 # ---- modes ---------------------------------------------------------------------------
@@ -225,9 +244,10 @@ def train_runs(base: dict, stacks: list[str], batches: list[int], repeats: int, 
                     continue
                 try:
                     out = run_child(dict(base, stack=stack, batches=group), budget)["runs"]
-                except RuntimeError as e:
+                except ChildFailed as e:
                     print(f"  run {rep + 1} {stack}: FAILED\n{e}", flush=True)
-                    out = [_failed(stack, b, base["seq_len"], str(e)[-2000:]) for b in group]
+                    done = {r["batch"] for r in e.partial}
+                    out = e.partial + [_failed(stack, b, base["seq_len"], str(e)[-2000:]) for b in group if b not in done]
                 for r in out:
                     runs.append(dict(r, repeat=rep + 1))
                     if r.get("error"):
@@ -306,7 +326,8 @@ def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolut
         try:
             found = run_child(dict(base, stack=stack, batches=[1], search=dict(start=start, max_seq=max_seq, resolution=resolution,
                                                                                probe_steps=1)), budget)
-            row.update(probes=found["probes"], first_failure=found["first_failure"], hit_search_cap=found["first_failure"] is None)
+            row.update(probes=found["probes"], first_failure=found["first_failure"], hit_search_cap=found["first_failure"] is None,
+                       search_max_seq_len=found["max_seq_len"])
             seq = found["max_seq_len"]
             for p in found["probes"]:
                 peak = f"max reserved {_gib(p['cuda_max_reserved'])}, " if p.get("cuda_max_reserved") else (
@@ -323,7 +344,10 @@ def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolut
                 if not r["oom"]:
                     raise RuntimeError(f"{stack} at seq {seq} produced a non-finite loss; not a memory limit")
                 seq -= resolution
-        except RuntimeError as e:
+            if not row["max_seq_len"]:  # never a silent 0: say why nothing was confirmed
+                why = "time budget spent" if budget.spent() else f"{len(row['confirmed'])} fresh-process runs ran out of memory"
+                row["error"] = f"unconfirmed: the search found {found['max_seq_len']:,} tokens, but {why}"
+        except RuntimeError as e:  # ChildFailed, or a non-finite loss in the confirmation
             print(f"  {stack}: FAILED\n{e}", flush=True)
             row["error"] = str(e)[-2000:]
         on_result(out)

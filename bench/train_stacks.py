@@ -244,8 +244,11 @@ def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, d
 
 def _search(model, opt, step, spec: dict, device: torch.device, rss: PeakRSS) -> dict:
     """Max context at batch 1 in this one process: a short step creates optimizer state, then one step per probe."""
-    sys.path.insert(0, str(ROOT))
-    from _search import linear_prediction, search_longest
+    sys.path.append(str(ROOT))  # appended, and removed again: bench/quant.py must never shadow the quant package
+    try:
+        from _search import linear_prediction, search_longest
+    finally:
+        sys.path.remove(str(ROOT))
 
     sr = spec["search"]
     warm = _run_steps(model, opt, step, spec, 1, min(sr["start"], 256), 1, device, rss)
@@ -308,6 +311,9 @@ def child(spec: dict) -> dict:
         r = dict(common, **_run_steps(model, opt, step, spec, batch, spec["seq_len"], spec["steps"], device, rss))
         r["peak_rss_above_imports"] = r["peak_rss"] - rss_imports
         runs.append(r)
+        # one line per finished batch: if a later batch crashes or the budget stops this process,
+        # bench/train.py keeps the batches already measured
+        print(json.dumps(dict(partial_run=r)), flush=True)
     return dict(common, runs=runs)
 
 

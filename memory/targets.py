@@ -47,7 +47,8 @@ def describe_names(names: Sequence[str]) -> str:
     return f"the model's linear layers are named {choices(leaves)}{example}, {len(names)} in all"
 
 
-def select_names(names: Sequence[str], targets: str | Sequence[str], head: Collection[str] = ()) -> list[str]:
+def select_names(names: Sequence[str], targets: str | Sequence[str], head: Collection[str] = (),
+                 label: str = "this model", warn: bool = True) -> list[str]:
     """The qualified names among ``names`` that ``targets`` selects, in the given order.
 
     Args:
@@ -57,6 +58,9 @@ def select_names(names: Sequence[str], targets: str | Sequence[str], head: Colle
             qualified names. A single plain name without regex characters
             (``'q_proj'``) is a one-entry list.
         head: names of the output head, which presets never select.
+        label: how error messages name the model.
+        warn: log the one non-obvious choice (``qv`` on fused q/k/v); the
+            planner, which resolves targets for every candidate it tries, passes False.
 
     Raises:
         InputError: a preset, list entry or regex that selects nothing; the
@@ -68,10 +72,10 @@ def select_names(names: Sequence[str], targets: str | Sequence[str], head: Colle
         if targets == "qv" and not found:
             # Phi-3 style models fuse q, k and v into one matrix: adapting it also adapts k.
             found = [n for n in names if matches_name("qkv_proj", n)]
-            if found:
+            if found and warn:
                 log.warning("target preset 'qv': this model fuses q/k/v into qkv_proj; adapting qkv_proj (k included)")
         if not found:
-            raise InputError(f"LoRA target preset {targets!r} matches no linear layer of this model; {describe_names(names)}.")
+            raise InputError(f"LoRA target preset {targets!r} matches no linear layer of {label}; {describe_names(names)}.")
         return found
     if isinstance(targets, str) and re.escape(targets) != targets:
         try:
@@ -81,7 +85,7 @@ def select_names(names: Sequence[str], targets: str | Sequence[str], head: Colle
         found = [n for n in names if rx.fullmatch(n)]
         if not found:
             raise InputError(
-                f"LoRA target regex {targets!r} matches no linear layer (it must match the whole qualified "
+                f"LoRA target regex {targets!r} matches no linear layer of {label} (it must match the whole qualified "
                 f"name); {describe_names(names)}. Presets: {choices(PRESETS)}."
             )
         return found
@@ -91,7 +95,7 @@ def select_names(names: Sequence[str], targets: str | Sequence[str], head: Colle
     for e in entries:
         if not any(matches_name(e, n) for n in names):
             raise InputError(
-                f"Unknown LoRA target {e!r}: no linear layer has that name or suffix; {describe_names(names)}. "
+                f"Unknown LoRA target {e!r}: no linear layer of {label} has that name or suffix; {describe_names(names)}. "
                 f"Presets: {choices(PRESETS)}."
             )
     return [n for n in names if any(matches_name(e, n) for e in entries)]
@@ -109,7 +113,7 @@ def resolve_targets(spec: ModelSpec, targets: str | Sequence[str] = "all-linear"
             planner models identical layers).
     """
     candidates = [lin for lin in spec.linears if lin.quantized]  # the output head is never quantized
-    chosen = select_names([lin.name for lin in candidates], targets)
+    chosen = select_names([lin.name for lin in candidates], targets, label=spec.name, warn=False)
     by_name = {lin.name: lin for lin in candidates}
     shorts: dict[str, None] = {}
     for n in chosen:

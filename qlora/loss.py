@@ -30,6 +30,7 @@ saves the prompt tokens' share of compute under completion-only loss.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100
 
@@ -83,13 +84,14 @@ class _FusedLinearCE(torch.autograd.Function):
             if need_h:
                 torch.matmul(g, w, out=grad_h[sl])  # (k, V) @ (V, H), written straight into the buffer
             if need_w:
-                grad_w += (g.t() @ h[sl]).to(grad_w.dtype)
+                grad_w += g.t() @ h[sl]  # in-place add casts on the fly: no fp32 copy of the (V, H) partial
             del g
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w.dtype
         return total
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: no second derivative through the loss
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out if grad_h is not None else None  # stays 16-bit: a 0-dim fp32 factor does not promote

@@ -120,3 +120,18 @@ def test_max_context_mode_searches_in_process_and_confirms(tmp_path):
     assert ql["max_seq_len"] > hf["max_seq_len"] and ql["vs_baseline"] == ql["max_seq_len"] / hf["max_seq_len"]
     md = (tmp_path / "train-max-context-tiny.md").read_text()
     assert "simulated on the CPU" in md and "| qlora |" in md
+
+
+def test_a_stack_that_fails_midway_keeps_the_batches_it_finished(tmp_path):
+    """One process trains several batch sizes (as on CUDA); a crash at the second keeps the first's measurements."""
+    bench = _bench()
+    arch = bench.MODELS["tiny"]
+    bench.make_checkpoint(tmp_path / "ckpt", arch)
+    spec = dict(model_dir=str(tmp_path / "ckpt"), device="cpu", seq_len=32, steps=3, rank=4, alpha=8.0, dropout=0.0,
+                lr=1e-3, optimizer="adamw", qlora_adapter_dtype="bfloat16", chunk_tokens=16, seed=0,
+                vocab_size=arch["vocab_size"], threads=1, stack="qlora", batches=[2, -1])  # batch -1 cannot be built
+    with pytest.raises(bench.ChildFailed) as e:
+        bench.run_child(spec)
+    assert "exit code" in str(e.value)
+    (kept,) = e.value.partial
+    assert kept["batch"] == 2 and kept["ok"] and len(kept["losses"]) == 3 and kept["tokens_per_s"] > 0
