@@ -4,9 +4,9 @@ Each probe at 8B scale and 64k tokens costs a training step of half a
 minute or more, and device time is short, so the search uses what the
 fitting probes measured: memory grows about linearly with sequence length
 under SDPA and checkpointing, so two fitting probes predict where the cap is
-reached. The prediction picks the next probe (clamped strictly inside the
-bracket); plain bisection takes over after two predicted probes, so a bad
-model cannot make the search creep.
+reached. The prediction places the next probe (strictly inside the current
+bracket); plain doubling and bisection take over after two predicted probes,
+so a bad model cannot make the search creep.
 """
 
 from __future__ import annotations
@@ -32,32 +32,52 @@ def search_longest(fits: Callable[[int], bool], start: int, max_seq: int, resolu
                    predict: Callable[[], float | None] | None = None, predicted_probes: int = 2) -> tuple[int, int | None]:
     """The longest length ``fits`` accepts: double from ``start``, then narrow the bracket to ``resolution``.
 
+    With ``predict``, up to ``predicted_probes`` probes are placed by it
+    instead: while doubling, a predicted limit below the next doubling is
+    bracketed by probing one step above it (a failing probe there saves the
+    far larger failure at twice the length); while narrowing, the probe goes
+    to the predicted limit instead of the middle. Either way every probe lies
+    strictly inside the current bracket, so the answer is the one plain
+    doubling and bisection would give.
+
     Args:
         fits: runs one probe; assumed monotone (true up to some length, false beyond).
         start, max_seq: the doubling starts at ``start`` and stops past ``max_seq``.
         resolution: the answer is a multiple of it (``start`` should be too).
-        predict: optional guess of the longest fitting length from what the
-            probes so far measured; used for the first ``predicted_probes``
-            probes after the doubling, then bisection.
+        predict: optional guess of the longest fitting length from what the probes so far measured.
 
     Returns:
         (longest length that fit, 0 if none; shortest that failed, None if
         every length up to ``max_seq`` fit).
     """
-    lo, hi, seq = 0, None, start
-    while seq <= max_seq:
-        if not fits(seq):
+    lo, hi, guesses = 0, None, 0
+
+    def guess() -> int | None:
+        if predict is None or guesses >= predicted_probes or lo == 0:
+            return None
+        g = predict()
+        return None if g is None else _round_down(g, resolution)
+
+    seq: int | None = start if start <= max_seq else None
+    while seq is not None:
+        if fits(seq):
+            lo = seq
+        else:
             hi = seq
-            break
-        lo, seq = seq, seq * 2
-    guesses = 0
-    while hi is not None and hi - lo > resolution:
-        mid = (lo + hi) // 2 // resolution * resolution
-        guess = predict() if predict is not None and guesses < predicted_probes else None
-        if guess is not None:
-            guesses += 1
-            mid = min(max(_round_down(guess, resolution), lo + resolution), hi - resolution)
-        if mid <= lo:  # the bracket is narrower than one step of the grid
-            break
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        if hi is None:  # still doubling
+            seq = 2 * lo
+            g = guess()
+            if g is not None and lo <= g < seq:
+                guesses += 1
+                seq = g + resolution if g > lo else lo + resolution
+            seq = seq if seq <= max_seq else None
+        elif hi - lo <= resolution:
+            seq = None
+        else:
+            mid = (lo + hi) // 2 // resolution * resolution
+            g = guess()
+            if g is not None:
+                guesses += 1
+                mid = min(max(g, lo + resolution), hi - resolution)
+            seq = mid if lo < mid < hi else None
     return lo, hi

@@ -32,15 +32,22 @@ PY
 left() { "$py" -c "import sys; print(max(0.0, float(sys.argv[1]) - (float(sys.argv[3]) - float(sys.argv[2])) / 60))" "$1" "$start" "$(date +%s)"; }
 case $part in
   train)
+    # bitsandbytes' paged optimizers use CUDA managed memory, which can hang a GPU where it is not
+    # supported: try one paged step on a 1e6-element parameter first, with a time limit
+    timeout 120 "$py" -c "
+import torch, bitsandbytes as bnb
+p = torch.nn.Parameter(torch.randn(1000, 1000, device='cuda'))
+opt = bnb.optim.PagedAdamW8bit([p], lr=1e-3); p.grad = torch.randn_like(p); opt.step(); torch.cuda.synchronize()
+print('paged optimizer step on CUDA: ok')" || { echo "PAGED OPTIMIZER CHECK FAILED: stopping before the 8B runs"; exit 3; }
     "$py" -m pytest -q -x -p no:cacheprovider tests/qlora/test_offload.py tests/qlora/test_loss.py || echo "CUDA TESTS FAILED"
     "$py" -m qlora.cli train recipes/tiny-cpu.yaml device=cuda max_steps=20 output_dir=/tmp/qlora-tiny-cuda \
       > "$out/tiny-train-cuda.log" 2>&1 && tail -5 "$out/tiny-train-cuda.log" || { echo "TINY CUDA TRAIN FAILED"; tail -30 "$out/tiny-train-cuda.log"; }
     "$py" bench/train.py --mode cuda --budget-min "$(left 9)" --results-dir "$out" ;;
   max-context)
-    "$py" bench/train.py --mode max-context --resolution 2048 --budget-min 9 --results-dir "$out" ;;
+    "$py" bench/train.py --mode max-context --resolution 2048 --budget-min "$(left 9)" --results-dir "$out" ;;
   memory)
     # results straight into $OUT after every row: a row cut off at the device's limit loses only itself
-    "$py" bench/memory_accuracy.py --device cuda --budget-min 8 --results-dir "$out" || echo "SOME ROWS FAILED" ;;
+    "$py" bench/memory_accuracy.py --device cuda --budget-min "$(left 8)" --results-dir "$out" || echo "SOME ROWS FAILED" ;;
   tiny)
     "$py" bench/train.py --tiny --stacks hf,qlora --budget-min 2 --results-dir "$out"
     "$py" bench/train.py --tiny --mode max-context --stacks hf,qlora --cap-gib 0.01 --start-seq 256 --resolution 256 \

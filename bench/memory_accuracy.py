@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -127,8 +128,10 @@ def run_row(name: str, settings: dict, device: str) -> dict:
 
     label, config = _config(name)
     t0 = time.perf_counter()
+    gc.collect()  # a previous row's model can survive in a reference cycle until a collection
     if device == "cuda":
         torch.cuda.empty_cache()
+        leftover = torch.cuda.memory_allocated()  # should be ~0: anything here would inflate this row's peak
     c = check(config, name=label, device=device, **settings)
     fp, m = c.footprint, c.measurement
     row = {
@@ -145,6 +148,7 @@ def run_row(name: str, settings: dict, device: str) -> dict:
     }
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
+        row["allocated_before_row_bytes"] = leftover
         row["reserved_bytes"] = m.reserved_bytes
         # memory the process holds that PyTorch's allocator does not: CUDA context, cuBLAS handles
         row["outside_allocator_bytes"] = total - free - torch.cuda.memory_reserved()
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:2d} {name:<14} {settings} FAILED: {failed[-1]['error']}", flush=True)
             continue
         finally:
+            gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)

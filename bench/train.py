@@ -89,8 +89,9 @@ MODES = {
                 stacks=["hf", "hf-no-upcast", "qlora", "qlora-unchunked"]),
     "cuda": dict(model="llama-3.1-8b", device="cuda", seq_len=2048, batches=[1, 4], steps=10,
                  stacks=["hf", "hf-no-upcast", "qlora", "qlora-offload", "qlora-unchunked"]),
+    # qlora-offload before qlora: the long-context recipe's levers first, in case a short lease cuts the last
     "max-context": dict(model="llama-3.1-8b", device="cuda", seq_len=None, batches=[1], steps=2,
-                        stacks=["hf", "qlora", "qlora-offload"]),
+                        stacks=["hf", "qlora-offload", "qlora"]),
 }
 # --tiny runs any mode on the CPU in seconds (CI); max-context then uses a simulated cap (train_stacks._SimulatedCap).
 TINY = dict(model="tiny", device="cpu", seq_len=64, batches=[2], steps=4, repeats=1)
@@ -499,6 +500,8 @@ def main() -> int:
             t0 = time.perf_counter()
             facts = dict(make_checkpoint(ckpt, arch, args.seed), arch=arch)
             (ckpt / "bench-facts.json").write_text(json.dumps(facts))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the draw's cached blocks must not sit beside the children's runs
             print(f"wrote random-weight checkpoint ({facts['params'] / 1e6:.1f} M params, {_gib(facts['checkpoint_bytes'])}) "
                   f"in {time.perf_counter() - t0:.0f} s", flush=True)
         res["model"] = dict(name=mode["model"], params=facts["params"], **arch)

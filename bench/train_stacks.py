@@ -271,7 +271,7 @@ def _search(model, opt, step, spec: dict, device: torch.device, rss: PeakRSS) ->
         return r["ok"]
 
     lo, hi = search_longest(fits, sr["start"], sr["max_seq"], sr["resolution"],
-                            predict=lambda: linear_prediction(points, spec["cap_bytes"]))
+                            predict=lambda: linear_prediction(points, spec["allocator_cap"]))
     return dict(max_seq_len=lo, first_failure=hi, probes=probes)
 
 
@@ -288,11 +288,18 @@ def child(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     device = torch.device(spec["device"])
+    allocator_cap = spec.get("cap_bytes")
     if device.type == "cuda":
         torch.cuda.init()
+        # set_per_process_memory_fraction needs an indexed device; "cuda" alone is refused
+        device = torch.device("cuda", torch.cuda.current_device())
         if spec.get("cap_bytes"):
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_bytes"] / total), device)
+            torch.zeros(1, device=device)  # create the CUDA context now, to measure it
+            free, total = torch.cuda.mem_get_info(device)
+            # The fraction caps only the caching allocator. A card of cap_bytes also holds this
+            # process's CUDA context (and library handles), so that much is taken off the cap.
+            allocator_cap = spec["cap_bytes"] - (total - free)
+            torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, allocator_cap / total)), device)
     rss = PeakRSS()
     rss_imports = rss.rss()
     stack = spec["stack"]
@@ -304,8 +311,13 @@ def child(spec: dict) -> dict:
     common = dict(stack=stack, setup_s=round(time.perf_counter() - t_setup, 2), rss_imports=rss_imports,
                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   model_bytes_by_dtype=_bytes_by_dtype(model))
+    if allocator_cap is not None:
+        common["allocator_cap_bytes"] = allocator_cap
+    # what loading left cached (transformers' allocator warm-up, freed 16-bit weights) must not
+    # count towards the first batch's reserved peak
+    _release(opt, device)
     if spec.get("search"):
-        return dict(common, **_search(model, opt, step, spec, device, rss))
+        return dict(common, **_search(model, opt, step, dict(spec, allocator_cap=allocator_cap), device, rss))
     runs = []
     for batch in spec["batches"]:  # ascending: a later batch reuses the allocator cache of an earlier, smaller one
         r = dict(common, **_run_steps(model, opt, step, spec, batch, spec["seq_len"], spec["steps"], device, rss))

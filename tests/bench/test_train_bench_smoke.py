@@ -57,12 +57,13 @@ def test_slope_placed_probes_find_the_same_answer_in_fewer_probes(slope, offset,
             return ok
 
         predict = (lambda: linear_prediction(points, cap)) if use_prediction else None
-        results[use_prediction] = (search_longest(fits, 4096, 1 << 20, 1024, predict), len(probes))
-    (plain, n_plain), (guided, n_guided) = results[False], results[True]
+        results[use_prediction] = (search_longest(fits, 4096, 1 << 20, 1024, predict), len(probes), max(probes))
+    (plain, n_plain, _), (guided, n_guided, longest_probe) = results[False], results[True]
     assert guided == plain and peak(plain[0]) <= cap < peak(plain[1])
     assert n_guided <= n_plain + 2  # at most the two predicted probes are wasted when the line is wrong
     if curve == 0:
         assert n_guided <= n_plain - 3  # a straight line is found in two probes after the doubling
+        assert longest_probe == guided[1]  # and the probe at twice the length (the slowest to fail) is never run
 
 
 def test_train_bench_runs_both_stacks_and_writes_results(tmp_path):
