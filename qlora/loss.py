@@ -99,7 +99,6 @@ class _FusedLinearCE(torch.autograd.Function):
         return gh, gw, None, None, None, None, None
 
 
-
 def causal_lm_loss(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
