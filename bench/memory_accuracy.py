@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent
 # bench/ holds a script named quant.py: keep this folder off the import path so
 # that `import quant` finds the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-DEFAULT_RESULTS = RESULTS = ROOT / "results"
+RESULTS = ROOT / "results"
 DOCS = ROOT.parent / "docs" / "memory-accuracy.md"
 
 # Small but complete architectures for the CPU grid (config.json facts).
@@ -191,19 +191,20 @@ def _env_line(env: dict) -> str:
     )
 
 
-def write_results(device: str, env: dict, rows: list[dict], skipped: list[int] = (), failed: list[dict] = ()) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(out_dir: Path, device: str, env: dict, rows: list[dict], skipped: list[int] = (),
+                  failed: list[dict] = ()) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     data = {"what": "memory planner: predicted vs measured peak per training step", "device": device,
             "command": f"python bench/memory_accuracy.py --device {device}", "environment": env, "rows": rows,
             "not_run": list(skipped), "failed": list(failed)}
-    (RESULTS / f"memory-accuracy-{device}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out_dir / f"memory-accuracy-{device}.json").write_text(json.dumps(data, indent=2) + "\n")
     md = [f"# Memory planner accuracy ({device})", "", f"Environment: {_env_line(env)}", "", _summary(rows), "",
           _md_table(rows, device), ""]
     if skipped:
         md += [f"Not run (time budget spent): grid rows {', '.join(map(str, skipped))}.", ""]
     for f in failed:
         md += [f"Row {f['row']} ({f['model']}, {f['settings']}) failed: `{f['error'].splitlines()[0][:200]}`", ""]
-    (RESULTS / f"memory-accuracy-{device}.md").write_text("\n".join(md))
+    (out_dir / f"memory-accuracy-{device}.md").write_text("\n".join(md))
 
 
 def render_docs() -> None:
@@ -293,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-min", type=float, help="start no row after this many minutes (rows so far are written)")
     ap.add_argument("--results-dir", help="write the result files here instead of bench/results (docs are then left alone)")
     args = ap.parse_args(argv)
-    global RESULTS
-    if args.results_dir:
-        RESULTS = Path(args.results_dir)
+    out_dir = Path(args.results_dir) if args.results_dir else RESULTS
     if args.docs:
         render_docs()
         return 0
@@ -328,10 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{i:2d} {row['model']:<14} {settings} predicted {row['predicted_bytes'] / 2**20:9.2f} MiB "
               f"measured {row['measured_bytes'] / 2**20:9.2f} MiB  {100 * row['error']:+.2f}%", flush=True)
         if not args.only:  # after every row: a command stopped at a device's time limit keeps what it measured
-            write_results(args.device, env, rows, skipped, failed)
+            write_results(out_dir, args.device, env, rows, skipped, failed)
     if not args.only and (rows or failed):
-        write_results(args.device, env, rows, skipped, failed)
-        if RESULTS == DEFAULT_RESULTS:
+        write_results(out_dir, args.device, env, rows, skipped, failed)
+        if out_dir == RESULTS:  # docs/memory-accuracy.md is rendered from bench/results only
             render_docs()
     if rows:
         print(_summary(rows))

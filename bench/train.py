@@ -93,7 +93,7 @@ MODES = {
     "max-context": dict(model="llama-3.1-8b", device="cuda", seq_len=None, batches=[1], steps=2,
                         stacks=["hf", "qlora-offload", "qlora"]),
 }
-# --tiny runs any mode on the CPU in seconds (CI); max-context then uses a simulated cap (train_stacks._SimulatedCap).
+# --tiny runs any mode on the CPU in seconds (CI); max-context then uses a simulated cap (train_stacks._simulated_cap).
 TINY = dict(model="tiny", device="cpu", seq_len=64, batches=[2], steps=4, repeats=1)
 
 

@@ -161,32 +161,22 @@ def _release(opt, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class _SimulatedCap:
-    """A CPU stand-in for a CUDA memory cap: out of memory once tensors allocated inside exceed ``cap`` bytes.
+def _simulated_cap(cap: int):
+    """A CPU stand-in for a CUDA memory cap: a live-tensor tracker that runs out of memory past ``cap`` bytes.
 
     It lets CI exercise the max-context search and out-of-memory recovery
-    end to end; it says nothing about real limits (setup memory is not
-    counted, and every op pays the tracker's Python hook).
+    end to end; it says nothing about real limits (tensors that exist before
+    it starts are not counted, and every op pays the tracker's Python hook).
     """
+    from memory.tracker import LiveTensorTracker
 
-    def __init__(self, cap: int):
-        from memory.tracker import LiveTensorTracker
+    class _Capped(LiveTensorTracker):
+        def _change(self, key, nbytes, tag):
+            super()._change(key, nbytes, tag)
+            if nbytes > 0 and self.current > cap:
+                raise torch.OutOfMemoryError(f"simulated out of memory: {self.current} bytes live > cap {cap}")
 
-        class _Tracker(LiveTensorTracker):
-            def _change(self, key, nbytes, tag):
-                super()._change(key, nbytes, tag)
-                if nbytes > 0 and self.current > cap:
-                    raise torch.OutOfMemoryError(f"simulated out of memory: {self.current} bytes live > cap {cap}")
-
-        self.tracker = _Tracker("cpu")
-
-    def __enter__(self):
-        self.tracker.forget()
-        self.tracker.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.tracker.__exit__(*exc)
+    return _Capped("cpu")
 
 
 def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, device: torch.device, rss: PeakRSS) -> dict:
@@ -200,7 +190,8 @@ def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, d
         res["cuda_allocated_setup"] = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     res["rss_setup"] = rss.rss()
-    cap = _SimulatedCap(spec["cap_bytes"]) if device.type == "cpu" and spec.get("cap_bytes") else contextlib.nullcontext()
+    simulated = device.type == "cpu" and spec.get("cap_bytes")
+    cap = _simulated_cap(spec["cap_bytes"]) if simulated else contextlib.nullcontext()
     times, cpu_times, losses, oom = [], [], [], False
     try:
         with rss, cap:
@@ -236,8 +227,8 @@ def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, d
     if device.type == "cuda":
         res["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
         res["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
-    elif isinstance(cap, _SimulatedCap):
-        res["simulated_peak"] = cap.tracker.peak
+    elif simulated:
+        res["simulated_peak"] = cap.peak
     _release(opt, device)
     return res
 
