@@ -5,7 +5,7 @@
     .venv/bin/python bench/memory_accuracy.py --docs          # only re-render docs/memory-accuracy.md
 
 Each row builds a QLoRA model from a config with random weights (values do
-not change memory), runs real training steps with ``qlora.memcheck`` and
+not change memory), runs real training steps with ``memcheck`` and
 compares the measured peak of the second step with ``memory.estimate`` for
 the same settings. Nothing is fitted to these measurements.
 
@@ -35,9 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# bench/ holds a script named quant.py: keep this folder off the import path so
-# that `import quant` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 RESULTS = ROOT / "results"
 DOCS = ROOT.parent / "docs" / "memory-accuracy.md"
 
@@ -124,7 +121,7 @@ def run_row(name: str, settings: dict, device: str) -> dict:
     """Predict and measure one configuration; returns a JSON-able row."""
     import torch
 
-    from qlora.memcheck import check
+    from memcheck import check
 
     label, config = _config(name)
     t0 = time.perf_counter()
@@ -220,7 +217,7 @@ def render_docs() -> None:
         "How a row is measured: the model is built from its config with random weights (values do not change",
         "memory), quantized to NF4 with double quantization, given LoRA adapters and, unless stated,",
         "per-layer activation checkpointing (non-reentrant); two training steps run through the trainer's own",
-        "step (`qlora.train.accumulate_gradients` under bf16 autocast: forward, loss, backward; then the",
+        "step (`qlora.train.loop.accumulate_gradients` under bf16 autocast: forward, loss, backward; then the",
         "optimizer step) and the second is measured, so optimizer state exists, as it does for the",
         "rest of a run. Inputs are random token ids with every position labelled. Settings not listed are the",
         "defaults: LoRA on all linear layers, bf16 adapters, torch AdamW on CPU rows, transformers' loss on",

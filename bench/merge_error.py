@@ -57,7 +57,7 @@ def _qlora_model(base_dir: Path, adapter_dir: Path | None, dtype: torch.dtype):
     """NF4 base (nf4, double quant, blocksize 64) with compute in ``dtype`` (+ the adapter in ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora.adapter_io import load_adapter
+    from qlora.adapters.files import load_adapter
     from quant import quantize_model
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
@@ -69,9 +69,9 @@ def _qlora_model(base_dir: Path, adapter_dir: Path | None, dtype: torch.dtype):
 
 @torch.no_grad()
 def _make_adapter(base_dir: Path, out: Path, ratio: float, seed: int) -> dict:
-    from qlora.adapter_io import save_adapter
-    from qlora.diagnostics import lora_diagnostics, update_norm
-    from qlora.surgery import apply_lora, lora_modules
+    from qlora.adapters.files import save_adapter
+    from qlora.lora.diagnostics import lora_diagnostics, update_norm
+    from qlora.lora.surgery import apply_lora, lora_modules
 
     model = _qlora_model(base_dir, None, torch.bfloat16)
     torch.manual_seed(seed)
@@ -108,11 +108,10 @@ def main() -> int:
     p.add_argument("--ratios", nargs="+", type=float, default=[0.02, 0.1], help="adapter-to-base norm ratios")
     p.add_argument("--out", type=Path, default=RESULTS / "merge-error-cpu.json")
     args = p.parse_args()
-    sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != ROOT]
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from qlora.merging import merge_checkpoint
+    from qlora.adapters.merging import merge_checkpoint
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))

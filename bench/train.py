@@ -18,8 +18,8 @@ RSS and CUDA peaks never mix, and a failed OOM probe cannot poison the next):
 * ``hf-no-upcast``: the same minus the fp32 cast (freeze + the same
   checkpointing call ``prepare_model_for_kbit_training`` makes): what the
   upcast costs, the "no silent upcasts" comparison.
-* ``qlora``: ``quant.load_quantized_model`` + ``qlora.surgery.apply_lora`` +
-  ``qlora.run_setup.enable_checkpointing`` + ``qlora.train.forward_loss``
+* ``qlora``: ``quant.load_quantized_model`` + ``qlora.lora.surgery.apply_lora`` +
+  ``qlora.train.setup.enable_checkpointing`` + ``qlora.train.loop.forward_loss``
   (chunked cross-entropy, 1,024 tokens per chunk).
 * ``qlora-offload``: the same with ``offload_activations`` (checkpointed layer
   inputs in pinned host memory; a no-op move on the CPU, so not run there by default).
@@ -58,16 +58,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path from tests
-from _machine import device_name, package_versions  # noqa: E402
-from _search import search_longest  # noqa: E402,F401  (re-exported for tests)
+from _machine import device_name, package_versions  # bench/ siblings: the script's folder is on the path
+from _search import search_longest  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent
-# bench/ holds quant.py: drop this folder from the import path so `import quant` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
-
-from qlora.optim import OPTIMIZERS  # noqa: E402  (after the path fix)
-from qlora.run_setup import CHUNK_TOKENS  # noqa: E402
+from qlora.train.optim import OPTIMIZERS
+from qlora.train.setup import CHUNK_TOKENS
 RESULTS = ROOT / "results"
 STACKS = ("hf", "hf-no-upcast", "qlora", "qlora-offload", "qlora-unchunked")
 BASELINE = "hf"

@@ -21,10 +21,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# bench/ holds quant.py: drop this folder from the import path so `import quant` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
-
-import torch  # noqa: E402
+import torch
 
 OPTIMIZERS = {"paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit", "adamw_8bit": "AdamW8bit", "adamw": None}
 
@@ -123,10 +120,10 @@ def build_hf(spec: dict, device: torch.device, upcast: bool):
 def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool):
     """qlora's own path; returns (model, optimizer, step_fn). ``chunked=False``: transformers' loss on full logits."""
     from quant import load_quantized_model
-    from qlora.optim import build_optimizer
-    from qlora.run_setup import enable_checkpointing
-    from qlora.surgery import apply_lora, lora_parameters
-    from qlora.train import forward_loss
+    from qlora.train.optim import build_optimizer
+    from qlora.train.setup import enable_checkpointing
+    from qlora.lora.surgery import apply_lora, lora_parameters
+    from qlora.train.loop import forward_loss
 
     model = load_quantized_model(spec["model_dir"], device, "nf4", 64, True, torch.bfloat16, dtype=torch.bfloat16)
     model.config.use_cache = False
@@ -235,11 +232,7 @@ def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, d
 
 def _search(model, opt, step, spec: dict, device: torch.device, rss: PeakRSS) -> dict:
     """Max context at batch 1 in this one process: a short step creates optimizer state, then one step per probe."""
-    sys.path.append(str(ROOT))  # appended, and removed again: bench/quant.py must never shadow the quant package
-    try:
-        from _search import linear_prediction, search_longest
-    finally:
-        sys.path.remove(str(ROOT))
+    from _search import linear_prediction, search_longest  # bench/ sibling: the script's folder is on the path
 
     sr = spec["search"]
     warm = _run_steps(model, opt, step, spec, 1, min(sr["start"], 256), 1, device, rss)
@@ -272,7 +265,7 @@ def child(spec: dict) -> dict:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    import qlora.train  # noqa: F401
+    import qlora.train.loop  # noqa: F401
 
     warnings.filterwarnings("ignore")
     if spec.get("threads"):

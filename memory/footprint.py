@@ -254,7 +254,7 @@ def estimate(
         optimizer: adamw (torch), adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes).
         gradient_checkpointing: one non-reentrant checkpoint per decoder layer.
         attn: sdpa, eager, or auto (sdpa where the architecture has it).
-        loss: ``chunked`` (``qlora.loss.causal_lm_loss`` with ``loss_chunk_tokens``
+        loss: ``chunked`` (``qlora.train.loss.causal_lm_loss`` with ``loss_chunk_tokens``
             rows per chunk; the trainer's default, ``chunked_loss: true``) or
             ``hf`` (transformers' loss on full fp32 logits).
         quant_type, blocksize, double_quant: the 4-bit format.
@@ -263,7 +263,7 @@ def estimate(
         cuda_context_bytes, allocator_reserve: overheads outside the tensor
             peak; the reserve is a fraction of the tensor peak.
         offload_activations: checkpointed layer inputs wait in pinned host
-            memory (``qlora.offload``); on CUDA all but two layers' inputs
+            memory (``qlora.train.offload``); on CUDA all but two layers' inputs
             leave the device and are counted in ``host_bytes``. On CPU there
             is nothing to move, so nothing changes.
 
@@ -322,7 +322,7 @@ def _estimate(
         candidates[phase] = dict(persistent, **_terms(getattr(peaks, phase)))
     offloaded = 0
     if offload and checkpointing and device == "cuda":
-        # qlora.offload keeps two layers' inputs on the device (the one being
+        # qlora.train.offload keeps two layers' inputs on the device (the one being
         # recomputed and the one being prefetched); the rest (bf16 hidden
         # states, 2*b*s*h bytes per layer) wait in pinned host memory.
         per_layer = 2 * batch * seq_len * spec.hidden_size

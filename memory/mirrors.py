@@ -3,7 +3,7 @@
 ``memory`` must not import ``qlora``, yet the activation memory of a step
 depends on what the LoRA layer and the kernels allocate and save. The
 modules here repeat, op for op, the forward code of
-``qlora.lora.LoRALinear`` (and ``qlora.dora.dora_forward``) so that a
+``layers.lora.LoRALinear`` (and ``layers.dora.dora_forward``) so that a
 meta-device dry run (:mod:`memory.probe`) allocates and saves exactly what the
 real layer does. ``tests/memory/test_mirrors.py`` runs the probe with the
 real qlora classes and with these mirrors and requires identical timelines,
@@ -50,7 +50,7 @@ class ProbeNF4Linear(NF4Linear):
 
 
 class LoRAMirror(nn.Module):
-    """Repeats ``qlora.lora.LoRALinear.forward`` (and DoRA's) op for op.
+    """Repeats ``layers.lora.LoRALinear.forward`` (and DoRA's) op for op.
 
     ``h = base(x) + s * B(A(dropout(x).to(dtype)))``, output cast to the base
     output dtype. Weights live on meta; only shapes and dtypes matter.
@@ -62,7 +62,7 @@ class LoRAMirror(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device="meta"))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, dtype=dtype, device="meta"))
-        # qlora keeps DoRA magnitudes in float32 whatever the adapter dtype (qlora.dora.enable_dora)
+        # qlora keeps DoRA magnitudes in float32 whatever the adapter dtype (layers.dora.enable_dora)
         self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=torch.float32, device="meta")) if dora else None
         self.p = dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -77,7 +77,7 @@ class LoRAMirror(nn.Module):
         return result + h.to(result.dtype)
 
     def _weight_norm(self) -> torch.Tensor:
-        # qlora.dora.dora_weight_norm: dense fp32 W0 (one dequantization), += s*B@A in place, row norms
+        # layers.dora.dora_weight_norm: dense fp32 W0 (one dequantization), += s*B@A in place, row norms
         with torch.no_grad():
             base = self.base_layer
             w = base.dequantize(torch.float32) if hasattr(base, "dequantize") else base.weight.detach().to(torch.float32, copy=True)

@@ -115,7 +115,7 @@ def _build(
         setattr(parent, child, q)
     model.config.use_cache = False
     if checkpointing:
-        # what qlora's trainer does (qlora.run_setup.enable_checkpointing): one
+        # what qlora's trainer does (qlora.train.setup.enable_checkpointing): one
         # non-reentrant checkpoint per decoder layer; transformers >= 5 renamed the call
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):

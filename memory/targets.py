@@ -1,6 +1,6 @@
 """Which linear layers get LoRA adapters: the one set of selection rules, over qualified names.
 
-Both sides use :func:`select_names`: ``qlora.targets`` on a live module's
+Both sides use :func:`select_names`: ``qlora.lora.targets`` on a live module's
 linear layers, and :func:`resolve_targets` here on a spec's (``memory`` sits
 below ``qlora`` and cannot import it, so the rules live here). Matching
 follows PEFT, so a config means the same thing in both:

@@ -59,7 +59,7 @@ def nested_table_bytes(n_quantized: int, double_quant: bool, device: str) -> int
     return 256 * 4 * (1 if device == "cpu" else n_quantized)
 
 
-DORA_MAGNITUDE_ITEMSIZE = 4  # qlora keeps DoRA magnitudes in float32 (qlora.dora.enable_dora)
+DORA_MAGNITUDE_ITEMSIZE = 4  # qlora keeps DoRA magnitudes in float32 (layers.dora.enable_dora)
 
 
 def lora_tensors(in_features: int, out_features: int, rank: int, dora: bool, itemsize: int) -> list[tuple[int, int]]:
@@ -136,7 +136,7 @@ def _vec(**by_tag: int) -> torch.Tensor:
 def chunked_loss_segment(
     b: int, s: int, hidden: int, vocab: int, chunk_tokens: int | None, softcap: bool, itemsize: int = 2
 ) -> Segment:
-    """Peak and net effect of ``qlora.loss.causal_lm_loss`` (forward + backward), per tag.
+    """Peak and net effect of ``qlora.train.loss.causal_lm_loss`` (forward + backward), per tag.
 
     Worst case: every position after the first carries a label, so the
     loss reads ``n = b*(s-1)`` rows. ``k = min(chunk_tokens, n)`` rows of

@@ -22,9 +22,9 @@ def run(args) -> int:
 
     from quant import InputError
     from quant.loading import load_quantized_model
-    from qlora.adapter_io import load_adapter
+    from qlora.adapters.files import load_adapter
     from qlora.builtin_models import resolve_model_dir
-    from qlora.run_setup import resolve_device
+    from qlora.train.setup import resolve_device
 
     if args.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}.")

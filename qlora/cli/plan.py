@@ -202,7 +202,7 @@ def write_recipe(p, alpha: float, path: str, model_arg: str | None, output_dir: 
     """
     import yaml
 
-    from qlora.recipe import recipe_from_dict
+    from qlora.train.recipe import recipe_from_dict
 
     fp = p.footprint
     if model_arg and model_arg.startswith("builtin:"):

@@ -13,8 +13,8 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> int:
-    from qlora.recipe import load_recipe
-    from qlora.train import train
+    from qlora.train.recipe import load_recipe
+    from qlora.train.loop import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = train(recipe, say=lambda m: print(m, flush=True), progress=not args.no_progress and sys.stderr.isatty())

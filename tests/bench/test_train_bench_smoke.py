@@ -40,7 +40,6 @@ def test_max_context_search_brackets_the_limit(limit):
 def test_slope_placed_probes_find_the_same_answer_in_fewer_probes(slope, offset, curve):
     """Memory ~ offset + slope*seq (+ a curve the line cannot model): the prediction never changes the answer, saves probes
     on a line, and costs at most its two probes otherwise."""
-    sys.path.insert(0, str(ROOT / "bench"))
     from _search import linear_prediction, search_longest
 
     cap = 8_000_000

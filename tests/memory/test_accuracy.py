@@ -2,7 +2,7 @@
 
 Each case builds the model from its config with random weights, quantizes
 it, adds LoRA, runs two real training steps and measures the peak bytes of
-live tensors in the second (qlora.memcheck); the planner predicts the same
+live tensors in the second (memcheck); the planner predicts the same
 configuration from the config alone. Nothing is fitted per case.
 """
 
@@ -11,7 +11,7 @@ import math
 import pytest
 from arch_configs import ARCHS
 
-from qlora.memcheck import check
+from memcheck import check
 
 CASES = [
     ("llama", dict(batch=2, seq=64, rank=8)),

@@ -40,7 +40,7 @@ def test_out_writes_a_recipe_and_not_fitting_exits_1(capsys, tmp_path):
     recipe = tmp_path / "r" / "plan.yaml"
     rc, _, err = _plan(capsys, "--gpu", "8GB", "--model", "builtin:tiny-llama", "--rank", "auto", "--out", recipe)
     assert rc == 0, err
-    from qlora.recipe import load_recipe
+    from qlora.train.recipe import load_recipe
 
     r = load_recipe(recipe)  # what plan writes is a recipe the trainer accepts
     assert r.lora.rank == 256 and r.effective_batch_size == 16 and 16 % r.micro_batch_size == 0

@@ -6,7 +6,7 @@ from arch_configs import ARCHS
 
 import memory
 from memory.terms import optimizer_state_bytes
-from qlora.optim import build_optimizer
+from qlora.train.optim import build_optimizer
 from quant.errors import InputError
 
 

@@ -14,9 +14,9 @@ from arch_configs import ARCHS
 import memory
 from memory.probe import body_run
 from memory.targets import resolve_targets
-from qlora.dora import enable_dora
-from qlora.lora import LoRALinear
-from qlora.targets import resolve_targets as qlora_resolve
+from layers.dora import enable_dora
+from layers.lora import LoRALinear
+from qlora.lora.targets import resolve_targets as qlora_resolve
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -12,7 +12,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from qlora.surgery import lora_modules
+from qlora.lora.surgery import lora_modules
 
 VOCAB = 128
 _COMMON = dict(

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from quant import InputError
-from qlora.adapter_io import load_adapter, read_adapter, save_adapter
-from qlora.lora import LoRALinear
-from qlora.surgery import apply_lora, lora_modules
+from qlora.adapters.files import load_adapter, read_adapter, save_adapter
+from layers.lora import LoRALinear
+from qlora.lora.surgery import apply_lora, lora_modules
 
 # (arch, variant, targets, rank_pattern, alpha_pattern): every family sees every variant
 # across the two directions, with several target sets and per-module overrides.

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from quant import InputError, NF4Linear
-from qlora.dora import dora_weight_norm, enable_dora
-from qlora.lora import LoRALinear, base_weight
+from layers.dora import dora_weight_norm, enable_dora
+from layers.lora import LoRALinear, base_weight
 
 
 def _layer(base=None, rank=4, alpha=8.0, **kw):
@@ -158,7 +158,7 @@ def test_dora_forward_formula_and_detached_norm():
 
 
 def test_lora_fa_freezes_A():
-    from qlora.surgery import apply_lora, lora_parameters
+    from qlora.lora.surgery import apply_lora, lora_parameters
 
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
     report = apply_lora(model, ["0", "2"], rank=2, alpha=4.0, freeze_A=True, dtype=torch.float32)

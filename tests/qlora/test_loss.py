@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora.loss import causal_lm_loss
+from qlora.train.loss import causal_lm_loss
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, None])

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from quant import InputError, NF4Linear, quantize_model
-from qlora.adapter_io import save_adapter
+from qlora.adapters.files import save_adapter
 from qlora.cli import main as cli_main
-from qlora.merging import merge, merge_and_unload, merge_checkpoint, merged_weight, unmerge
-from qlora.surgery import apply_lora, lora_modules
+from qlora.adapters.merging import merge, merge_and_unload, merge_checkpoint, merged_weight, unmerge
+from qlora.lora.surgery import apply_lora, lora_modules
 
 
 def _snapshot(model):

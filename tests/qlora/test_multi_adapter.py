@@ -8,9 +8,9 @@ from peft import PeftModel
 
 from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from quant import InputError, quantize_model
-from qlora.adapter_io import load_adapter, read_adapter, save_adapter, write_adapter
-from qlora.merging import merge_and_unload
-from qlora.multi_adapter import (
+from qlora.adapters.files import load_adapter, read_adapter, save_adapter, write_adapter
+from qlora.adapters.merging import merge_and_unload
+from qlora.adapters.multi import (
     active_adapter,
     adapter_names,
     add_adapter,
@@ -21,7 +21,7 @@ from qlora.multi_adapter import (
     disable_adapters,
     set_active_adapter,
 )
-from qlora.surgery import apply_lora, lora_modules
+from qlora.lora.surgery import apply_lora, lora_modules
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_combined_adapter_equals_weighted_sum(two_adapters, tmp_path):
     # As a model: combined adapter logits == a model holding W0 + Σ wᵢ·sᵢ·BᵢAᵢ (merged 16-bit weights)
     model = tiny_model("llama")
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    from qlora.adapter_io import install_adapter
+    from qlora.adapters.files import install_adapter
 
     install_adapter(model, c)
     x = batch()
@@ -148,7 +148,7 @@ def test_combine_errors(two_adapters):
         combine_adapters([a], [1.0, 2.0])
     d = tiny_model("llama")
     apply_lora(d, "qv", rank=2, alpha=2.0, use_dora=True)
-    from qlora.adapter_io import adapter_from_model
+    from qlora.adapters.files import adapter_from_model
 
     with pytest.raises(InputError, match="DoRA"):
         combine_adapters([a, adapter_from_model(d)], [1.0, 1.0])

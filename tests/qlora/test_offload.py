@@ -6,11 +6,11 @@ from transformers import AutoModelForCausalLM
 
 from tiny_models import tiny_config
 from quant import InputError, quantize_model
-from qlora.loss import causal_lm_loss
-from qlora.offload import ActivationOffloader, offload_checkpointed_inputs, offloader_of
-from qlora.recipe import recipe_from_dict
-from qlora.run_setup import enable_checkpointing
-from qlora.surgery import apply_lora, lora_parameters
+from qlora.train.loss import causal_lm_loss
+from qlora.train.offload import ActivationOffloader, offload_checkpointed_inputs, offloader_of
+from qlora.train.recipe import recipe_from_dict
+from qlora.train.setup import enable_checkpointing
+from qlora.lora.surgery import apply_lora, lora_parameters
 
 LAYERS, B, S, H = 3, 2, 16, 128
 

@@ -3,7 +3,7 @@
 import pytest
 
 from quant import InputError
-from qlora.recipe import Recipe, load_recipe, recipe_from_dict
+from qlora.train.recipe import Recipe, load_recipe, recipe_from_dict
 
 
 def _write(tmp_path, text):

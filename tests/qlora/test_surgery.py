@@ -7,11 +7,11 @@ from torch import nn
 
 from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from quant import InputError, NF4Linear, quantize_model
-from qlora.diagnostics import lora_diagnostics, summarize
-from qlora.lora import LoRALinear
-from qlora.param_groups import lora_param_groups
-from qlora.surgery import apply_lora, lora_modules, lora_parameters
-from qlora.targets import pattern_key, resolve_targets
+from qlora.lora.diagnostics import lora_diagnostics, summarize
+from layers.lora import LoRALinear
+from qlora.lora.param_groups import lora_param_groups
+from qlora.lora.surgery import apply_lora, lora_modules, lora_parameters
+from qlora.lora.targets import pattern_key, resolve_targets
 
 LEAVES = {
     "all-linear": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from quant import InputError
 from qlora.cli import main as cli_main
-from qlora.recipe import load_recipe
-from qlora.train import accumulate_gradients, train
+from qlora.train.recipe import load_recipe
+from qlora.train.loop import accumulate_gradients, train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
@@ -68,7 +68,7 @@ def test_final_adapter_loads_in_peft(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from qlora.adapter_io import load_adapter
+    from qlora.adapters.files import load_adapter
     from qlora.builtin_models import resolve_model_dir
 
     train(_recipe(tmp_path, "max_steps=2"), say=lambda m: None, progress=False)
@@ -85,7 +85,7 @@ def test_final_adapter_loads_in_peft(tmp_path):
 
 
 def test_gradient_accumulation_does_not_depend_on_split(tmp_path):
-    from qlora.run_setup import build_model, plan_run, resolve_device
+    from qlora.train.setup import build_model, plan_run, resolve_device
 
     # fp32 end to end, so that only the normalization (not bf16 rounding) could make splits differ
     recipe = _recipe(tmp_path, "lora.dropout=0.0", "micro_batch_size=1", "model.dtype=float32",
@@ -123,7 +123,7 @@ def test_nan_loss_stops_with_checkpoint(tmp_path):
 
 
 def test_oom_saves_checkpoint_and_reports_prediction(tmp_path, monkeypatch):
-    import qlora.train as tr
+    import qlora.train.loop as tr
 
     calls = {"n": 0}
     real = tr.forward_loss
@@ -164,7 +164,7 @@ def test_gpu_recipe_headers_quote_the_planner():
     """Each GPU recipe's header numbers are what the planner predicts today for its settings (no stale claims)."""
     import re
 
-    from qlora.run_setup import plan_recipe
+    from qlora.train.setup import plan_recipe
 
     checked = 0
     for path in sorted((ROOT / "recipes").glob("*.yaml")):

@@ -32,9 +32,9 @@ from torch import nn
 
 from quant.errors import InputError
 
-from .lora import LoRAFactor, LoRALinear
-from .surgery import LoRAReport, adapter_dtype, freeze_model, lora_modules, lora_report, replace_module
-from .targets import linear_layers, pattern_value, suffix_targets
+from layers.lora import LoRAFactor, LoRALinear
+from qlora.lora.surgery import LoRAReport, adapter_dtype, freeze_model, lora_modules, lora_report, replace_module
+from qlora.lora.targets import linear_layers, pattern_value, suffix_targets
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def install_module_adapter(
 
     module.lora_A = LoRAFactor(conv(m.lora_A), trainable)
     module.lora_B = LoRAFactor(conv(m.lora_B), trainable)
-    # DoRA magnitudes stay float32 whatever the adapter dtype (see qlora.dora.enable_dora).
+    # DoRA magnitudes stay float32 whatever the adapter dtype (see layers.dora.enable_dora).
     mag = None if m.magnitude is None else m.magnitude.detach().to(device=device, dtype=torch.float32, copy=True)
     module.lora_magnitude_vector = None if mag is None else nn.Parameter(mag, trainable)
     module.alpha, module.use_rslora = float(m.alpha), m.use_rslora

@@ -16,7 +16,7 @@ from torch import nn
 
 from quant.errors import InputError
 
-from .surgery import named_lora_parameters
+from qlora.lora.surgery import named_lora_parameters
 
 log = logging.getLogger(__name__)
 

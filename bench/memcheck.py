@@ -29,10 +29,10 @@ from memory.tracker import LiveTensorTracker
 from quant import quantize_model
 from quant.errors import InputError, choices
 
-from .train import accumulate_gradients
-from .optim import build_optimizer
-from .run_setup import enable_checkpointing
-from .surgery import apply_lora, lora_parameters
+from qlora.train.loop import accumulate_gradients
+from qlora.train.optim import build_optimizer
+from qlora.train.setup import enable_checkpointing
+from qlora.lora.surgery import apply_lora, lora_parameters
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ def train_step(
     Args:
         input_ids, labels: int64 ``(batch, seq)``; labels ``-100`` where no loss.
         loss: ``'hf'`` -- transformers' causal-LM loss (``model(labels=...)``,
-            full fp32 logits); ``'chunked'`` -- :func:`qlora.loss.causal_lm_loss`
+            full fp32 logits); ``'chunked'`` -- :func:`qlora.train.loss.causal_lm_loss`
             on the final hidden states, ``chunk_tokens`` rows at a time.
 
-    Runs :func:`qlora.train.accumulate_gradients` (the trainer's step, under
+    Runs :func:`qlora.train.loop.accumulate_gradients` (the trainer's step, under
     its bf16 autocast) on one micro-batch; gradients are set to None after
     the step (so they are allocated afresh by the next backward).
 
@@ -111,7 +111,7 @@ def train_step(
     """
     if loss not in LOSSES:
         raise InputError(f"Unknown loss {loss!r}; valid choices are {choices(LOSSES)}.")
-    # The trainer's own forward/backward (qlora.train), so what is measured is what trains.
+    # The trainer's own forward/backward (qlora.train.loop), so what is measured is what trains.
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
     out = accumulate_gradients(model, [batch], chunk_tokens if loss == "chunked" else None, torch.bfloat16)

@@ -21,13 +21,13 @@ from typing import Callable
 
 import torch
 
-from . import checkpoints as ckpts
-from .data import IGNORE, epoch_order, load_records, pack_rows, split_eval, tokenize_dataset
-from .loss import causal_lm_loss
-from .metrics import MetricsLog, plot_run
-from .optim import build_optimizer, build_scheduler
-from .recipe import Recipe, recipe_to_dict
-from .run_setup import CHUNK_TOKENS, RunPlan, build_model, diagnostics_fn, param_groups, plan_run, resolve_device
+from qlora.train import checkpoints as ckpts
+from qlora.data import IGNORE, epoch_order, load_records, pack_rows, split_eval, tokenize_dataset
+from qlora.train.loss import causal_lm_loss
+from qlora.train.metrics import MetricsLog, plot_run
+from qlora.train.optim import build_optimizer, build_scheduler
+from qlora.train.recipe import Recipe, recipe_to_dict
+from qlora.train.setup import CHUNK_TOKENS, RunPlan, build_model, diagnostics_fn, param_groups, plan_run, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _targets(labels: torch.Tensor) -> int:
 def forward_loss(model, batch: dict, chunk_tokens: int | None, autocast_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """Summed loss over one micro-batch and its target-token count.
 
-    ``chunk_tokens`` set: :func:`qlora.loss.causal_lm_loss` on the final
+    ``chunk_tokens`` set: :func:`qlora.train.loss.causal_lm_loss` on the final
     hidden states (never materializes all logits). ``None``: transformers'
     own loss on full fp32 logits (the standard path), asked for a sum through
     ``num_items_in_batch`` so that normalization stays with the caller.

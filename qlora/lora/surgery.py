@@ -19,9 +19,9 @@ from torch import nn
 from quant.errors import InputError, choices
 from quant.linear import NF4Linear
 
-from .dora import enable_dora
-from .lora import INITS, LoRALinear
-from .targets import check_patterns, pattern_value, resolve_targets
+from layers.dora import enable_dora
+from layers.lora import INITS, LoRALinear
+from qlora.lora.targets import check_patterns, pattern_value, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +208,11 @@ def apply_lora(
 
     Args:
         model: a transformers causal LM (16-bit or after ``quant.quantize_model``).
-        targets: preset, names/suffixes or regex, see :func:`qlora.targets.resolve_targets`.
+        targets: preset, names/suffixes or regex, see :func:`qlora.lora.targets.resolve_targets`.
         rank, alpha: default rank r and alpha; the scale is alpha/r (alpha/sqrt(r) with ``use_rslora``).
         dropout: dropout probability on the adapter input.
         use_rslora: rank-stabilized scale alpha/sqrt(r).
-        use_dora: add DoRA magnitude vectors (costs a dense base weight per forward, see qlora.dora).
+        use_dora: add DoRA magnitude vectors (costs a dense base weight per forward, see layers.dora).
         init: ``'kaiming'`` (A Kaiming-uniform, PEFT's default) or ``'gaussian'`` (std 1/r); B is zero.
         dtype: adapter dtype, ``torch.bfloat16`` (default), ``torch.float16`` or ``torch.float32``.
         rank_pattern, alpha_pattern: per-module overrides, PEFT semantics (first matching key wins).
@@ -236,7 +236,7 @@ def apply_lora(
         raise InputError(
             f"The model already has LoRA modules ({existing!r}, ...); apply_lora runs once per model. Use "
             "rank_pattern/alpha_pattern for per-module settings, load_adapter to replace the weights, or "
-            "qlora.multi_adapter to hold several adapters."
+            "qlora.adapters.multi to hold several adapters."
         )
     names = resolve_targets(model, targets)
     check_patterns(rank_pattern, names, "rank_pattern")

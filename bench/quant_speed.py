@@ -40,13 +40,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ siblings, also when loaded by path from tests
-from _machine import device_name, package_versions  # noqa: E402
+from _machine import device_name, package_versions  # bench/ siblings: the script's folder is on the path
 
 ROOT = Path(__file__).resolve().parent
-# This script is called quant.py: drop its own folder from the import path so
-# that `import quant` finds the package, not this file.
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
 RESULTS = ROOT / "results"
 SHAPES = ((4096, 4096), (4096, 14336))
 QUICK_SHAPES = ((1024, 1024), (1024, 3584))
@@ -256,7 +252,7 @@ def main() -> int:
         return 0
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    res = dict(command="python bench/quant.py" + (" --quick" if args.quick else ""), date=datetime.date.today().isoformat(),
+    res = dict(command="python bench/quant_speed.py" + (" --quick" if args.quick else ""), date=datetime.date.today().isoformat(),
                versions=package_versions("torch", "bitsandbytes", "transformers", "safetensors"), torch_threads=torch.get_num_threads(), throughput=[])
     print("throughput:", flush=True)
     for d in devices:

@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
     The base (``nn.Linear`` or ``quant.NF4Linear``) is kept as ``base_layer``
     and frozen; only ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight``
     ``(out, r)`` are trainable (plus ``lora_magnitude_vector`` ``(out,)``
-    once DoRA is enabled by :func:`qlora.dora.enable_dora`). ``s`` is
+    once DoRA is enabled by :func:`layers.dora.enable_dora`). ``s`` is
     ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
 
     A is Kaiming-uniform with ``a=sqrt(5)`` (the ``nn.Linear`` default, as the
@@ -62,9 +62,9 @@ class LoRALinear(nn.Module):
     (``dtype``, bf16 by default) and is cast to the output dtype once.
 
     Flags: ``enabled`` (False: base only), ``merged`` (set by
-    :mod:`qlora.merging`: the update already lives in the base weights).
+    :mod:`qlora.adapters.merging`: the update already lives in the base weights).
     A module with ``lora_A is None`` (an adapter that does not cover it, see
-    :mod:`qlora.multi_adapter`) is a pass-through.
+    :mod:`qlora.adapters.multi`) is a pass-through.
 
     Raises:
         InputError: rank <= 0, unknown init, or a base without in/out features.
@@ -133,7 +133,7 @@ class LoRALinear(nn.Module):
         if not self.active:
             return result
         if self.lora_magnitude_vector is not None:
-            from .dora import dora_forward  # DoRA lives in its own module
+            from layers.dora import dora_forward  # DoRA lives in its own module
 
             return dora_forward(self, x, result)
         a, b = self.lora_A.weight, self.lora_B.weight

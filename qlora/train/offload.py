@@ -252,7 +252,7 @@ def offload_checkpointed_inputs(model: nn.Module, offloader: ActivationOffloader
     """Route the checkpointed inputs of ``model``'s decoder layers through ``offloader``.
 
     Call after enabling non-reentrant per-layer checkpointing
-    (:func:`qlora.run_setup.enable_checkpointing`): each transformers
+    (:func:`qlora.train.setup.enable_checkpointing`): each transformers
     ``GradientCheckpointingLayer`` with checkpointing on gets its checkpoint
     function wrapped by :meth:`ActivationOffloader.wrap`. Calling it again
     replaces the previous offloader instead of stacking a second one.

@@ -22,7 +22,7 @@ from memory.targets import describe_names, matches_name, select_names
 from quant.errors import InputError
 from quant.linear import NF4Linear
 
-from .lora import LoRALinear
+from layers.lora import LoRALinear
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -28,9 +28,9 @@ from torch import nn
 
 from quant.errors import InputError, choices
 
-from .adapter_io import Adapter, ModuleAdapter, check_adapter_fits, read_adapter
-from .lora import LoRAFactor, LoRALinear
-from .surgery import adapter_dtype, freeze_model, lora_modules, replace_module
+from qlora.adapters.files import Adapter, ModuleAdapter, check_adapter_fits, read_adapter
+from layers.lora import LoRAFactor, LoRALinear
+from qlora.lora.surgery import adapter_dtype, freeze_model, lora_modules, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def add_adapter(
 
     Raises:
         InputError: the name is taken or empty, or the adapter does not fit
-            the model (see :func:`qlora.adapter_io.check_adapter_fits`).
+            the model (see :func:`qlora.adapters.files.check_adapter_fits`).
     """
     bank = _bank(model)
     if not isinstance(name, str) or not name:
@@ -132,7 +132,7 @@ def add_adapter(
 def _slot(m: ModuleAdapter, layer: LoRALinear, dtype, trainable: bool, dropout: float) -> _Slot:
     dev = next(iter(list(layer.base_layer.parameters()) + list(layer.base_layer.buffers()))).device
     mag = None
-    if m.magnitude is not None:  # float32 whatever the adapter dtype (see qlora.dora)
+    if m.magnitude is not None:  # float32 whatever the adapter dtype (see layers.dora)
         mag = nn.Parameter(m.magnitude.detach().to(dev, torch.float32, copy=True), requires_grad=trainable)
     return _Slot(
         LoRAFactor(m.lora_A.detach().to(dev, dtype or m.lora_A.dtype, copy=True), trainable),

@@ -34,10 +34,10 @@ from torch import nn
 from quant.errors import InputError, choices
 from quant.linear import NF4Linear
 
-from .adapter_io import Adapter, install_adapter, read_adapter, temp_dir_beside
-from .dora import dora_merged_weight
-from .lora import LoRALinear, base_weight
-from .surgery import lora_modules, replace_module
+from qlora.adapters.files import Adapter, install_adapter, read_adapter, temp_dir_beside
+from layers.dora import dora_merged_weight
+from layers.lora import LoRALinear, base_weight
+from qlora.lora.surgery import lora_modules, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def merge_checkpoint(
     Args:
         base_dir: local checkpoint (16-bit, or bitsandbytes 4-bit for ``into='dequantized'``).
         adapter: PEFT adapter folder (qlora's or PEFT's), or an :class:`Adapter`
-            (e.g. from :func:`qlora.multi_adapter.combine_adapters`).
+            (e.g. from :func:`qlora.adapters.multi.combine_adapters`).
         out_dir: new folder (must not exist, or be empty); written under a temporary name and renamed.
         into: ``'dequantized'``: W' = dequant(quant(W0)) + ΔW, the weights the
             QLoRA adapter was trained against (quantized with ``quant_type``,

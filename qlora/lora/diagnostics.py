@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lora import LoRALinear, base_weight
-from .surgery import lora_modules
+from layers.lora import LoRALinear, base_weight
+from qlora.lora.surgery import lora_modules
 
 _W0_NORM = "_qlora_w0_fro"
 

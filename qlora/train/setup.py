@@ -12,17 +12,17 @@ import torch
 from quant.loading import load_quantized_model
 from quant.errors import InputError
 
-from .adapter_io import load_adapter, save_adapter
-from .builtin_models import resolve_model_dir
-from .diagnostics import lora_diagnostics, summarize
-from .param_groups import loraplus_param_groups
-from .recipe import Recipe
-from .surgery import apply_lora, lora_modules, lora_parameters
+from qlora.adapters.files import load_adapter, save_adapter
+from qlora.builtin_models import resolve_model_dir
+from qlora.lora.diagnostics import lora_diagnostics, summarize
+from qlora.lora.param_groups import loraplus_param_groups
+from qlora.train.recipe import Recipe
+from qlora.lora.surgery import apply_lora, lora_modules, lora_parameters
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CHUNK_TOKENS = 1024  # rows per chunk of the chunked loss (qlora.loss); the planner is told the same
+CHUNK_TOKENS = 1024  # rows per chunk of the chunked loss (qlora.train.loss); the planner is told the same
 
 
 def resolve_device(name: str) -> torch.device:
@@ -185,10 +185,10 @@ def enable_checkpointing(model, offload_activations: bool = False):
     """Checkpoint every decoder layer, non-reentrant (transformers >= 5 renamed the method).
 
     With ``offload_activations`` the checkpointed layer inputs wait in pinned
-    host memory between forward and backward (see :mod:`qlora.offload`).
+    host memory between forward and backward (see :mod:`qlora.train.offload`).
 
     Returns:
-        The :class:`qlora.offload.ActivationOffloader`, or None without offload.
+        The :class:`qlora.train.offload.ActivationOffloader`, or None without offload.
     """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
@@ -197,7 +197,7 @@ def enable_checkpointing(model, offload_activations: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not offload_activations:
         return None
-    from .offload import offload_checkpointed_inputs
+    from qlora.train.offload import offload_checkpointed_inputs
 
     return offload_checkpointed_inputs(model)
 

@@ -99,7 +99,7 @@ class Recipe:
     max_steps: Union[int, None] = None
     epochs: float = 1.0
     gradient_checkpointing: bool = True
-    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (qlora.offload); needs checkpointing
+    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (qlora.train.offload); needs checkpointing
     chunked_loss: bool = True
     max_grad_norm: Union[float, None] = 1.0
     eval_steps: int = 50

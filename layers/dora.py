@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALinear, base_weight
+from layers.lora import LoRALinear, base_weight
 
 log = logging.getLogger(__name__)
 
