@@ -63,7 +63,7 @@ from _search import search_longest  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent
 from qlora.train.optim import OPTIMIZERS
-from qlora.train.setup import CHUNK_TOKENS
+from qlora.train.loss import CHUNK_TOKENS
 RESULTS = ROOT / "results"
 STACKS = ("hf", "hf-no-upcast", "qlora", "qlora-offload", "qlora-unchunked")
 BASELINE = "hf"

@@ -27,7 +27,9 @@ from qlora.train.loss import causal_lm_loss
 from qlora.train.metrics import MetricsLog, plot_run
 from qlora.train.optim import build_optimizer, build_scheduler
 from qlora.train.recipe import Recipe, recipe_to_dict
-from qlora.train.setup import CHUNK_TOKENS, RunPlan, build_model, diagnostics_fn, param_groups, plan_run, resolve_device
+from qlora.train.loss import CHUNK_TOKENS
+from qlora.train.plan import RunPlan, plan_run
+from qlora.train.setup import build_model, diagnostics_fn, param_groups, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +190,7 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
     last = ckpts.latest_checkpoint(out)
     state = ckpts.load_trainer_state(last) if last is not None else None
     model, save_adapter_to = build_model(recipe, plan, device, resume_adapter=None if last is None else last / "adapter")
-    groups = param_groups(model, recipe)  # after any resume: the optimizer must hold the installed tensors
+    groups = param_groups(model, recipe.optimizer, recipe.lora.loraplus_ratio)  # after any resume: the optimizer must hold the installed tensors
     opt = build_optimizer(groups, recipe.optimizer.name, recipe.optimizer.lr, recipe.optimizer.weight_decay,
                           tuple(recipe.optimizer.betas), recipe.optimizer.eps)
     sched = build_scheduler(opt, total_steps, recipe.schedule.warmup_steps, recipe.schedule.name, recipe.schedule.min_lr_ratio)

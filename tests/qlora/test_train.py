@@ -85,7 +85,8 @@ def test_final_adapter_loads_in_peft(tmp_path):
 
 
 def test_gradient_accumulation_does_not_depend_on_split(tmp_path):
-    from qlora.train.setup import build_model, plan_run, resolve_device
+    from qlora.train.plan import plan_run
+    from qlora.train.setup import build_model, resolve_device
 
     # fp32 end to end, so that only the normalization (not bf16 rounding) could make splits differ
     recipe = _recipe(tmp_path, "lora.dropout=0.0", "micro_batch_size=1", "model.dtype=float32",
@@ -164,7 +165,7 @@ def test_gpu_recipe_headers_quote_the_planner():
     """Each GPU recipe's header numbers are what the planner predicts today for its settings (no stale claims)."""
     import re
 
-    from qlora.train.setup import plan_recipe
+    from qlora.train.plan import plan_recipe
 
     checked = 0
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
