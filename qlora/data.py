@@ -7,7 +7,9 @@ with no KV cache (``use_cache=False``, as in training) transformers (>= 4.54)
 turns restarting position ids into a block-diagonal causal mask for sdpa,
 eager and flash-attention alike, so **no token attends across an example
 boundary** (tests check logits against each example run alone). With a
-cache, transformers skips that detection, so never pack for generation. Padding forms its own segment and carries no loss. Fixed-size rows
+cache, transformers skips that detection, so never pack for generation.
+Trailing padding carries no loss and continues the last example's positions
+(it is not a segment of its own; :func:`pack_rows` says why). Fixed-size rows
 also make the memory planner's ``micro_batch x seq_len`` exact.
 
 Labels use -100 for tokens without loss: prompts and system/user turns by
@@ -24,10 +26,10 @@ from pathlib import Path
 import torch
 
 from quant.errors import InputError, choices
+from qlora.train.loss import IGNORE
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_DATA = {"tiny-chat": ASSETS / "data" / "tiny-chat.jsonl", "tiny-text": ASSETS / "data" / "tiny-text.txt"}
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}

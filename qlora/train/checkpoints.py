@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoint-<step>`` holding
   adapter/                 the adapter in PEFT format (adapter_config.json + safetensors)
-  trainer_state.pt         optimizer + scheduler state, RNG states, step, data position
+  trainer_state.pt         optimizer + scheduler state, RNG states and the step (the data
+                           position is a pure function of the step and the seed: qlora.data.epoch_order)
   recipe.yaml              the resolved recipe
 It is assembled under a temporary name and renamed into place, so a crash at
 any moment leaves either the complete folder or nothing; only complete

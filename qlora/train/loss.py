@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-IGNORE = -100
+IGNORE = -100  # label of a position with no loss (PyTorch's and transformers' ignore_index); the one definition
+CHUNK_TOKENS = 1024  # rows per chunk in the trainer's chunked loss; the planner is told the same number
 
 
 def _chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, softcap: float | None,
