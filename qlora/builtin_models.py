@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from quant.errors import InputError, choices
+from quant.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +54,8 @@ def _materialize(src: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache folder should read like any other
-    try:
+    # "replace": an earlier, incomplete materialization (no weights file) is swapped out
+    with atomic_dir(out, existing="replace") as tmp:
         cfg = AutoConfig.from_pretrained(src)
         state = torch.random.get_rng_state()
         torch.manual_seed(_SEED)
@@ -66,10 +63,4 @@ def _materialize(src: Path, out: Path) -> None:
         torch.random.set_rng_state(state)
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # an earlier, incomplete materialization (no weights file)
-        os.replace(tmp, out)
-        log.info("wrote builtin model %s to %s (random init, seed %d)", src.name, out, _SEED)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote builtin model %s to %s (random init, seed %d)", src.name, out, _SEED)

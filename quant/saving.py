@@ -36,6 +36,7 @@ from torch import nn
 from .blockwise import QuantState4bit, bits_per_param
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 from .errors import InputError
+from .files import atomic_dir
 from .linear import NF4Linear, quant_state_bytes
 from .model import linear_names
 
@@ -224,29 +225,15 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, source: str | Path | 
 
 @contextmanager
 def atomic_output_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out_dir``.
+    """Yield a temporary sibling directory; on success it replaces ``out_dir`` (:func:`quant.files.atomic_dir`).
 
     The previous contents of ``out_dir`` (if any, and only with ``overwrite``)
     are moved aside and deleted only after the new directory is in place; on
     any exception the temporary directory is removed and ``out_dir`` is untouched.
     """
     out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, existing="replace" if overwrite else "refuse") as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class ShardWriter:

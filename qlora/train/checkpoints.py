@@ -15,11 +15,9 @@ folders carry the ``COMPLETE`` marker that :func:`latest_checkpoint` requires.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +25,7 @@ import torch
 import yaml
 
 from quant.errors import InputError
+from quant.files import atomic_dir, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -71,40 +70,18 @@ def save_checkpoint(
         trainer_state: tensors and plain containers only (checked on load).
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step:07d}-", dir=out))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the renamed folder should read like any other
-    try:
+    # "replace": the same step saved twice (a signal right after a periodic save) swaps in the new folder
+    with atomic_dir(final, existing="replace") as tmp:
         write_adapter(tmp / "adapter")
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         (tmp / MARKER).write_text(str(step))
-        _fsync_dir(tmp)
-        if final.exists():  # same step saved twice (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in out.glob(".tmp-checkpoint-*"):  # leftovers of a killed earlier run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(out)  # leftovers of a killed earlier run
     log.info("saved checkpoint %s", final)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

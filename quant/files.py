@@ -1,0 +1,199 @@
+"""Writing files so that a crash never leaves a half-written one: one helper for a file, one for a folder.
+
+Every writer in quant, memory and qlora (checkpoints, adapters, merged and
+quantized models, recipes, metrics, the built-in model cache) goes through
+these two, so there is one rule:
+
+* everything is first written under a hidden temporary name *next to* the
+  target (same filesystem, so the final ``os.replace`` is atomic);
+* every file is fsynced before the rename and the parent folder after it,
+  so a power cut cannot leave a renamed-but-empty file behind;
+* permissions follow the user's umask, as a plain ``open()``/``mkdir`` would
+  (``tempfile`` would give 0600/0700 and the result would be unreadable to
+  others);
+* on any exception the temporary is removed and the target is untouched.
+
+It lives in the lowest package for the same reason :mod:`quant.errors` does:
+``memory`` and ``qlora`` reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InputError
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # some filesystems refuse to open folders; nothing more can be done there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (children before their folder)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder), directory=True)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it becomes ``path`` atomically.
+
+    Write the whole file to the yielded path (``open(tmp, 'w')``,
+    ``save_file(..., tmp)``...). On success it is fsynced, given umask
+    permissions and renamed over ``path``; the parent folder is fsynced.
+
+    Raises:
+        InputError: ``path`` is an existing folder.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"Cannot write the file {str(target)!r}: a folder of that name exists.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
+        os.replace(tmp, target)
+        _fsync(target.parent, directory=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_file`). Returns the path."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, existing: str = "refuse", last: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield a new empty folder next to ``path``; fill it, and on success it becomes ``path``.
+
+    Args:
+        existing: what happens when ``path`` already exists:
+            ``"refuse"`` (InputError, unless it is an empty folder),
+            ``"replace"`` (the old folder is renamed aside, the new one renamed
+            in, then the old one deleted: a crash leaves one complete version),
+            ``"merge"`` (``path`` is kept, e.g. a run folder that also holds
+            checkpoints: each top-level entry is renamed into it, over any
+            entry of the same name, in sorted order with the names in
+            ``last`` moved last, so that a reader that looks for the
+            ``last`` file, say a config, finds everything it refers to).
+        last: see ``existing="merge"``; also sets the order nothing else would.
+
+    Raises:
+        InputError: ``path`` exists and is not a folder, or it is a non-empty
+            folder with ``existing="refuse"``, or ``existing`` is unknown.
+    """
+    if existing not in ("refuse", "replace", "merge"):
+        raise InputError(f"atomic_dir: unknown existing={existing!r}; valid choices are 'refuse', 'replace' or 'merge'.")
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"Cannot write the folder {str(target)!r}: a file of that name exists.")
+    if existing == "refuse" and target.is_dir() and any(target.iterdir()):
+        raise InputError(f"The folder {str(target)!r} already exists and is not empty; choose a new folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir()  # mkdir honours the umask (tempfile.mkdtemp would make it 0700)
+    old: Path | None = None
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if existing == "merge" and target.is_dir():
+            names = sorted(p.name for p in tmp.iterdir())
+            names = [n for n in names if n not in last] + [n for n in last if n in names]
+            for name in names:
+                dst = target / name
+                if dst.is_dir() and not (tmp / name).is_dir():
+                    raise InputError(f"Cannot write {str(dst)!r}: a folder of that name exists.")
+                if dst.is_dir():
+                    old = _sibling(dst, "old")
+                    os.replace(dst, old)
+                os.replace(tmp / name, dst)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                    old = None
+            _fsync(target, directory=True)
+        else:
+            if target.is_dir():
+                if existing == "refuse":  # checked empty above
+                    target.rmdir()
+                else:
+                    old = _sibling(target, "old")
+                    os.replace(target, old)
+            os.replace(tmp, target)
+            _fsync(target.parent, directory=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            if not target.exists():  # the swap failed half-way: put the old version back
+                os.replace(old, target)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporaries left in ``folder`` by a killed writer; returns how many.
+
+    Only names this module makes (``.<name>.tmp-<pid>-<hex>``, ``.<name>.old-...``)
+    are touched, and only those whose process is gone.
+    """
+    n = 0
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    for p in root.iterdir():
+        parts = p.name.rsplit(".", 1)
+        if not p.name.startswith(".") or len(parts) != 2:
+            continue
+        kind, _, rest = parts[1].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
