@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import re
-import secrets
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quant.errors import InputError
+from quant.files import atomic_dir
 
 from layers.lora import LoRAFactor, LoRALinear
 from qlora.lora.surgery import LoRAReport, adapter_dtype, freeze_model, lora_modules, lora_report, replace_module
@@ -183,10 +182,15 @@ def _patterns(values: dict[str, float], default) -> dict:
 def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names: list[str] | None = None) -> Path:
     """Write ``adapter`` as ``out_dir/adapter_config.json`` + ``adapter_model.safetensors``.
 
-    Atomic: a new folder is written under a temporary name and renamed; an
-    existing folder gets each file written to a temporary name and renamed
-    over the old one (weights first, config last), so a crash never leaves a
-    truncated file. Tensors are saved in their own dtype.
+    Atomic (:func:`quant.files.atomic_dir`): a new folder is written under a
+    temporary name and renamed; an existing folder (a run's output folder
+    that also holds checkpoints) gets each file renamed over the old one,
+    weights first and config last, so a reader that finds a config finds
+    the weights it describes and a crash never leaves a truncated file.
+    Tensors are saved in their own dtype.
+
+    Raises:
+        InputError: ``out_dir`` is an existing file; see :func:`adapter_config`.
     """
     config = adapter_config(adapter, all_linear_names)
     tensors: dict[str, torch.Tensor] = {}
@@ -196,40 +200,11 @@ def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names
         if m.magnitude is not None:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.magnitude.detach().to("cpu").contiguous()
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"Adapter output {str(out)!r} exists and is not a folder.")
-    fresh = not out.exists()
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out, existing="merge", last=(CONFIG_NAME,)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if fresh:
-            os.replace(tmp, out)
-        else:
-            for fname in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(tmp / fname, out / fname)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved adapter: %d modules, %d tensors -> %s", len(adapter.modules), len(tensors), out)
     return out
-
-
-def temp_dir_beside(out: Path) -> Path:
-    """A new empty folder next to ``out`` (same filesystem, so renaming it is atomic).
-
-    Made with ``mkdir`` so it gets the user's umask; ``tempfile.mkdtemp``
-    would give 0700, and the renamed result would be unreadable to others.
-    """
-    for _ in range(100):
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-    raise InputError(f"Could not create a temporary folder next to {str(out)!r}.")
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:

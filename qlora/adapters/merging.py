@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from quant.errors import InputError, choices
+from quant.files import atomic_dir
 from quant.linear import NF4Linear
 
-from qlora.adapters.files import Adapter, install_adapter, read_adapter, temp_dir_beside
+from qlora.adapters.files import Adapter, install_adapter, read_adapter
 from layers.dora import dora_merged_weight
 from layers.lora import LoRALinear, base_weight
 from qlora.lora.surgery import lora_modules, replace_module
@@ -263,17 +264,9 @@ def merge_checkpoint(
     for attr in ("quantization_config",):  # a 4-bit base's config would make transformers expect 4-bit weights
         if hasattr(model.config, attr):
             delattr(model.config, attr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out, existing="refuse") as tmp:  # an empty existing folder is replaced; checked above
         model.save_pretrained(str(tmp))
         copied = _copy_tokenizer(base, tmp)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("merged %d modules into %s weights of %s -> %s (%s)", n, into, base, out, out_dtype)
     return MergeResult(out, into, out_dtype, n, tuple(copied))
 

@@ -9,9 +9,7 @@ then lists changes that would), 2 for bad input.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 GIB = 1 << 30
@@ -203,6 +201,7 @@ def write_recipe(p, alpha: float, path: str, model_arg: str | None, output_dir: 
     import yaml
 
     from qlora.train.recipe import recipe_from_dict
+    from quant.files import write_text_atomic
 
     fp = p.footprint
     if model_arg and model_arg.startswith("builtin:"):
@@ -228,20 +227,9 @@ def write_recipe(p, alpha: float, path: str, model_arg: str | None, output_dir: 
         "output_dir": output_dir,
     }
     recipe_from_dict(data)  # what we write must be a valid recipe
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".recipe-", suffix=".yaml", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(RECIPE_HEADER)
-            f.write(f"# Planned for {p.gpu.name}: predicted peak {p.peak_bytes / 2**30:.2f} GiB "
-                    f"of {p.usable_bytes / 2**30:.2f} GiB usable.\n")
-            yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    planned = (f"# Planned for {p.gpu.name}: predicted peak {p.peak_bytes / 2**30:.2f} GiB "
+               f"of {p.usable_bytes / 2**30:.2f} GiB usable.\n")
+    return write_text_atomic(path, RECIPE_HEADER + planned + yaml.safe_dump(data, sort_keys=False))
 
 
 def run(args) -> int:

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from quant.files import atomic_file, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -30,9 +32,7 @@ class MetricsLog:
                     continue  # torn write from a killed run
                 if rec.get("step", 0) <= resume_step:
                     kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))  # a kill here keeps the old log whole
         self.records = [json.loads(k) for k in kept]
         self._f = open(self.path, "a")
         self._tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
@@ -99,7 +99,8 @@ def _finish(plt, fig, ax, ylabel: str, path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # format given: the temporary name has no .png suffix
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
