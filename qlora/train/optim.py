@@ -60,7 +60,14 @@ def build_optimizer(
 
 
 def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based), with linear warmup."""
+    """Multiplier of the base lr at optimizer step ``step`` (0-based), with linear warmup.
+
+    After warmup this is exactly transformers' ``get_cosine_with_min_lr_schedule_with_warmup``
+    / ``get_linear_schedule_with_warmup`` (tests/qlora/test_optim.py checks it
+    against them). It is kept rather than imported for two reasons: warmup
+    starts at ``1/warmup_steps`` instead of 0 (transformers' first step has
+    lr 0 and trains nothing), and the linear schedule takes a floor too.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
