@@ -223,7 +223,7 @@ def _check_ranges(obj: Any, prefix: str) -> None:
         _positive(obj, prefix, "lr")
         _positive(obj, prefix, "weight_decay", allow_zero=True)
     elif isinstance(obj, QuantConfig):
-        from quant._codebook import BLOCKSIZES
+        from quant import BLOCKSIZES
 
         if obj.blocksize not in BLOCKSIZES:
             raise InputError(f"Recipe key '{prefix}.blocksize' is {obj.blocksize!r}; valid choices are {choices(BLOCKSIZES)}.")
