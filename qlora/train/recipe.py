@@ -1,237 +1,245 @@
 """Recipes: YAML files validated into small typed dataclasses.
 
 A recipe is a nested mapping whose sections mirror the dataclasses below.
-Unknown keys and wrong types raise ``InputError`` naming the dotted key and
-the valid choices; ``key=value`` overrides use dotted keys
-(``lora.rank=16``, ``optimizer.lr=1e-4``) and are parsed as YAML scalars.
+pydantic checks every value against the annotations (strict: ``"yes"`` is not
+a bool, ``8.0`` is not a rank), and :func:`_input_error` turns its report into
+one ``InputError`` paragraph that names the dotted key, the bad value and the
+valid choices, with the nearest key for a typo. ``key=value`` overrides use
+dotted keys (``lora.rank=16``, ``optimizer.lr=1e-4``) and are parsed as YAML
+scalars.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
+from pydantic import ValidationError
 
 from quant.errors import InputError, choices
 
+
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads ``2e-4`` (no dot) as a string, and ``1`` as an int: accept both as the number meant."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 Auto = Literal["auto"]
+Int = StrictInt
+Bool = StrictBool
+Str = StrictStr
+Float = Annotated[StrictFloat, BeforeValidator(_yaml_number)]
+Positive = Annotated[StrictInt, Field(gt=0)]
+NonNegative = Annotated[StrictInt, Field(ge=0)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+Fraction = Annotated[Float, Field(ge=0, lt=1)]  # [0, 1)
+Dtype16 = Literal["bfloat16", "float16", "float32"]
+_SECTION = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
 
 
 @dataclass
 class ModelConfig:
-    path: str = "builtin:tiny-llama"  # local HF dir, a pre-quantized bnb-4bit dir, or builtin:tiny-llama
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # non-quantized params (embeddings, norms, head)
+    __pydantic_config__ = _SECTION
+    path: Str = "builtin:tiny-llama"  # local HF dir, a pre-quantized bnb-4bit dir, or builtin:tiny-llama
+    dtype: Dtype16 = "bfloat16"  # non-quantized params (embeddings, norms, head)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 @dataclass
 class QuantConfig:
+    __pydantic_config__ = _SECTION
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    blocksize: Int = 64  # one of quant.BLOCKSIZES (checked in _check: quant imports torch)
+    double_quant: Bool = True
+    compute_dtype: Dtype16 = "bfloat16"
 
 
 @dataclass
 class LoraConfig:
-    targets: Union[str, list[str]] = "all-linear"
-    rank: Union[int, Auto] = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    __pydantic_config__ = _SECTION
+    targets: Union[Str, list[Str]] = "all-linear"
+    rank: Union[Positive, Auto] = 16
+    alpha: PositiveFloat = 32.0
+    dropout: Fraction = 0.0
     variant: Literal["lora", "dora"] = "lora"
-    use_rslora: bool = False
+    use_rslora: Bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    freeze_A: bool = False  # LoRA-FA
-    loraplus_ratio: Union[float, None] = None  # LoRA+: lr(B) = ratio * lr
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    freeze_A: Bool = False  # LoRA-FA
+    loraplus_ratio: Union[PositiveFloat, None] = None  # LoRA+: lr(B) = ratio * lr
+    rank_pattern: dict[Str, Int] = field(default_factory=dict)
+    alpha_pattern: dict[Str, Float] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    path: str = "builtin:tiny-chat"  # jsonl/json/csv/parquet/txt file, a save_to_disk folder, or builtin:*
+    __pydantic_config__ = _SECTION
+    path: Str = "builtin:tiny-chat"  # jsonl/json/csv/parquet/txt file, a save_to_disk folder, or builtin:*
     format: Literal["auto", "text", "instruction", "chat"] = "auto"
-    eval_path: Union[str, None] = None
-    eval_fraction: float = 0.05  # held out from `path` when eval_path is not given
+    eval_path: Union[Str, None] = None
+    eval_fraction: Fraction = 0.05  # held out from `path` when eval_path is not given
     train_on: Literal["completion", "all"] = "completion"
-    packing: bool = True
-    text_field: str = "text"
-    instruction_field: str = "instruction"
-    input_field: str = "input"
-    output_field: str = "output"
-    messages_field: str = "messages"
+    packing: Bool = True
+    text_field: Str = "text"
+    instruction_field: Str = "instruction"
+    input_field: Str = "input"
+    output_field: Str = "output"
+    messages_field: Str = "messages"
 
 
 @dataclass
 class OptimizerConfig:
+    __pydantic_config__ = _SECTION
     name: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: PositiveFloat = 2e-4
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
+    betas: list[Float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: Float = 1e-8
 
 
 @dataclass
 class ScheduleConfig:
+    __pydantic_config__ = _SECTION
     name: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    warmup_steps: NonNegative = 0
+    min_lr_ratio: Annotated[Float, Field(ge=0, le=1)] = 0.0
 
 
 @dataclass
 class Recipe:
+    __pydantic_config__ = _SECTION
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    seq_len: Union[int, Auto] = 512
-    micro_batch_size: Union[int, Auto] = "auto"
-    effective_batch_size: int = 16
-    max_steps: Union[int, None] = None
-    epochs: float = 1.0
-    gradient_checkpointing: bool = True
-    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (qlora.train.offload); needs checkpointing
-    chunked_loss: bool = True
-    max_grad_norm: Union[float, None] = 1.0
-    eval_steps: int = 50
-    save_steps: int = 50
-    keep_checkpoints: int = 2
-    log_steps: int = 1
-    diagnostics_steps: int = 50
-    seed: int = 0
+    seq_len: Union[Positive, Auto] = 512
+    micro_batch_size: Union[Positive, Auto] = "auto"
+    effective_batch_size: Positive = 16
+    max_steps: Union[Positive, None] = None
+    epochs: PositiveFloat = 1.0
+    gradient_checkpointing: Bool = True
+    offload_activations: Bool = False  # checkpointed layer inputs in pinned host memory (qlora.train.offload)
+    chunked_loss: Bool = True
+    max_grad_norm: Union[Float, None] = 1.0
+    eval_steps: Positive = 50
+    save_steps: Positive = 50
+    keep_checkpoints: Positive = 2
+    log_steps: Positive = 1
+    diagnostics_steps: Positive = 50
+    seed: Int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpu: Union[str, None] = None  # memory budget for planning, e.g. "24GB"; default: the device's own
-    output_dir: str = "runs/out"
+    gpu: Union[Str, None] = None  # memory budget for planning, e.g. "24GB"; default: the device's own
+    output_dir: Str = "runs/out"
 
 
 # --------------------------------------------------------------------------- validation
 
+_ADAPTER = TypeAdapter(Recipe)  # built once: pydantic compiles the validator for all sections
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+
 
 def _type_name(tp: Any) -> str:
+    """How an annotation reads in an error message (``'nf4' or 'fp4'``, ``an integer or 'auto'``)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return choices(typing.get_args(tp))
-    if origin in (Union, types.UnionType):
+    if origin is Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        return "a list of " + _PLURAL.get(getattr(item, "__origin__", item), "values")
     if origin is dict:
         k, v = typing.get_args(tp)
         return f"a mapping of {_type_name(k)} to {_type_name(v)}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+    if typing.get_origin(tp) is None and hasattr(tp, "__metadata__"):  # pydantic's StrictInt & co.
+        return _type_name(tp.__origin__)
+    return _NAMES.get(tp, str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+def _limits(tp: Any) -> dict[str, float]:
+    """``{'gt': 0}``, ``{'ge': 0, 'lt': 1}``...: the bounds in an annotation, its union members included."""
+    out: dict[str, float] = {}
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin in (Union, types.UnionType):
+    if origin is Union:
         for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except InputError:
-                continue
-    elif origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) and item is str:
-            return [value]
-        if isinstance(value, list):
-            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        kt, vt = typing.get_args(tp)
-        if isinstance(value, dict):
-            return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads "2e-4" (no dot) as a string; accept it as the number it means
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise InputError(f"Recipe key '{key}' has value {value!r}, but it must be {_type_name(tp)}.")
+            out |= _limits(arg)
+    elif origin is Annotated:
+        base, *meta = typing.get_args(tp)
+        out |= _limits(base)
+        for m in meta:  # pydantic's FieldInfo keeps annotated_types' Gt/Ge/Lt/Le in .metadata
+            for c in getattr(m, "metadata", [m]):
+                out |= {k: getattr(c, k) for k in ("gt", "ge", "lt", "le") if getattr(c, k, None) is not None}
+    return out
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise InputError(f"Recipe section '{prefix or 'top level'}' must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise InputError(f"Unknown recipe key '{dotted}'.{hint} Valid keys here are {choices(names)}.")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, dotted)
-        else:
-            kwargs[key] = _coerce(value, tp, dotted)
-    recipe = cls(**kwargs)
-    _check_ranges(recipe, prefix)
+def _bound(tp: Any) -> str | None:
+    """The range an annotation allows, in words (``> 0``, ``in [0, 1)``), or None."""
+    lim = _limits(tp)
+    if "ge" in lim and ("lt" in lim or "le" in lim):
+        return f"in [{lim['ge']:g}, {lim.get('lt', lim.get('le')):g}{')' if 'lt' in lim else ']'}"
+    return next((f"{op} {lim[k]:g}" for k, op in (("gt", ">"), ("ge", ">=")) if k in lim), None)
+
+
+def _input_error(e: ValidationError, data: dict) -> InputError:
+    """One paragraph for pydantic's first error: the dotted key, the bad value and what it must be."""
+    errors = e.errors()
+    # a value out of range also fails the other members of its union ('auto'): report the range
+    err = next((x for x in errors if x["type"] in ("greater_than", "greater_than_equal", "less_than",
+                                                  "less_than_equal")), errors[0])
+    cls, raw, path = Recipe, data, []
+    for part in err["loc"]:  # walk the sections; what follows a field name is pydantic's union/list detail
+        names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in names:
+            if err["type"] == "unexpected_keyword_argument" and isinstance(part, str):
+                close = difflib.get_close_matches(part, list(names), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                dotted = ".".join([*path, part])
+                return InputError(f"Unknown recipe key '{dotted}'.{hint} Valid keys here are {choices(names)}.")
+            break
+        path.append(part)
+        cls = typing.get_type_hints(cls, include_extras=True)[part]
+        raw = raw.get(part) if isinstance(raw, dict) else raw
+    key = ".".join(path) or "top level"
+    if dataclasses.is_dataclass(cls):
+        return InputError(f"Recipe section '{key}' must be a mapping, got {raw!r}.")
+    bound = _bound(cls)
+    if bound and err["type"].startswith(("greater", "less")):
+        return InputError(f"Recipe key '{key}' is {raw!r}; it must be {bound}.")
+    return InputError(f"Recipe key '{key}' has value {raw!r}, but it must be {_type_name(cls)}.")
+
+
+def _check(recipe: Recipe) -> Recipe:
+    """What one annotation cannot say: the blocksize table (quant imports torch), and one cross-key rule."""
+    from quant import BLOCKSIZES
+
+    if recipe.quant.blocksize not in BLOCKSIZES:
+        raise InputError(f"Recipe key 'quant.blocksize' is {recipe.quant.blocksize!r}; "
+                         f"valid choices are {choices(BLOCKSIZES)}.")
+    if recipe.offload_activations and not recipe.gradient_checkpointing:
+        raise InputError("Recipe key 'offload_activations' is true but 'gradient_checkpointing' is false: only "
+                         "checkpointed layer inputs are offloaded. Set gradient_checkpointing: true or "
+                         "offload_activations: false.")
     return recipe
-
-
-def _positive(obj: Any, prefix: str, *names: str, allow_zero: bool = False) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        if isinstance(v, (int, float)) and (v < 0 or (v == 0 and not allow_zero)):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise InputError(f"Recipe key '{prefix + '.' if prefix else ''}{n}' is {v!r}; it must be {bound}.")
-
-
-def _check_ranges(obj: Any, prefix: str) -> None:
-    if isinstance(obj, Recipe):
-        _positive(obj, prefix, "seq_len", "micro_batch_size", "effective_batch_size", "max_steps", "epochs",
-                  "eval_steps", "save_steps", "log_steps", "diagnostics_steps", "keep_checkpoints")
-        if obj.offload_activations and not obj.gradient_checkpointing:
-            raise InputError("Recipe key 'offload_activations' is true but 'gradient_checkpointing' is false: only "
-                             "checkpointed layer inputs are offloaded. Set gradient_checkpointing: true or offload_activations: false.")
-    elif isinstance(obj, LoraConfig):
-        _positive(obj, prefix, "rank", "alpha")
-        if not 0.0 <= obj.dropout < 1.0:
-            raise InputError(f"Recipe key '{prefix}.dropout' is {obj.dropout!r}; it must be in [0, 1).")
-    elif isinstance(obj, OptimizerConfig):
-        _positive(obj, prefix, "lr")
-        _positive(obj, prefix, "weight_decay", allow_zero=True)
-    elif isinstance(obj, QuantConfig):
-        from quant import BLOCKSIZES
-
-        if obj.blocksize not in BLOCKSIZES:
-            raise InputError(f"Recipe key '{prefix}.blocksize' is {obj.blocksize!r}; valid choices are {choices(BLOCKSIZES)}.")
-    elif isinstance(obj, DataConfig):
-        if not 0.0 <= obj.eval_fraction < 1.0:
-            raise InputError(f"Recipe key '{prefix}.eval_fraction' is {obj.eval_fraction!r}; it must be in [0, 1).")
-    elif isinstance(obj, ScheduleConfig):
-        _positive(obj, prefix, "warmup_steps", allow_zero=True)
 
 
 def recipe_from_dict(data: dict) -> Recipe:
@@ -240,7 +248,13 @@ def recipe_from_dict(data: dict) -> Recipe:
     Raises:
         InputError: unknown key, wrong type or out-of-range value (named by dotted key).
     """
-    return _build(Recipe, data or {}, "")
+    data = data or {}
+    if not isinstance(data, dict):
+        raise InputError(f"A recipe must be a mapping of sections, got {data!r}.")
+    try:
+        return _check(_ADAPTER.validate_python(data))
+    except ValidationError as e:
+        raise _input_error(e, data) from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
