@@ -1,23 +1,27 @@
 """layers: the trainable adapter layers themselves, torch-only.
 
-``LoRALinear`` (and its variants) wrap a frozen base linear layer -- an
+``LoRALinear`` and ``DoRALinear`` wrap a frozen base linear layer -- an
 ``nn.Linear`` or a ``quant.NF4Linear`` -- and add a small trainable update.
-They live in their own package, below both ``memory`` and ``qlora``, so
-that the planner's meta-device dry runs execute exactly the code the trainer
-runs while ``memory`` never imports ``qlora``. Depends on torch and
-:mod:`quant.errors` only.
+Both derive from ``AdapterLinear`` (:mod:`layers.base`), which owns the
+operations on an adapter layer (install, clear, merge, enable, LoRA-FA);
+``lora`` and ``dora`` do not import each other. The package lives below both
+``memory`` and ``qlora``, so the planner's meta-device dry runs execute
+exactly the code the trainer runs while ``memory`` never imports ``qlora``.
+Depends on torch and :mod:`quant.errors` only.
 """
 
-from .dora import dora_forward, dora_merged_weight, dora_weight_norm, enable_dora
-from .lora import INITS, LoRAFactor, LoRALinear, base_weight
+from .base import INITS, AdapterLinear, LoRAFactor, base_dtype, base_weight, dense_linear, module_device
+from .dora import DoRALinear
+from .lora import LoRALinear
 
 __all__ = [
     "INITS",
+    "AdapterLinear",
+    "DoRALinear",
     "LoRAFactor",
     "LoRALinear",
+    "base_dtype",
     "base_weight",
-    "dora_forward",
-    "dora_merged_weight",
-    "dora_weight_norm",
-    "enable_dora",
+    "dense_linear",
+    "module_device",
 ]

@@ -14,10 +14,12 @@ records every allocation and free:
   gradient -- and ``p`` covers each distinct layer type, e.g. Gemma-2's
   sliding/full pair);
 * the real ``quant.NF4Linear`` for every quantized linear, dequantizing
-  through quant's own code path (:mod:`memory.mirrors`);
-* LoRA layers that repeat qlora's forward op for op (tested to match);
+  through quant's own code path (:class:`memory.kernels.ProbeNF4Linear`);
+* the real adapter layers, ``layers.LoRALinear`` or ``layers.DoRALinear``
+  (the very classes qlora trains with), on the targeted linears;
 * transformers' activation checkpointing (non-reentrant) when enabled;
-* ``scaled_dot_product_attention`` routed to the target device's kernel.
+* ``scaled_dot_product_attention`` and ``dropout`` routed to the target
+  device's kernels (:mod:`memory.kernels`).
 
 Two dry runs make up a step. :func:`body_run` is the decoder stack (embeddings,
 layers, final norm) forward and backward, the backward seeded with a
@@ -32,16 +34,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from layers import DoRALinear, LoRALinear
 from quant.errors import InputError
 from quant.model import linear_names, skipped_names
 
-from .mirrors import LoRAMirror, ProbeNF4Linear, device_dropout, device_sdpa
+from .kernels import ProbeNF4Linear, device_dropout, device_sdpa
 from .spec import ModelSpec, layers_prefix, meta_model
 from .tracker import LiveTensorTracker, storage_key
 
@@ -83,12 +86,17 @@ def probe_layer_types(spec: ModelSpec) -> tuple[str, ...]:
     return tuple(types)
 
 
-def _build(
+def probe_model(
     spec: ModelSpec, num_layers: int, targets: tuple[str, ...], rank: int, dropout: float, dora: bool,
     adapter_dtype: str, attn: str, checkpointing: bool, device: str, quant_type: str, blocksize: int,
-    double_quant: bool, tracker: LiveTensorTracker, lora_factory: Callable | None,
+    double_quant: bool, tracker: LiveTensorTracker,
 ) -> nn.Module:
-    """The probe model on meta: 4-bit linears, LoRA on ``targets``, everything else frozen."""
+    """The probe model on meta: 4-bit linears, LoRA (or DoRA) on ``targets``, everything else frozen.
+
+    ``num_layers`` decoder layers (:func:`probe_layer_types`; 0 for the head run). Quantized linears are
+    :class:`~memory.kernels.ProbeNF4Linear` reporting to ``tracker``; in-layer ``targets``
+    (``self_attn.q_proj``) are wrapped in the real ``layers.LoRALinear`` / ``layers.DoRALinear``.
+    """
     facts = spec.config
     types = probe_layer_types(spec)[:num_layers] if num_layers else ()
     if num_layers and ("layer_types" in facts or len(set(spec.layer_types)) > 1):
@@ -110,8 +118,9 @@ def _build(
         q.tracker = tracker
         short = name[len(prefix):].partition(".")[2] if prefix and name.startswith(prefix) else name
         if short in targets:
-            make = lora_factory or (lambda base, r, p, d, dt: LoRAMirror(base, r, p, d, DTYPES[dt]))
-            q = make(q, rank, dropout, dora, adapter_dtype)
+            # init=None: meta tensors hold no values, so skip the RNG draw (and DoRA's norm at build)
+            layer = DoRALinear if dora else LoRALinear
+            q = layer(q, rank, 2.0 * rank, dropout, init=None, dtype=DTYPES[adapter_dtype])
         setattr(parent, child, q)
     model.config.use_cache = False
     if checkpointing:
@@ -159,7 +168,6 @@ def body_run(
     spec: ModelSpec, batch: int, seq: int, rank: int, targets: tuple[str, ...], dropout: float = 0.0,
     dora: bool = False, adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True,
     device: str = "cuda", quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-    lora_factory: Callable | None = None,
 ) -> Timeline:
     """Forward and backward of the decoder stack (``1 + p`` layers) on meta.
 
@@ -170,10 +178,8 @@ def body_run(
         dropout, dora, adapter_dtype: the LoRA variant.
         attn: ``'sdpa'`` or ``'eager'`` (transformers' attn_implementation).
         checkpointing: transformers' activation checkpointing per layer.
-        device: ``'cuda'`` or ``'cpu'``: which kernels to mirror.
+        device: ``'cuda'`` or ``'cpu'``: which device's kernels to allocate like.
         quant_type, blocksize, double_quant: the 4-bit format.
-        lora_factory: ``f(base, rank, dropout, dora, adapter_dtype) -> module``
-            instead of the built-in mirror (tests pass qlora's real layer).
 
     Returns:
         The :class:`Timeline`. Weights and LoRA parameters exist before the
@@ -182,9 +188,9 @@ def body_run(
         gradient that comes back for them is allocated between ``H`` and ``S``.
     """
     tracker = LiveTensorTracker("meta", record=True)
-    model = _build(
+    model = probe_model(
         spec, len(probe_layer_types(spec)), targets, rank, dropout, dora, adapter_dtype, attn, checkpointing,
-        device, quant_type, blocksize, double_quant, tracker, lora_factory,
+        device, quant_type, blocksize, double_quant, tracker,
     )
     layers = _decoder_layers(model)
     handles = []
@@ -259,7 +265,7 @@ def head_run(spec: ModelSpec, batch: int, seq: int, attn: str = "sdpa", device: 
     what the run leaves behind for the stack's backward.
     """
     tracker = LiveTensorTracker("meta", record=True)
-    model = _build(spec, 0, (), 1, 0.0, False, "bfloat16", attn, False, device, "nf4", 64, True, tracker, None)
+    model = probe_model(spec, 0, (), 1, 0.0, False, "bfloat16", attn, False, device, "nf4", 64, True, tracker)
     stub = _StackStub(batch, seq, spec.hidden_size)
     setattr(model, model.base_model_prefix, stub)
     with _probe_context(device), tracker:

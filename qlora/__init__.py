@@ -6,6 +6,8 @@ __version__ = "0.1.0"
 # so `qlora plan`) does not pay for importing torch.
 _LORA_API = {
     "LoRALinear": "layers.lora",
+    "DoRALinear": "layers.dora",
+    "AdapterLinear": "layers.base",
     "apply_lora": "qlora.lora.surgery",
     "lora_modules": "qlora.lora.surgery",
     "lora_parameters": "qlora.lora.surgery",

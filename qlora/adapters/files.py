@@ -28,12 +28,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from quant.errors import InputError
-from quant.files import atomic_dir
-
-from layers.lora import LoRAFactor, LoRALinear
+from layers.base import AdapterLinear
+from layers.dora import DoRALinear
+from layers.lora import LoRALinear
 from qlora.lora.surgery import LoRAReport, adapter_dtype, freeze_model, lora_modules, lora_report, replace_module
 from qlora.lora.targets import linear_layers, pattern_value, suffix_targets
+from quant.errors import InputError
+from quant.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,14 @@ class Adapter:
         return any(m.magnitude is not None for m in self.modules.values())
 
 
+def module_adapter(layer: AdapterLinear) -> ModuleAdapter:
+    """One adapter layer's adapter as a :class:`ModuleAdapter` (tensors are detached references, not copies)."""
+    t = {kind: p.detach() for kind, p in layer.adapter_tensors()}
+    return ModuleAdapter(t["lora_A"], t["lora_B"], layer.alpha, layer.use_rslora, t.get("lora_magnitude_vector"))
+
+
 def adapter_from_model(model: nn.Module) -> Adapter:
-    """The active adapter of every ``LoRALinear`` (tensors are references, not copies).
+    """The active adapter of every adapter layer (tensors are references, not copies).
 
     Raises:
         InputError: the model has no LoRA modules.
@@ -92,14 +99,10 @@ def adapter_from_model(model: nn.Module) -> Adapter:
     mods: dict[str, ModuleAdapter] = {}
     dropouts = []
     for name, m in lora_modules(model):
-        if m.lora_A is None:
+        if not m.has_adapter:
             continue
-        mag = m.lora_magnitude_vector
-        mods[name] = ModuleAdapter(
-            m.lora_A.weight.detach(), m.lora_B.weight.detach(), m.alpha, m.use_rslora,
-            None if mag is None else mag.detach(),
-        )
-        dropouts.append(m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0)
+        mods[name] = module_adapter(m)
+        dropouts.append(m.dropout)
     if not mods:
         raise InputError("The model has no LoRA adapter to save; call qlora.apply_lora or load an adapter first.")
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -139,7 +142,9 @@ def adapter_config(adapter: Adapter, all_linear_names: list[str] | None = None) 
     for flag, vals in (("use_dora", [m.magnitude is not None for m in mods.values()]),
                        ("use_rslora", [m.use_rslora for m in mods.values()])):
         if len(set(vals)) > 1:
-            raise InputError(f"Cannot save an adapter with {flag} on some modules only; PEFT files have one {flag} flag.")
+            raise InputError(
+                f"Cannot save an adapter with {flag} on some modules only; PEFT files have one {flag} flag."
+            )
     names = list(mods)
     r = _most_common([m.rank for m in mods.values()])
     alpha = _most_common([m.alpha for m in mods.values()])
@@ -248,7 +253,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     modules: dict[str, ModuleAdapter] = {}
     for name, p in parts.items():
         if "A" not in p or "B" not in p:
-            raise InputError(f"Adapter module {name!r} in {w_path} lacks its {'lora_A' if 'A' not in p else 'lora_B'} tensor.")
+            missing = "lora_A" if "A" not in p else "lora_B"
+            raise InputError(f"Adapter module {name!r} in {w_path} lacks its {missing} tensor.")
         if use_dora != ("m" in p):
             raise InputError(
                 f"Adapter module {name!r}: use_dora is {use_dora} in {CONFIG_NAME} but the file "
@@ -257,16 +263,20 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         a, b = p["A"], p["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise InputError(
-                f"Adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not (r, in) and (out, r)."
+                f"Adapter module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                "(r, in) and (out, r)."
             )
         r = pattern_value(cfg.get("rank_pattern"), name, r_default)
         if r != a.shape[0]:
-            raise InputError(f"Adapter module {name!r} has rank {a.shape[0]} but {CONFIG_NAME} (r/rank_pattern) says {r}.")
+            raise InputError(
+                f"Adapter module {name!r} has rank {a.shape[0]} but {CONFIG_NAME} (r/rank_pattern) says {r}."
+            )
         alpha = float(pattern_value(cfg.get("alpha_pattern"), name, alpha_default))
         modules[name] = ModuleAdapter(a, b, alpha, use_rslora, p.get("m"))
     if not modules:
         raise InputError(f"{w_path} holds no LoRA tensors.")
-    return Adapter(modules, float(cfg.get("lora_dropout") or 0.0), cfg.get("base_model_name_or_path"), cfg.get("target_modules"))
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    return Adapter(modules, dropout, cfg.get("base_model_name_or_path"), cfg.get("target_modules"))
 
 
 def _check_config(cfg: dict, path: Path) -> None:
@@ -283,10 +293,14 @@ def _check_config(cfg: dict, path: Path) -> None:
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
             raise InputError(f"{path} lacks a numeric {key!r} field, got {cfg.get(key)!r}.")
     if cfg.get("bias", "none") != "none":
-        raise InputError(f"{path} has bias={cfg['bias']!r}; qlora supports bias='none' only (trained biases are not LoRA).")
+        raise InputError(
+            f"{path} has bias={cfg['bias']!r}; qlora supports bias='none' only (trained biases are not LoRA)."
+        )
     for key in _UNSUPPORTED_TRUTHY:
         if cfg.get(key):
-            raise InputError(f"{path} sets {key}={cfg[key]!r}, which qlora does not support; valid adapters leave it unset.")
+            raise InputError(
+                f"{path} sets {key}={cfg[key]!r}, which qlora does not support; valid adapters leave it unset."
+            )
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise InputError(
@@ -311,7 +325,8 @@ def check_adapter_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Modul
             leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
             raise InputError(
                 f"Adapter module {name!r} is not a linear layer of this model; the model's linear layers are "
-                f"named {', '.join(leaves)} (e.g. {next(iter(layers), 'none')}). Is this adapter for another base model?"
+                f"named {', '.join(leaves)} (e.g. {next(iter(layers), 'none')}). Is this adapter for another "
+                "base model?"
             )
         din, dout = layer.in_features, layer.out_features
         checks = [("lora_A", tuple(m.lora_A.shape), (m.rank, din)), ("lora_B", tuple(m.lora_B.shape), (dout, m.rank))]
@@ -328,36 +343,52 @@ def check_adapter_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Modul
 
 
 def install_module_adapter(
-    module: LoRALinear, m: ModuleAdapter, dtype: torch.dtype | None, trainable: bool, dropout: float
+    module: AdapterLinear, m: ModuleAdapter, dtype: torch.dtype | None, trainable: bool, dropout: float
 ) -> None:
-    """Put ``m``'s tensors (copied to the base's device, in ``dtype`` or their own) into ``module``."""
-    device = module.lora_A.weight.device if module.lora_A is not None else _device(module.base_layer)
+    """Put ``m``'s tensors (copied to the base's device, in ``dtype`` or their own) into ``module``.
 
-    def conv(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device=device, dtype=dtype or t.dtype, copy=True)
+    See :meth:`layers.base.AdapterLinear.install` (DoRA magnitudes stay float32).
 
-    module.lora_A = LoRAFactor(conv(m.lora_A), trainable)
-    module.lora_B = LoRAFactor(conv(m.lora_B), trainable)
-    # DoRA magnitudes stay float32 whatever the adapter dtype (see layers.dora.enable_dora).
-    mag = None if m.magnitude is None else m.magnitude.detach().to(device=device, dtype=torch.float32, copy=True)
-    module.lora_magnitude_vector = None if mag is None else nn.Parameter(mag, trainable)
-    module.alpha, module.use_rslora = float(m.alpha), m.use_rslora
-    module.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-    module.train(module.training)  # fresh submodules (Dropout, factors) start in training mode; follow the layer
+    Raises:
+        InputError: ``m`` does not fit ``module`` (shapes, or DoRA into a ``LoRALinear`` and back).
+    """
+    module.install(
+        m.lora_A, m.lora_B, m.alpha, use_rslora=m.use_rslora, magnitude=m.magnitude, dropout=dropout,
+        trainable=trainable, dtype=dtype,
+    )
 
 
-def _device(layer: nn.Module) -> torch.device:
-    return next(iter(list(layer.parameters()) + list(layer.buffers()))).device
+def layer_class(m: ModuleAdapter) -> type[AdapterLinear]:
+    """The adapter layer type that runs ``m``: ``DoRALinear`` when it has a magnitude, else ``LoRALinear``."""
+    return LoRALinear if m.magnitude is None else DoRALinear
+
+
+def adapter_layer(
+    layer: nn.Module, m: ModuleAdapter, dtype: torch.dtype | None, trainable: bool, dropout: float
+) -> AdapterLinear:
+    """A new adapter layer of :func:`layer_class` holding ``m``, around ``layer`` (or ``layer``'s base).
+
+    An adapter layer's ``base_layer`` is shared, not copied: a bank of
+    adapters for one position all wrap the same frozen base. Costs one copy
+    of ``m``'s tensors (no norm or random init is computed first).
+    """
+    base = layer.base_layer if isinstance(layer, AdapterLinear) else layer
+    new = layer_class(m)(base, m.rank, m.alpha, init=None, dtype=dtype or m.lora_A.dtype)
+    install_module_adapter(new, m, dtype, trainable, dropout)
+    return new
 
 
 def install_adapter(
     model: nn.Module, adapter: Adapter, dtype: torch.dtype | str | None = None, trainable: bool = False
 ) -> LoRAReport:
-    """Install ``adapter`` into ``model`` in place, wrapping layers in ``LoRALinear`` where needed.
+    """Install ``adapter`` into ``model`` in place, wrapping layers in ``LoRALinear``/``DoRALinear`` where needed.
 
     The whole model is frozen first; adapter parameters get
-    ``requires_grad=trainable``. LoRA modules the adapter does not cover
-    become pass-throughs. ``dtype=None`` keeps the file's dtype.
+    ``requires_grad=trainable``. A layer of the right type is filled in
+    place; a bare linear, or a layer of the other variant (a DoRA file on a
+    ``LoRALinear`` and back), is replaced by a new layer around the same
+    base. LoRA modules the adapter does not cover become pass-throughs.
+    ``dtype=None`` keeps the file's dtype.
 
     Raises:
         InputError: see :func:`check_adapter_fits`; nothing is changed then.
@@ -366,17 +397,19 @@ def install_adapter(
     layers = check_adapter_fits(model, adapter)
     merged = [n for n, m in lora_modules(model) if m.merged]
     if merged:
-        raise InputError(f"Cannot load an adapter while LoRA modules are merged ({merged[0]}, ...); call qlora.unmerge first.")
+        raise InputError(
+            f"Cannot load an adapter while LoRA modules are merged ({merged[0]}, ...); call qlora.unmerge first."
+        )
     freeze_model(model)
     for name, layer in layers.items():
         m = adapter.modules[name]
-        if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer, m.rank, m.alpha, init=None, dtype=dtype or m.lora_A.dtype)
-            replace_module(model, name, layer)
-        install_module_adapter(layer, m, dtype, trainable, adapter.dropout)
+        if isinstance(layer, layer_class(m)):
+            install_module_adapter(layer, m, dtype, trainable, adapter.dropout)
+        else:
+            replace_module(model, name, adapter_layer(layer, m, dtype, trainable, adapter.dropout))
     for name, mod in lora_modules(model):
-        if name not in adapter.modules and mod.lora_A is not None:
-            mod.lora_A = mod.lora_B = mod.lora_magnitude_vector = None
+        if name not in adapter.modules and mod.has_adapter:
+            mod.clear()
             log.info("module %s is not covered by the loaded adapter; it now runs the base layer only", name)
     report = lora_report(model)
     log.info("installed adapter (%s) on %d modules; trainable=%s", dtype or "file dtype", len(layers), trainable)

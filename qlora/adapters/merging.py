@@ -3,13 +3,14 @@
 All merge arithmetic runs in float32 and is rounded once to the output dtype:
 ``W' = W0 + s·B·A`` (DoRA: ``W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖`` per row).
 
-In memory, :func:`merge` swaps each adapted layer's base for a dense 16-bit
-``nn.Linear`` holding ``W'`` and keeps the original base aside, so
-:func:`unmerge` restores it bit for bit (for an NF4 base that is the untouched
-4-bit layer; re-quantizing ``W'`` instead would add a second rounding).
-The cost while merged is one dense 16-bit weight per adapted layer
-(``out*in*2`` bytes) on top of the kept base. ``keep_base=False`` merges an
-``nn.Linear`` base in place with no extra memory, and cannot be undone.
+In memory, :func:`merge` has each adapted layer swap its base for a dense
+16-bit ``nn.Linear`` holding ``W'`` and keep the original base aside
+(:meth:`layers.base.AdapterLinear.merge`), so :func:`unmerge` restores it bit
+for bit (for an NF4 base that is the untouched 4-bit layer; re-quantizing
+``W'`` instead would add a second rounding). The cost while merged is one
+dense 16-bit weight per adapted layer (``out*in*2`` bytes) on top of the kept
+base. ``keep_base=False`` merges an ``nn.Linear`` base in place with no extra
+memory, and cannot be undone.
 
 :func:`merge_checkpoint` (``qlora merge``) writes a plain 16-bit Hugging Face
 checkpoint, merging either into the original 16-bit weights of the base
@@ -31,14 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from layers.base import AdapterLinear, base_dtype, base_weight, dense_linear
+from qlora.adapters.files import Adapter, install_adapter, read_adapter
+from qlora.lora.surgery import lora_modules, replace_module
 from quant.errors import InputError, choices
 from quant.files import atomic_dir
 from quant.linear import NF4Linear
-
-from qlora.adapters.files import Adapter, install_adapter, read_adapter
-from layers.dora import dora_merged_weight
-from layers.lora import LoRALinear, base_weight
-from qlora.lora.surgery import lora_modules, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -46,40 +45,22 @@ INTO = ("dequantized", "original")
 _TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt")
 
 
-def base_dtype(layer: nn.Module) -> torch.dtype:
-    """The 16-bit dtype a base layer stands for: ``NF4Linear.weight_dtype`` or the ``nn.Linear`` weight's."""
-    return layer.weight_dtype if isinstance(layer, NF4Linear) else layer.weight.dtype
-
-
-@torch.no_grad()
-def merged_weight(module: LoRALinear, dtype: torch.dtype | None = None) -> torch.Tensor:
+def merged_weight(module: AdapterLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``W0 + s·B·A`` (or DoRA's merged weight) ``(out, in)``: float32 math, rounded once to ``dtype``.
 
-    ``dtype`` defaults to the base's 16-bit dtype. Costs two float32
-    ``out*in`` temporaries (W0 and the sum).
+    ``dtype`` defaults to the base's 16-bit dtype. See
+    :meth:`layers.base.AdapterLinear.merged_weight` (costs one float32 ``out*in`` temporary).
+
+    Raises:
+        InputError: a pass-through module (no adapter).
     """
-    w0 = base_weight(module.base_layer, torch.float32)
-    if module.lora_magnitude_vector is not None:
-        w = dora_merged_weight(module, w0)
-    else:
-        w = w0.addmm_(module.lora_B.weight.float(), module.lora_A.weight.float(), alpha=module.scale)
-    return w.to(dtype or base_dtype(module.base_layer))
-
-
-def _dense(layer: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """A frozen ``nn.Linear`` with ``weight`` and ``layer``'s bias (cast to the weight dtype)."""
-    bias = getattr(layer, "bias", None)
-    out = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
-    out.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        out.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True), requires_grad=False)
-    return out
+    return module.merged_weight(dtype)
 
 
 def merge(model: nn.Module, keep_base: bool = True) -> int:
     """Fold every active adapter into its layer for fast inference; returns how many were merged.
 
-    While merged, ``LoRALinear`` runs only its (dense) base; training the
+    While merged, an adapter layer runs only its (dense) base; training the
     adapter has no effect until :func:`unmerge`. Original bases are kept as
     plain attributes (not submodules), so they are not in ``state_dict`` and
     ``model.to()`` does not move them; :func:`unmerge` moves them back to the
@@ -92,19 +73,10 @@ def merge(model: nn.Module, keep_base: bool = True) -> int:
             memory, not reversible); an NF4 base is dropped for the dense one.
     """
     n = 0
-    for name, m in lora_modules(model):
-        if not m.active:
-            continue
-        base = m.base_layer
-        w = merged_weight(m)
-        if isinstance(base, nn.Linear) and not keep_base:
-            base.weight.data.copy_(w)
-        else:
-            if keep_base:
-                object.__setattr__(m, "_unmerged_base", base)  # not a submodule: see docstring
-            m.base_layer = _dense(base, w)
-        m.merged = True
-        n += 1
+    for _, m in lora_modules(model):
+        if m.active:
+            m.merge(keep_base)
+            n += 1
     log.info("merged %d adapters in memory (keep_base=%s)", n, keep_base)
     return n
 
@@ -115,24 +87,20 @@ def unmerge(model: nn.Module) -> int:
     Raises:
         InputError: a module was merged with ``keep_base=False``.
     """
-    n = 0
-    for name, m in lora_modules(model):
-        if not m.merged:
-            continue
-        base = m.__dict__.get("_unmerged_base")
-        if base is None:
-            raise InputError(f"Module {name!r} was merged with keep_base=False; its original weights are gone.")
-        m.base_layer = base.to(m.base_layer.weight.device)
-        del m.__dict__["_unmerged_base"]
-        m.merged = False
-        n += 1
+    merged = [(name, m) for name, m in lora_modules(model) if m.merged]
+    lost = next((name for name, m in merged if not m.can_unmerge), None)
+    if lost is not None:  # checked first, so a failure leaves every module as it was
+        raise InputError(f"Module {lost!r} was merged with keep_base=False; its original weights are gone.")
+    for _, m in merged:
+        m.unmerge()
+    n = len(merged)
     log.info("unmerged %d adapters", n)
     return n
 
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Turn ``model`` into a plain 16-bit model in place: no ``LoRALinear``, no ``NF4Linear``.
+    """Turn ``model`` into a plain 16-bit model in place: no adapter layers, no ``NF4Linear``.
 
     Adapted layers become ``nn.Linear`` with the merged weight; other NF4
     layers are dequantized (float32 math, rounded once). ``dtype`` defaults to
@@ -143,18 +111,21 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for name, m in list(lora_modules(model)):
         if m.merged:
             w = m.base_layer.weight.detach().to(dtype or m.base_layer.weight.dtype)
-        elif m.lora_A is not None and m.enabled:
-            w = merged_weight(m, dtype)
+        elif m.has_adapter and m.enabled:
+            w = m.merged_weight(dtype)
             merged += 1
         else:
             w = base_weight(m.base_layer, dtype or base_dtype(m.base_layer))
-        replace_module(model, name, _dense(m.base_layer, w))
+        replace_module(model, name, dense_linear(m.base_layer, w))
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]:
-        replace_module(model, name, _dense(m, m.dequantize(dtype or m.weight_dtype)))
+        replace_module(model, name, dense_linear(m, m.dequantize(dtype or m.weight_dtype)))
         dequantized += 1
     if dtype is not None:
         model.to(dtype)
-    log.info("merged %d adapted layers, dequantized %d other 4-bit layers (dtype %s)", merged, dequantized, dtype or "per layer")
+    log.info(
+        "merged %d adapted layers, dequantized %d other 4-bit layers (dtype %s)", merged, dequantized,
+        dtype or "per layer",
+    )
     return model
 
 
@@ -258,7 +229,7 @@ def merge_checkpoint(
     if adapter.base_model_name_or_path and Path(adapter.base_model_name_or_path).name != base.name:
         log.info("adapter was trained on %r; merging into %s", adapter.base_model_name_or_path, base)
     install_adapter(model, adapter, dtype=None, trainable=False)
-    n = sum(1 for _, m in lora_modules(model) if m.lora_A is not None)
+    n = sum(1 for _, m in lora_modules(model) if m.has_adapter)
     merge_and_unload(model, out_dtype)
     model.config.dtype = out_dtype
     for attr in ("quantization_config",):  # a 4-bit base's config would make transformers expect 4-bit weights
@@ -277,7 +248,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     for f in sorted(src.iterdir()):
         name = f.name
         if f.is_file() and (
-            name.startswith(("tokenizer", "chat_template")) or name in _TOKENIZER_FILES or name.endswith((".tiktoken", "spiece.model"))
+            name.startswith(("tokenizer", "chat_template")) or name in _TOKENIZER_FILES
+            or name.endswith((".tiktoken", "spiece.model"))
         ):
             shutil.copy2(f, dst / name)
             copied.append(name)

@@ -1,11 +1,16 @@
 """Several named adapters on one base: switch the active one, combine them, do arithmetic.
 
-``LoRALinear`` holds exactly one adapter. The others wait in a bank on the
-model (``model.qlora_adapters``: name -> module name -> slot), and switching
-moves the slot objects in and out of the modules, so it costs no copies and
-an optimizer built on the active adapter's parameters keeps pointing at them.
-Banked adapters are plain attributes: ``model.to()`` does not move them;
-:func:`set_active_adapter` moves a slot to its layer's device when installing it.
+An adapter layer holds exactly one adapter. The others wait in a bank on the
+model (``model.qlora_adapters``: name -> module name -> adapter layer), each a
+whole ``LoRALinear`` or ``DoRALinear`` that wraps the *same* frozen base as
+the layer in the model. Switching swaps those layer objects in and out of the
+model, so it costs no copies, an optimizer built on the active adapter's
+parameters keeps pointing at them, and one adapter can be DoRA where another
+is plain LoRA on the same layer. A position the active adapter does not cover
+holds a pass-through layer (:meth:`layers.base.AdapterLinear.passthrough`), so
+state-dict keys (``<module>.base_layer.*``) never move. Banked layers are
+plain attributes: ``model.to()`` does not move them; :func:`set_active_adapter`
+moves their tensors to the base's device when putting them back.
 
 Combining is exact by concatenating ranks: for adapters ``i`` with scale
 ``s_i`` and weight ``w_i``,
@@ -21,16 +26,15 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from quant.errors import InputError, choices
-
-from qlora.adapters.files import Adapter, ModuleAdapter, check_adapter_fits, read_adapter
-from layers.lora import LoRAFactor, LoRALinear
+from layers.base import AdapterLinear
+from layers.lora import LoRALinear
+from qlora.adapters.files import Adapter, ModuleAdapter, adapter_layer, check_adapter_fits, module_adapter, read_adapter
 from qlora.lora.surgery import adapter_dtype, freeze_model, lora_modules, replace_module
+from quant.errors import InputError, choices
 
 log = logging.getLogger(__name__)
 
@@ -38,36 +42,21 @@ BANK = "qlora_adapters"
 ACTIVE = "qlora_active_adapter"
 
 
-@dataclass
-class _Slot:
-    """One module's adapter, as the objects that sit in a ``LoRALinear`` while it is active."""
-
-    lora_A: LoRAFactor
-    lora_B: LoRAFactor
-    magnitude: nn.Parameter | None
-    alpha: float
-    use_rslora: bool
-    dropout: nn.Module
-
-
-def _bank(model: nn.Module) -> dict[str, dict[str, _Slot]]:
+def _bank(model: nn.Module) -> dict[str, dict[str, AdapterLinear]]:
     bank = model.__dict__.get(BANK)
     if bank is None:
         bank = {}
-        object.__setattr__(model, BANK, bank)
-        live = _capture(model)
+        object.__setattr__(model, BANK, bank)  # a plain attribute: not a submodule, not in state_dict
+        live = _live(model)
         if live:  # an adapter applied/loaded before the bank existed becomes "default"
             bank["default"] = live
             object.__setattr__(model, ACTIVE, "default")
     return bank
 
 
-def _capture(model: nn.Module) -> dict[str, _Slot]:
-    return {
-        name: _Slot(m.lora_A, m.lora_B, m.lora_magnitude_vector, m.alpha, m.use_rslora, m.lora_dropout)
-        for name, m in lora_modules(model)
-        if m.lora_A is not None
-    }
+def _live(model: nn.Module) -> dict[str, AdapterLinear]:
+    """The adapter layers in the model that hold an adapter: the active adapter, as it is now."""
+    return {name: m for name, m in lora_modules(model) if m.has_adapter}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -91,8 +80,8 @@ def add_adapter(
 ) -> None:
     """Add a named adapter (a PEFT folder or an :class:`Adapter`) to the bank.
 
-    Layers it covers are wrapped in ``LoRALinear`` if needed (pass-through
-    until it is active). It becomes active when ``activate`` or when it is
+    Layers it covers are wrapped in a pass-through adapter layer if needed
+    (until it is active). It becomes active when ``activate`` or when it is
     the first adapter. ``dtype=None`` keeps the file's dtype. Only the new
     adapter is trainable afterwards (when ``trainable``): the base and every
     other adapter are frozen.
@@ -113,40 +102,27 @@ def add_adapter(
     if any(m.merged for _, m in lora_modules(model)):
         raise InputError("Cannot add an adapter while adapters are merged; call qlora.unmerge first.")
     freeze_model(model)
+    for p in (p for slots in bank.values() for layer in slots.values() for p in layer.parameters()):
+        p.requires_grad_(False)  # freeze_model only saw the live ones; banked adapters stay frozen too
     slots = {}
     for mod_name, layer in layers.items():
-        m = adapter.modules[mod_name]
-        if not isinstance(layer, LoRALinear):
-            layer = LoRALinear(layer, m.rank, m.alpha, init=None, dtype=dtype or m.lora_A.dtype)
-            layer.lora_A = layer.lora_B = None  # pass-through until this adapter is activated
-            replace_module(model, mod_name, layer)
-        slots[mod_name] = _slot(m, layer, dtype, trainable, adapter.dropout)
-    for p in (p for s in bank.values() for sl in s.values() for p in _params(sl)):
-        p.requires_grad_(False)  # freeze_model only saw the live ones; banked adapters stay frozen too
+        if not isinstance(layer, AdapterLinear):  # pass-through until this adapter is activated
+            replace_module(model, mod_name, LoRALinear.passthrough(layer))
+        slots[mod_name] = adapter_layer(layer, adapter.modules[mod_name], dtype, trainable, adapter.dropout)
     bank[name] = slots
     if activate or model.__dict__.get(ACTIVE) is None:
         set_active_adapter(model, name)
-    log.info("added adapter %r (%d modules, trainable=%s); active: %r", name, len(slots), trainable, active_adapter(model))
-
-
-def _slot(m: ModuleAdapter, layer: LoRALinear, dtype, trainable: bool, dropout: float) -> _Slot:
-    dev = next(iter(list(layer.base_layer.parameters()) + list(layer.base_layer.buffers()))).device
-    mag = None
-    if m.magnitude is not None:  # float32 whatever the adapter dtype (see layers.dora)
-        mag = nn.Parameter(m.magnitude.detach().to(dev, torch.float32, copy=True), requires_grad=trainable)
-    return _Slot(
-        LoRAFactor(m.lora_A.detach().to(dev, dtype or m.lora_A.dtype, copy=True), trainable),
-        LoRAFactor(m.lora_B.detach().to(dev, dtype or m.lora_B.dtype, copy=True), trainable),
-        mag, float(m.alpha), m.use_rslora, nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+    log.info(
+        "added adapter %r (%d modules, trainable=%s); active: %r", name, len(slots), trainable, active_adapter(model)
     )
 
 
-def _params(s: _Slot) -> list[nn.Parameter]:
-    return [s.lora_A.weight, s.lora_B.weight] + ([s.magnitude] if s.magnitude is not None else [])
-
-
 def set_active_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the adapter every ``LoRALinear`` runs; modules it does not cover pass through.
+    """Make ``name`` the adapter the model runs; modules it does not cover pass through.
+
+    Swaps the banked adapter layers into the model (each in the train/eval
+    mode of the layer it replaces, its tensors moved to the base's device);
+    no tensor is copied.
 
     Raises:
         InputError: unknown name (listing the loaded ones), or adapters are merged.
@@ -158,20 +134,17 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
         raise InputError("Cannot switch adapters while they are merged; call qlora.unmerge first.")
     current = model.__dict__.get(ACTIVE)
     if current in bank:
-        bank[current] = _capture(model)  # keep what is live (it may have been replaced or trained)
+        bank[current] = _live(model)  # keep what is live (it may have been replaced or trained)
     slots = bank[name]
-    for mod_name, m in lora_modules(model):
-        s = slots.get(mod_name)
-        if s is None:
-            m.lora_A = m.lora_B = m.lora_magnitude_vector = None
+    for mod_name, m in list(lora_modules(model)):
+        new = slots.get(mod_name)
+        if new is None:
+            if m.has_adapter:
+                replace_module(model, mod_name, LoRALinear.passthrough(m.base_layer))
             continue
-        dev = next(iter(list(m.base_layer.parameters()) + list(m.base_layer.buffers()))).device
-        if s.lora_A.weight.device != dev:
-            s.lora_A.to(dev), s.lora_B.to(dev)
-            if s.magnitude is not None:
-                s.magnitude.data = s.magnitude.data.to(dev)
-        m.lora_A, m.lora_B, m.lora_magnitude_vector = s.lora_A, s.lora_B, s.magnitude
-        m.alpha, m.use_rslora, m.lora_dropout = s.alpha, s.use_rslora, s.dropout
+        if new is not m:
+            new.follow_base_device()
+            replace_module(model, mod_name, new)
     object.__setattr__(model, ACTIVE, name)
     log.info("active adapter: %r", name)
 
@@ -199,15 +172,9 @@ def bank_adapter(model: nn.Module, name: str) -> Adapter:
     bank = _bank(model)
     if name not in bank:
         raise InputError(f"No adapter named {name!r}; loaded adapters: {choices(bank) or 'none'}.")
-    slots = _capture(model) if name == model.__dict__.get(ACTIVE) else bank[name]
-    mods = {
-        n: ModuleAdapter(
-            s.lora_A.weight.detach(), s.lora_B.weight.detach(), s.alpha, s.use_rslora,
-            None if s.magnitude is None else s.magnitude.detach(),
-        )
-        for n, s in slots.items()
-    }
-    dropout = next((s.dropout.p for s in slots.values() if isinstance(s.dropout, nn.Dropout)), 0.0)
+    slots = _live(model) if name == model.__dict__.get(ACTIVE) else bank[name]
+    mods = {n: module_adapter(layer) for n, layer in slots.items()}
+    dropout = next((layer.dropout for layer in slots.values() if layer.dropout > 0), 0.0)
     return Adapter(mods, dropout, getattr(getattr(model, "config", None), "_name_or_path", None))
 
 
@@ -215,14 +182,12 @@ def bank_adapter(model: nn.Module, name: str) -> Adapter:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model only inside the ``with`` block (e.g. a reference model for DPO)."""
     mods = [m for _, m in lora_modules(model)]
-    before = [m.enabled for m in mods]
-    for m in mods:
-        m.enabled = False
+    before = [m.set_enabled(False) for m in mods]
     try:
         yield
     finally:
         for m, e in zip(mods, before):
-            m.enabled = e
+            m.set_enabled(e)
 
 
 @torch.no_grad()
@@ -242,10 +207,14 @@ def combine_adapters(
     if not adapters:
         raise InputError("combine_adapters needs at least one adapter.")
     if len(weights) != len(adapters):
-        raise InputError(f"combine_adapters got {len(adapters)} adapters but {len(weights)} weights; pass one weight each.")
+        raise InputError(
+            f"combine_adapters got {len(adapters)} adapters but {len(weights)} weights; pass one weight each."
+        )
     for i, a in enumerate(adapters):
         if a.use_dora:
-            raise InputError(f"Adapter #{i} is a DoRA adapter; DoRA is not linear in B·A, so it cannot be combined by weights.")
+            raise InputError(
+                f"Adapter #{i} is a DoRA adapter; DoRA is not linear in B·A, so it cannot be combined by weights."
+            )
     names: list[str] = []
     for a in adapters:
         names += [n for n in a.modules if n not in names]

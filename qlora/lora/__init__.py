@@ -4,7 +4,7 @@ The layers themselves live in :mod:`layers` (shared with the planner);
 this package puts them into a model and reads them back out.
 """
 
-from layers import LoRALinear
+from layers import AdapterLinear, DoRALinear, LoRALinear
 
 from .diagnostics import lora_diagnostics
 from .param_groups import lora_param_groups, loraplus_param_groups
@@ -12,6 +12,8 @@ from .surgery import LoRAReport, apply_lora, lora_modules, lora_parameters, lora
 from .targets import resolve_targets
 
 __all__ = [
+    "AdapterLinear",
+    "DoRALinear",
     "LoRALinear",
     "LoRAReport",
     "apply_lora",

@@ -5,7 +5,8 @@
   of two ``r×r`` Gram matrices, costs ``O(r²·(in+out))`` and never builds the
   ``out×in`` product. ``‖W0‖_F`` needs the dense base once (one
   dequantization and an ``out*in`` float32 temporary for an NF4 base); W0 is
-  frozen, so it is computed once per module and cached on the module.
+  frozen, so the layer computes it once and caches it
+  (:meth:`layers.base.AdapterLinear.base_norm`).
 - ``grad_ratio = ‖∇A‖_F / ‖∇B‖_F`` from the current ``.grad`` (None before the
   first backward or for a frozen A under LoRA-FA). With B at zero, ∇A is zero
   at the first step, so this starts at 0 and its trend is what to watch
@@ -22,10 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from layers.lora import LoRALinear, base_weight
+from layers.base import AdapterLinear
 from qlora.lora.surgery import lora_modules
-
-_W0_NORM = "_qlora_w0_fro"
 
 
 @dataclass(frozen=True)
@@ -42,22 +41,11 @@ class ModuleDiagnostics:
 
 
 @torch.no_grad()
-def update_norm(module: LoRALinear) -> float:
+def update_norm(module: AdapterLinear) -> float:
     """``‖s·B·A‖_F`` via ``sqrt(tr((BᵀB)(AAᵀ)))``, float32 math, no ``out×in`` temporary."""
     a, b = module.lora_A.weight.float(), module.lora_B.weight.float()
     gram = (b.T @ b) * (a @ a.T)  # elementwise product of symmetric r×r matrices; its sum is the trace
     return abs(module.scale) * float(gram.sum().clamp_min(0).sqrt())
-
-
-@torch.no_grad()
-def base_norm(module: LoRALinear) -> float:
-    """``‖W0‖_F`` of the unmerged base, computed once and cached on the module."""
-    cached = module.__dict__.get(_W0_NORM)
-    if cached is None:
-        base = module.__dict__.get("_unmerged_base", module.base_layer)  # a merged layer's base holds W'
-        cached = float(torch.linalg.vector_norm(base_weight(base, torch.float32)))
-        module.__dict__[_W0_NORM] = cached
-    return cached
 
 
 def _grad_norm(p: torch.Tensor) -> float | None:
@@ -68,9 +56,9 @@ def lora_diagnostics(model: nn.Module) -> list[ModuleDiagnostics]:
     """``update_ratio`` and ``grad_ratio`` (with their parts) for every module with an adapter."""
     out = []
     for name, m in lora_modules(model):
-        if m.lora_A is None:
+        if not m.has_adapter:
             continue
-        u, w = update_norm(m), base_norm(m)
+        u, w = update_norm(m), m.base_norm()
         ga, gb = _grad_norm(m.lora_A.weight), _grad_norm(m.lora_B.weight)
         if ga is None or gb is None:
             gr = None

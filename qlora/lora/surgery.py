@@ -1,10 +1,11 @@
-"""Model surgery: put ``LoRALinear`` around chosen linear layers, in place.
+"""Model surgery: put ``LoRALinear`` (or ``DoRALinear``) around chosen linear layers, in place.
 
 There is no wrapper model and no key prefix: ``model.layers.0.self_attn.q_proj``
-is still there under that name, now a ``LoRALinear`` whose ``base_layer`` is
-the original layer. Adapter parameters are always found by module type
-(:func:`lora_modules`), never by matching parameter names, so a user module
-that happens to be called ``lora_something`` is never mistaken for one.
+is still there under that name, now an adapter layer whose ``base_layer`` is
+the original layer. Adapter layers and their parameters are always found by
+type (:func:`lora_modules`: ``isinstance(m, layers.AdapterLinear)``), never by
+matching names, so a user module that happens to be called
+``lora_something`` is never mistaken for one.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layers.base import INITS, AdapterLinear
+from layers.dora import DoRALinear
+from layers.lora import LoRALinear
+from qlora.lora.targets import check_patterns, pattern_value, resolve_targets
 from quant.errors import InputError, choices
 from quant.linear import NF4Linear
-
-from layers.dora import enable_dora
-from layers.lora import INITS, LoRALinear
-from qlora.lora.targets import check_patterns, pattern_value, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +42,16 @@ def adapter_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """``(qualified name, module)`` for every ``LoRALinear`` in ``model``, found by type."""
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """``(qualified name, module)`` for every adapter layer (``LoRALinear``, ``DoRALinear``), found by type."""
     for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
+        if isinstance(mod, AdapterLinear):
             yield name, mod
 
 
-def adapter_tensors(module: LoRALinear) -> list[tuple[str, nn.Parameter]]:
+def adapter_tensors(module: AdapterLinear) -> list[tuple[str, nn.Parameter]]:
     """``[('lora_A', A), ('lora_B', B), ('lora_magnitude_vector', m)?]`` of one module's adapter."""
-    if module.lora_A is None:
-        return []
-    out = [("lora_A", module.lora_A.weight), ("lora_B", module.lora_B.weight)]
-    if module.lora_magnitude_vector is not None:
-        out.append(("lora_magnitude_vector", module.lora_magnitude_vector))
-    return out
+    return module.adapter_tensors()
 
 
 def named_lora_parameters(model: nn.Module, trainable_only: bool = True) -> list[tuple[str, str, nn.Parameter]]:
@@ -69,7 +65,7 @@ def named_lora_parameters(model: nn.Module, trainable_only: bool = True) -> list
 
 
 def lora_parameters(model: nn.Module, trainable_only: bool = True) -> list[nn.Parameter]:
-    """The adapter parameters (A, B, DoRA magnitudes) of every ``LoRALinear``, found by type.
+    """The adapter parameters (A, B, DoRA magnitudes) of every adapter layer, found by type.
 
     ``trainable_only`` drops frozen ones (A under LoRA-FA); pass the result to the optimizer.
     """
@@ -153,7 +149,7 @@ def lora_report(model: nn.Module) -> LoRAReport:
         mods.append(
             ModuleReport(
                 name=name, in_features=m.in_features, out_features=m.out_features, rank=m.rank,
-                alpha=m.alpha, scale=m.scale, dora=m.lora_magnitude_vector is not None,
+                alpha=m.alpha, scale=m.scale, dora=isinstance(m, DoRALinear),
                 params=sum(p.numel() for _, p in tensors),
                 trainable=sum(p.numel() for _, p in tensors if p.requires_grad),
             )
@@ -201,7 +197,7 @@ def apply_lora(
     alpha_pattern: Mapping[str, float] | None = None,
     freeze_A: bool = False,
 ) -> LoRAReport:
-    """Freeze ``model`` and wrap the target linear layers in ``LoRALinear``, in place.
+    """Freeze ``model`` and wrap the target linear layers in ``LoRALinear`` (``DoRALinear``), in place.
 
     Every existing parameter (embeddings, norms, head, 16-bit linears) is
     frozen; afterwards only adapter parameters are trainable.
@@ -212,7 +208,8 @@ def apply_lora(
         rank, alpha: default rank r and alpha; the scale is alpha/r (alpha/sqrt(r) with ``use_rslora``).
         dropout: dropout probability on the adapter input.
         use_rslora: rank-stabilized scale alpha/sqrt(r).
-        use_dora: add DoRA magnitude vectors (costs a dense base weight per forward, see layers.dora).
+        use_dora: ``DoRALinear`` layers with magnitude vectors (costs a dense base weight per forward,
+            see layers.dora).
         init: ``'kaiming'`` (A Kaiming-uniform, PEFT's default) or ``'gaussian'`` (std 1/r); B is zero.
         dtype: adapter dtype, ``torch.bfloat16`` (default), ``torch.float16`` or ``torch.float32``.
         rank_pattern, alpha_pattern: per-module overrides, PEFT semantics (first matching key wins).
@@ -252,12 +249,11 @@ def apply_lora(
             raise InputError(f"LoRA alpha must be a positive number, got {a!r} for module {name!r}.")
         plan.append((name, layer, r, float(a)))
     was = freeze_model(model)
+    cls = DoRALinear if use_dora else LoRALinear
     for name, layer, r, a in plan:
-        module = LoRALinear(layer, r, a, dropout, use_rslora, init, dtype)
-        if use_dora:
-            enable_dora(module)
+        module = cls(layer, r, a, dropout, use_rslora, init, dtype)
         if freeze_A:
-            module.lora_A.weight.requires_grad_(False)
+            module.freeze_A()
         replace_module(model, name, module)
     report = lora_report(model)
     log.info(

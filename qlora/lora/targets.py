@@ -3,7 +3,7 @@
 The selection rules (presets, PEFT's name/suffix and regex semantics) live
 in :mod:`memory.targets`, shared with the planner so that both always pick
 the same layers; this module applies them to a live model's linear layers
-(by type: ``nn.Linear``, ``NF4Linear``, ``LoRALinear``). Per-module
+(by type: ``nn.Linear``, ``NF4Linear``, an adapter layer). Per-module
 overrides follow PEFT too:
 
 - a ``rank_pattern``/``alpha_pattern`` key ``k`` matches a module name ``n``
@@ -18,25 +18,25 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from layers.base import AdapterLinear
 from memory.targets import describe_names, matches_name, select_names
 from quant.errors import InputError
 from quant.linear import NF4Linear
-
-from layers.lora import LoRALinear
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Qualified name -> layer for every adaptable linear layer, in module order.
 
-    Adaptable means ``nn.Linear``, ``NF4Linear`` or an existing ``LoRALinear``
-    (listed under its own name; its ``base_layer`` is not listed separately).
+    Adaptable means ``nn.Linear``, ``NF4Linear`` or an existing adapter layer
+    (``LoRALinear``/``DoRALinear``, listed under its own name; its
+    ``base_layer`` is not listed separately).
     """
     out: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, mod in model.named_modules():
         if any(name.startswith(p) for p in inside):
             continue
-        if isinstance(mod, LoRALinear):
+        if isinstance(mod, AdapterLinear):
             out[name] = mod
             inside.append(name + ".")
         elif isinstance(mod, (nn.Linear, NF4Linear)):
@@ -52,7 +52,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def _base_of(m: nn.Module) -> nn.Module | None:
-    return m.base_layer if isinstance(m, LoRALinear) else None
+    return m.base_layer if isinstance(m, AdapterLinear) else None
 
 
 def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:

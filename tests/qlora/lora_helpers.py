@@ -12,6 +12,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from layers import DoRALinear
 from qlora.lora.surgery import lora_modules
 
 VOCAB = 128
@@ -58,7 +59,7 @@ def randomize_adapters(model, seed: int = 2, std_b: float = 0.05) -> None:
         b.copy_(torch.randn(b.shape, generator=g) * std_b)
         a = m.lora_A.weight
         a.add_(torch.randn(a.shape, generator=g) * 0.01)
-        if m.lora_magnitude_vector is not None:
+        if isinstance(m, DoRALinear):
             mv = m.lora_magnitude_vector
             mv.mul_(1 + 0.1 * torch.randn(mv.shape, generator=g))
 

@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
+from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import batch, logits, randomize_adapters, tiny_model
-from quant import InputError
+from layers import AdapterLinear, DoRALinear, LoRALinear
 from qlora.adapters.files import load_adapter, read_adapter, save_adapter
-from layers.lora import LoRALinear
 from qlora.lora.surgery import apply_lora, lora_modules
+from quant import InputError
 
 # (arch, variant, targets, rank_pattern, alpha_pattern): every family sees every variant
 # across the two directions, with several target sets and per-module overrides.
@@ -46,13 +46,18 @@ def test_qlora_adapter_loads_in_peft(tmp_path, arch, variant, targets, rank_patt
     assert (ours - logits(base, x)).abs().max() > 1e-3  # the adapter does something, so the test can fail
     save_adapter(model, tmp_path / "ad", base_model_name_or_path="tiny/" + arch)
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == "tiny/" + arch
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["base_model_name_or_path"] == "tiny/" + arch
     assert cfg["use_dora"] == (variant == "dora") and cfg["use_rslora"] == (variant == "rslora")
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()
     theirs = logits(peft_model, x)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     # PEFT wrapped exactly our modules, with our ranks and scales
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
+    peft_layers = {
+        n.removeprefix("base_model.model."): m
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})
+    }
     ours_mods = dict(lora_modules(model))
     assert set(peft_layers) == set(ours_mods)
     for n, pm in peft_layers.items():
@@ -64,7 +69,8 @@ def test_peft_adapter_loads_in_qlora(tmp_path, arch, variant, targets, rank_patt
     base = tiny_model(arch)
     model = copy.deepcopy(base)
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.05, target_modules=PEFT_TARGETS.get(targets, targets) if isinstance(targets, str) else targets,
+        r=4, lora_alpha=8, lora_dropout=0.05,
+        target_modules=PEFT_TARGETS.get(targets, targets) if isinstance(targets, str) else targets,
         use_rslora=variant == "rslora", use_dora=variant == "dora",
         rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, task_type="CAUSAL_LM",
     )
@@ -104,7 +110,8 @@ def test_bf16_adapter_roundtrip_and_trainable_load(tmp_path):
     assert torch.equal(logits(same, x), logits(model, x))
     other = tiny_model("llama")
     report = load_adapter(other, tmp_path / "ad", dtype=torch.float32, trainable=True)
-    assert report.trainable == sum(m.trainable for m in report.modules) == 2 * (4 * (64 + 64) + 4 * (64 + 32))  # 2 layers x (q, v)
+    # 2 layers x (q, v)
+    assert report.trainable == sum(m.trainable for m in report.modules) == 2 * (4 * (64 + 64) + 4 * (64 + 32))
     assert all(m.lora_B.weight.dtype == torch.float32 for _, m in lora_modules(other))
     torch.testing.assert_close(logits(other, x), logits(model, x), rtol=0, atol=5e-3)  # bf16 vs fp32 adapter math
 
@@ -162,7 +169,7 @@ def test_shape_mismatch_names_module_and_both_shapes(tmp_path):
         load_adapter(model, d)
     msg = str(e.value)
     assert "model.layers.0.self_attn.q_proj" in msg and "(4, 64)" in msg and "(4, 128)" in msg
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing was changed
+    assert not any(isinstance(m, AdapterLinear) for m in model.modules())  # nothing was changed
 
 
 def test_other_bad_adapters(tmp_path):
@@ -209,12 +216,18 @@ def test_training_mode_with_dropout_matches_peft(tmp_path, use_dora):
     theirs = peft_model(input_ids=x, labels=x)
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
     ours.loss.backward(), theirs.loss.backward()
-    peft_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    peft_grads = {
+        n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
     for name, m in lora_modules(model):
         torch.testing.assert_close(m.lora_B.weight.grad, peft_grads[f"{name}.lora_B.weight"], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(m.lora_A.weight.grad, peft_grads[f"{name}.lora_A.weight"], rtol=1e-4, atol=1e-6)
         if use_dora:
-            torch.testing.assert_close(m.lora_magnitude_vector.grad, peft_grads[f"{name}.lora_magnitude_vector.weight"], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                m.lora_magnitude_vector.grad, peft_grads[f"{name}.lora_magnitude_vector.weight"], rtol=1e-4, atol=1e-6
+            )
 
 
 def test_adapter_loaded_into_an_eval_model_applies_no_dropout(tmp_path):
@@ -228,3 +241,23 @@ def test_adapter_loaded_into_an_eval_model_applies_no_dropout(tmp_path):
     assert all(not m.training for m in fresh.modules())
     x = batch()
     torch.testing.assert_close(logits(fresh, x), logits(fresh, x))  # deterministic: no dropout at inference
+
+
+def test_loading_dora_onto_plain_lora_layers_and_back(tmp_path):
+    """A DoRA file on LoRALinear layers (and a plain file on DoRALinear ones) gets layers of its own type."""
+    dora, plain = tiny_model("llama"), tiny_model("llama")
+    apply_lora(dora, "qv", rank=2, alpha=4.0, use_dora=True, dtype=torch.float32)
+    apply_lora(plain, "qv", rank=4, alpha=8.0, dtype=torch.float32)
+    randomize_adapters(dora, seed=3), randomize_adapters(plain, seed=4)
+    save_adapter(dora, tmp_path / "d"), save_adapter(plain, tmp_path / "p")
+    x = batch()
+    model = tiny_model("llama")
+    apply_lora(model, "qv", rank=4, alpha=8.0, dtype=torch.float32)
+    q = "model.layers.0.self_attn.q_proj"
+    base = model.get_submodule(q).base_layer
+    load_adapter(model, tmp_path / "d")
+    assert all(type(m) is DoRALinear for _, m in lora_modules(model)) and model.get_submodule(q).base_layer is base
+    assert torch.equal(logits(model, x), logits(dora, x))
+    load_adapter(model, tmp_path / "p")
+    assert all(type(m) is LoRALinear for _, m in lora_modules(model)) and model.get_submodule(q).base_layer is base
+    assert torch.equal(logits(model, x), logits(plain, x))

@@ -1,4 +1,4 @@
-"""LoRALinear: forward formula, closed-form gradients, init, variants (rsLoRA, DoRA, LoRA-FA)."""
+"""LoRALinear and DoRALinear: forward formula, closed-form gradients, init, variants (rsLoRA, DoRA, LoRA-FA)."""
 
 import math
 
@@ -6,14 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from layers import AdapterLinear, DoRALinear, LoRALinear, base_weight
 from quant import InputError, NF4Linear
-from layers.dora import dora_weight_norm, enable_dora
-from layers.lora import LoRALinear, base_weight
 
 
-def _layer(base=None, rank=4, alpha=8.0, **kw):
+def _layer(base=None, rank=4, alpha=8.0, cls=LoRALinear, **kw):
     base = base if base is not None else nn.Linear(24, 20, bias=True)
-    m = LoRALinear(base, rank, alpha, dtype=torch.float32, **kw)
+    m = cls(base, rank, alpha, dtype=torch.float32, **kw)
     with torch.no_grad():
         m.lora_B.weight.normal_(0, 0.1)  # non-zero B so the adapter path is exercised
     return m
@@ -113,10 +112,12 @@ def test_dropout_only_in_training():
 def test_disabled_and_passthrough():
     m = _layer()
     x = torch.randn(3, 24)
-    m.enabled = False
+    assert m.set_enabled(False) is True and not m.enabled
     assert torch.equal(m(x), m.base_layer(x))
-    m.enabled = True
-    m.lora_A = m.lora_B = None
+    assert m.set_enabled(True) is False and m.enabled
+    assert not torch.equal(m(x), m.base_layer(x))
+    m.clear()
+    assert m.lora_A is None and m.lora_B is None and not m.has_adapter
     assert torch.equal(m(x), m.base_layer(x))
 
 
@@ -125,16 +126,15 @@ def test_disabled_and_passthrough():
 
 def test_dora_unchanged_at_init_even_in_bf16():
     base = NF4Linear.from_linear(nn.Linear(64, 48))
-    m = LoRALinear(base, 4, 8.0)  # bf16 adapter, bf16 compute
-    enable_dora(m)
+    m = DoRALinear(base, 4, 8.0)  # bf16 adapter, bf16 compute
+    assert isinstance(m, AdapterLinear) and not isinstance(m, LoRALinear)  # its own class, found by the base type
     assert m.lora_magnitude_vector.dtype == torch.float32
     x = torch.randn(3, 64)
     assert torch.equal(m(x), base(x))
 
 
 def test_dora_forward_formula_and_detached_norm():
-    m = _layer(nn.Linear(24, 20, bias=True), rank=4, alpha=8.0)
-    enable_dora(m)
+    m = _layer(nn.Linear(24, 20, bias=True), rank=4, alpha=8.0, cls=DoRALinear)
     with torch.no_grad():
         m.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(20))
     x = torch.randn(5, 24)
@@ -143,7 +143,7 @@ def test_dora_forward_formula_and_detached_norm():
     expect = x @ (m.lora_magnitude_vector[:, None] * w / norm[:, None]).T + m.base_layer.bias
     out = m(x)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dora_weight_norm(m), norm.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.weight_norm(), norm.detach(), rtol=1e-6, atol=1e-6)
     # The norm is a constant in backward: dL/dB is then (m/‖·‖)·s·g·(Ax)^T, exactly as for LoRA with a row scale.
     g = torch.randn(5, 20)
     (out * g).sum().backward()
@@ -151,7 +151,8 @@ def test_dora_forward_formula_and_detached_norm():
     a = m.lora_A.weight.detach()
     torch.testing.assert_close(m.lora_B.weight.grad, m.scale * (g * ratio).T @ (x @ a.T), rtol=1e-4, atol=1e-6)
     # dL/dm = sum over batch of g * (W'x)/‖·‖ with W' = W0 + sBA
-    torch.testing.assert_close(m.lora_magnitude_vector.grad, (g * (x @ (w / norm[:, None]).T)).sum(0).detach(), rtol=1e-4, atol=1e-6)
+    expect_dm = (g * (x @ (w / norm[:, None]).T)).sum(0).detach()
+    torch.testing.assert_close(m.lora_magnitude_vector.grad, expect_dm, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- LoRA-FA

@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
+from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lora_helpers import batch, logits, randomize_adapters, tiny_model
-from quant import InputError, NF4Linear, quantize_model
 from qlora.adapters.files import save_adapter
-from qlora.cli import main as cli_main
 from qlora.adapters.merging import merge, merge_and_unload, merge_checkpoint, merged_weight, unmerge
+from qlora.cli import main as cli_main
 from qlora.lora.surgery import apply_lora, lora_modules
+from quant import InputError, NF4Linear, quantize_model
 
 
 def _snapshot(model):
@@ -124,9 +124,12 @@ def _expected_weights(root, into):
 def test_qlora_merge_cli_output_loads_in_plain_transformers(trained, tmp_path, into, capsys):
     root, qmodel = trained
     out = tmp_path / "merged"
-    rc = cli_main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(out), "--into", into])
+    rc = cli_main(
+        ["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(out), "--into", into]
+    )
     assert rc == 0 and "14 modules merged" in capsys.readouterr().out
-    assert {"config.json", "model.safetensors", "tokenizer_config.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
+    wrote = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "chat_template.jinja"} <= wrote
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers: no qlora, no peft
@@ -163,7 +166,10 @@ def test_merge_checkpoint_errors(trained, tmp_path):
     with pytest.raises(InputError, match="no original 16-bit weights"):
         merge_checkpoint(q4, root / "adapter", tmp_path / "o", into="original")
     assert not (tmp_path / "o").exists()
-    rc = cli_main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(tmp_path / "o"), "--weights", "1", "2"])
+    rc = cli_main([
+        "merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(tmp_path / "o"),
+        "--weights", "1", "2",
+    ])
     assert rc == 2
 
 
@@ -190,7 +196,8 @@ def test_qlora_merge_cli_combines_weighted_adapters(trained, tmp_path):
     ad = str(root / "adapter")
     base = ["merge", "--base", str(root / "base"), "--into", "original", "--dtype", "float32"]
     assert cli_main(base + ["--adapter", ad, "--out", str(tmp_path / "one")]) == 0
-    assert cli_main(base + ["--adapter", ad, "--adapter", ad, "--weights", "1.5", "-0.5", "--out", str(tmp_path / "two")]) == 0
+    two_args = ["--adapter", ad, "--adapter", ad, "--weights", "1.5", "-0.5", "--out", str(tmp_path / "two")]
+    assert cli_main(base + two_args) == 0
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     for k in one:  # 1.5·ΔW − 0.5·ΔW = ΔW, up to float32 summation order

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from peft import PeftModel
 
-from lora_helpers import batch, logits, randomize_adapters, tiny_model
-from quant import InputError, quantize_model
+from layers import DoRALinear, LoRALinear
 from qlora.adapters.files import load_adapter, read_adapter, save_adapter, write_adapter
-from qlora.adapters.merging import merge_and_unload
+from qlora.adapters.merging import merge, merge_and_unload, unmerge
 from qlora.adapters.multi import (
     active_adapter,
     adapter_names,
@@ -21,7 +21,8 @@ from qlora.adapters.multi import (
     disable_adapters,
     set_active_adapter,
 )
-from qlora.lora.surgery import apply_lora, lora_modules
+from qlora.lora.surgery import apply_lora, lora_modules, lora_parameters
+from quant import InputError, quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def test_training_the_active_adapter_survives_switching(two_adapters):
     set_active_adapter(model, "a")
     set_active_adapter(model, "default")
     now = [p for _, m in lora_modules(model) if m.lora_A is not None for p in (m.lora_A.weight, m.lora_B.weight)]
-    assert all(p is q for p, q in zip(params, now)) and len(now) == len(params)  # same objects: optimizer refs stay valid
+    # same objects: optimizer refs stay valid
+    assert all(p is q for p, q in zip(params, now)) and len(now) == len(params)
     assert torch.equal(logits(model, x), before)
 
 
@@ -161,3 +163,32 @@ def test_multi_adapter_on_nf4_base(two_adapters):
     add_adapter(model, "a", two_adapters / "a")
     add_adapter(model, "b", two_adapters / "b", activate=True)
     assert torch.equal(logits(model, x), logits(_single(two_adapters / "b", nf4=True), x))
+
+
+def test_dora_and_plain_adapters_on_the_same_layer(two_adapters, tmp_path):
+    """One adapter is DoRA, the other plain LoRA, both on q_proj: switching swaps the layer class around one base."""
+    d = tiny_model("llama")
+    apply_lora(d, ["q_proj", "o_proj"], rank=2, alpha=4.0, use_dora=True, dtype=torch.float32)
+    randomize_adapters(d, seed=13)
+    save_adapter(d, tmp_path / "d")
+    x = batch()
+    ref_a, ref_d = logits(_single(two_adapters / "a"), x), logits(_single(tmp_path / "d"), x)
+    model = tiny_model("llama")
+    add_adapter(model, "a", two_adapters / "a")
+    add_adapter(model, "d", tmp_path / "d", trainable=True)
+    q = "model.layers.0.self_attn.q_proj"
+    base = model.get_submodule(q).base_layer
+    assert type(model.get_submodule(q)) is LoRALinear and torch.equal(logits(model, x), ref_a)
+    set_active_adapter(model, "d")
+    assert type(model.get_submodule(q)) is DoRALinear and model.get_submodule(q).base_layer is base
+    assert torch.equal(logits(model, x), ref_d)
+    live = lora_parameters(model)  # DoRA's A, B and m; "a" stays frozen in the bank
+    assert len(live) == 3 * 4 and all(p.requires_grad for p in live)
+    set_active_adapter(model, "a")
+    assert torch.equal(logits(model, x), ref_a) and not lora_parameters(model)
+    set_active_adapter(model, "d")
+    assert all(p is q for p, q in zip(lora_parameters(model), live))  # the optimizer's parameters are live again
+    assert merge(model) == 4
+    torch.testing.assert_close(logits(model, x), ref_d, rtol=1e-4, atol=1e-4)
+    assert unmerge(model) == 4 and torch.equal(logits(model, x), ref_d)
+    assert bank_adapter(model, "d").use_dora and not bank_adapter(model, "a").use_dora

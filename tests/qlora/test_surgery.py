@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from lora_helpers import batch, logits, randomize_adapters, tiny_model
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from lora_helpers import batch, logits, randomize_adapters, tiny_model
-from quant import InputError, NF4Linear, quantize_model
+from layers import AdapterLinear, DoRALinear
 from qlora.lora.diagnostics import lora_diagnostics, summarize
-from layers.lora import LoRALinear
 from qlora.lora.param_groups import lora_param_groups
 from qlora.lora.surgery import apply_lora, lora_modules, lora_parameters
 from qlora.lora.targets import pattern_key, resolve_targets
+from quant import InputError, NF4Linear, quantize_model
 
 LEAVES = {
     "all-linear": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
@@ -44,7 +44,8 @@ def test_explicit_names_suffixes_regex_and_nf4():
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj",
     ]
     assert resolve_targets(model, "q_proj") == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert resolve_targets(model, r".*layers\.0\..*_proj") == [n for n in resolve_targets(model, "all-linear") if ".0." in n]
+    layer0 = [n for n in resolve_targets(model, "all-linear") if ".0." in n]
+    assert resolve_targets(model, r".*layers\.0\..*_proj") == layer0
     assert resolve_targets(model, ["lm_head"]) == ["lm_head"]  # explicit names may pick the head
 
 
@@ -88,7 +89,7 @@ def test_apply_lora_in_place_names_unchanged_and_model_unchanged_at_init():
     assert torch.equal(logits(model, x), before)
     mods = dict(lora_modules(model))
     assert set(mods) <= names_before and len(mods) == 14
-    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, DoRALinear)  # use_dora: DoRA's own class
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(".lora_A." in n or ".lora_B." in n or n.endswith("lora_magnitude_vector") for n in trainable)
     assert len(trainable) == 3 * 14 and report.trainable == sum(p.numel() for p in lora_parameters(model))
@@ -136,7 +137,7 @@ def test_bad_inputs_to_apply_lora():
         apply_lora(model, "qv", dtype=torch.int8)
     with pytest.raises(InputError, match="Unknown LoRA target 'attn'"):
         apply_lora(model, ["attn"])
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # failures changed nothing
+    assert not any(isinstance(m, AdapterLinear) for m in model.modules())  # failures changed nothing
 
 
 def test_parameters_found_by_type_not_by_name():

@@ -1,20 +1,18 @@
-"""Meta-device stand-ins that reproduce the tensor traffic of qlora's layers.
+"""Meta-device kernels for the probe: what the target device allocates, not torch's meta fallbacks.
 
-``memory`` must not import ``qlora``, yet the activation memory of a step
-depends on what the LoRA layer and the kernels allocate and save. The
-modules here repeat, op for op, the forward code of
-``layers.lora.LoRALinear`` (and ``layers.dora.dora_forward``) so that a
-meta-device dry run (:mod:`memory.probe`) allocates and saves exactly what the
-real layer does. ``tests/memory/test_mirrors.py`` runs the probe with the
-real qlora classes and with these mirrors and requires identical timelines,
-so a change in qlora that moves memory fails a test instead of silently
-skewing plans.
+The probe (:mod:`memory.probe`) runs the real model code on the ``meta``
+device -- transformers' classes, ``quant.NF4Linear`` and the real adapter
+layers of :mod:`layers` -- so only the kernels that have no faithful meta
+implementation need stand-ins, and they are here:
 
-Also here: the frozen 4-bit base layer for the probe (``quant.NF4Linear`` on
-meta, its dequantization allocations tagged), and stand-ins that make
-``scaled_dot_product_attention`` and ``dropout`` on meta allocate what the
-target device's kernels allocate (on meta, torch would run its generic
-fallbacks instead).
+- :class:`ProbeNF4Linear`: ``quant.NF4Linear`` with its dequantization
+  allocations tagged ``"dequant"`` (the dequantization itself is quant's code);
+- :func:`device_sdpa`: ``scaled_dot_product_attention`` routed to what the
+  target device runs (FlashAttention-2 or memory-efficient attention on CUDA,
+  the fused flash kernel on CPU), which on meta would take the math fallback
+  and save an s x s softmax per head;
+- :func:`device_dropout`: ``dropout`` as CUDA's fused kernel runs it (a
+  1-byte mask) instead of the unfused CPU/meta path.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from quant import NF4Linear
 
@@ -47,57 +44,6 @@ class ProbeNF4Linear(NF4Linear):
         ctx = self.tracker.tagged("dequant") if self.tracker is not None else contextlib.nullcontext()
         with ctx:
             return super().dequantize(dtype)
-
-
-class LoRAMirror(nn.Module):
-    """Repeats ``layers.lora.LoRALinear.forward`` (and DoRA's) op for op.
-
-    ``h = base(x) + s * B(A(dropout(x).to(dtype)))``, output cast to the base
-    output dtype. Weights live on meta; only shapes and dtypes matter.
-    """
-
-    def __init__(self, base: nn.Module, rank: int, dropout: float, dora: bool, dtype: torch.dtype):
-        super().__init__()
-        self.base_layer = base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device="meta"))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, dtype=dtype, device="meta"))
-        # qlora keeps DoRA magnitudes in float32 whatever the adapter dtype (layers.dora.enable_dora)
-        self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=torch.float32, device="meta")) if dora else None
-        self.p = dropout
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale = 1.0 / rank  # the value is irrelevant to memory
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.magnitude is not None:
-            return self._dora(x, result)
-        a, b = self.lora_A, self.lora_B
-        h = F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), b) * self.scale
-        return result + h.to(result.dtype)
-
-    def _weight_norm(self) -> torch.Tensor:
-        # layers.dora.dora_weight_norm: dense fp32 W0 (one dequantization), += s*B@A in place, row norms
-        with torch.no_grad():
-            base = self.base_layer
-            w = base.dequantize(torch.float32) if hasattr(base, "dequantize") else base.weight.detach().to(torch.float32, copy=True)
-            w.addmm_(self.lora_B.float(), self.lora_A.float(), alpha=self.scale)
-            return torch.linalg.vector_norm(w, dim=1)
-
-    def _dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        a, b, mag = self.lora_A, self.lora_B, self.magnitude
-        dt = a.dtype
-        ratio = mag.float() / self._weight_norm()
-        bias = getattr(self.base_layer, "bias", None)
-        x_d = self.lora_dropout(x)
-        if self.p == 0:
-            y0 = result if bias is None else result - bias
-        else:
-            y0 = self.base_layer(x_d)
-            y0 = y0 if bias is None else y0 - bias
-        lora = F.linear(F.linear(x_d.to(dt), a), b)
-        h = (ratio - 1).to(dt) * y0.to(dt) + ratio.to(dt) * lora * self.scale
-        return result + h.to(result.dtype)
 
 
 # ---------------------------------------------------------------------------- attention kernels
@@ -146,7 +92,10 @@ def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     log-sum-exp saved); anything else -> the math path (s x s softmax saved).
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    flash_ok = attn_mask is None and dropout_p == 0.0 and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
+    flash_ok = (
+        attn_mask is None and dropout_p == 0.0 and query.dtype in (torch.bfloat16, torch.float16)
+        and query.shape[-1] <= 256
+    )
     if flash_ok:
         return _CudaFlash.apply(query, key, value, bool(is_causal), scale)
     if key.shape[1] != query.shape[1]:  # the efficient kernel has no GQA: expand like the math path does
