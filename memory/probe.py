@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from layers import DoRALinear, LoRALinear
+from quant.dtypes import DTYPES
 from quant.errors import InputError
 from quant.model import linear_names, skipped_names
 
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 # flows backward between the head and the layers; "grad" are LoRA parameter
 # gradients; "dequant" the dense weights the 4-bit layers rebuild.
 TAGS = ("inputs", "pre", "fwd", "head", "seed", "bwd", "dequant", "grad")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass

@@ -24,12 +24,12 @@ import functools
 import torch
 
 from quant import NF4Linear
+from quant.dtypes import ITEMSIZE  # noqa: F401  (memory reads the dtype table through terms)
 
 from .probe import TAGS
 from .profile import Segment
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 _PAGED_MIN = 100_000  # bitsandbytes pages a state tensor only from this many elements
 _MIN_8BIT = 4096  # bitsandbytes keeps 32-bit state below this many elements
 _BLOCK_8BIT = 256  # bitsandbytes blockwise 8-bit optimizer state block
@@ -59,7 +59,7 @@ def nested_table_bytes(n_quantized: int, double_quant: bool, device: str) -> int
     return 256 * 4 * (1 if device == "cpu" else n_quantized)
 
 
-DORA_MAGNITUDE_ITEMSIZE = 4  # qlora keeps DoRA magnitudes in float32 (layers.dora.enable_dora)
+DORA_MAGNITUDE_ITEMSIZE = 4  # qlora keeps DoRA magnitudes in float32 (layers.dora.DoRALinear)
 
 
 def lora_tensors(in_features: int, out_features: int, rank: int, dora: bool, itemsize: int) -> list[tuple[int, int]]:

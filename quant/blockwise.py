@@ -19,13 +19,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .dtypes import FLOAT_DTYPES
 from ._codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_code, midpoints4
 from .errors import InputError, choices
 
 # Elements per chunk. 4M float32 temporaries cost ~16 MiB per live buffer:
 # big enough to amortize kernel launches, small next to any real weight.
 _CHUNK = 1 << 22
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def check_args(quant_type: str, blocksize: int) -> None:
 def _check_tensor(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise InputError(f"Expected a torch.Tensor to quantize, got {type(x).__name__}.")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise InputError(
             f"Cannot quantize a tensor of dtype {x.dtype}; 4-bit quantization takes "
             f"float32, float16 or bfloat16 tensors."

@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from ._codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4
 from .blockwise import QuantState4bit
+from .dtypes import parse_dtype
 from .errors import InputError, choices
 
 log = logging.getLogger(__name__)
@@ -49,27 +50,6 @@ _ST_DTYPES = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_DTYPE_NAMES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def parse_dtype(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
-    """``torch.bfloat16`` / ``'bf16'`` / ``'bfloat16'`` / ``'torch.bfloat16'`` -> ``torch.dtype``.
-
-    Raises:
-        InputError: not one of float32, float16, bfloat16.
-    """
-    if isinstance(value, torch.dtype) and value in FLOAT_DTYPES:
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_NAMES:
-        return _DTYPE_NAMES[value.removeprefix("torch.")]
-    raise InputError(f"Unsupported {what} {value!r}; valid choices are 'bfloat16', 'float16' or 'float32'.")
-
-
 class Checkpoint:
     """A validated checkpoint directory with a key -> file map.
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .blockwise import QuantState4bit, check_args, quantize_4bit
-from .checkpoint import BNB_SUFFIXES, FLOAT_DTYPES, Checkpoint, parse_dtype
+from .checkpoint import BNB_SUFFIXES, Checkpoint
+from .dtypes import FLOAT_DTYPES, parse_dtype
 from .errors import InputError
 from .linear import NF4Linear
 from .model import DEFAULT_SKIP, linear_names, skipped_names

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .blockwise import check_args, quantize_4bit
-from .checkpoint import Checkpoint, parse_dtype
+from .checkpoint import Checkpoint
+from .dtypes import parse_dtype
 from .errors import InputError
 from .loading import Progress, empty_model, load_config, parse_device, plan_checkpoint, resolve_dtype
 from .model import DEFAULT_SKIP

@@ -151,7 +151,7 @@ def _read_base_config(base_dir: Path) -> dict:
 
 
 def _out_dtype(dtype: torch.dtype | str | None, config: dict) -> torch.dtype:
-    from quant.checkpoint import parse_dtype
+    from quant.dtypes import parse_dtype
 
     if dtype is not None:
         return parse_dtype(dtype)

@@ -21,25 +21,20 @@ from layers.base import INITS, AdapterLinear
 from layers.dora import DoRALinear
 from layers.lora import LoRALinear
 from qlora.lora.targets import check_patterns, pattern_value, resolve_targets
+from quant.dtypes import parse_dtype
 from quant.errors import InputError, choices
 from quant.linear import NF4Linear
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def adapter_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """Resolve ``'bfloat16'``/``torch.float32``/... to a torch dtype.
+    """Resolve ``'bfloat16'``/``torch.float32``/... to a torch dtype (:func:`quant.dtypes.parse_dtype`).
 
     Raises:
         InputError: not one of bfloat16, float16, float32.
     """
-    if isinstance(dtype, str):
-        dtype = ADAPTER_DTYPES.get(dtype.removeprefix("torch."), dtype)
-    if dtype not in ADAPTER_DTYPES.values():
-        raise InputError(f"Unsupported adapter dtype {dtype!r}; valid choices are {choices(ADAPTER_DTYPES)}.")
-    return dtype
+    return parse_dtype(dtype, what="adapter dtype")
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
