@@ -3,8 +3,13 @@
 The step is the trainer's: a causal LM (random weights: their values do not
 change memory) -> ``quant.quantize_model`` -> ``apply_lora`` -> transformers'
 non-reentrant activation checkpointing -> forward with labels -> backward
--> optimizer step -> ``zero_grad(set_to_none=True)``. :func:`train_step` is
-that step, small enough for the trainer to call.
+-> optimizer step -> ``zero_grad(set_to_none=True)``. :func:`train_step` runs
+that step through the trainer's own ``qlora.train.loop.accumulate_gradients``.
+
+This harness uses the trainer, so it cannot live in ``memory`` (``memory``
+never imports ``qlora``): it is a ``bench/`` module, run by
+``bench/memory_accuracy.py`` and imported by the tests as ``memcheck``
+(pytest's ``pythonpath = ["bench"]``). Nothing in the packages imports it.
 
 Measurement starts at step 2 (optimizer state is created lazily in step 1):
 
@@ -26,13 +31,12 @@ from torch import nn
 
 import memory
 from memory.tracker import LiveTensorTracker
-from quant import quantize_model
-from quant.errors import InputError, choices
-
+from qlora.lora.surgery import apply_lora, lora_parameters
 from qlora.train.loop import accumulate_gradients
 from qlora.train.optim import build_optimizer
 from qlora.train.setup import enable_checkpointing
-from qlora.lora.surgery import apply_lora, lora_parameters
+from quant import quantize_model
+from quant.errors import InputError, choices
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ LOSSES = ("hf", "chunked")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def build_model(
+def random_qlora_model(
     config: dict,
     device: str = "cpu",
     targets: str = "all-linear",
@@ -114,7 +118,7 @@ def train_step(
     # The trainer's own forward/backward (qlora.train.loop), so what is measured is what trains.
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-    out = accumulate_gradients(model, [batch], chunk_tokens if loss == "chunked" else None, torch.bfloat16)
+    out = float(accumulate_gradients(model, [batch], chunk_tokens if loss == "chunked" else None, torch.bfloat16))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out
@@ -230,15 +234,16 @@ def check(
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
 
     Raises:
-        InputError: invalid settings (as :func:`memory.estimate` and :func:`build_model`).
+        InputError: invalid settings (as :func:`memory.estimate` and :func:`random_qlora_model`).
     """
     spec = memory.spec_from_config(config, name=name)
-    fp = memory.estimate(
-        spec, seq_len=seq, micro_batch_size=batch, rank=rank, targets=targets, dropout=dropout, dora=dora,
+    settings = memory.Settings(
+        seq_len=seq, micro_batch_size=batch, rank=rank, targets=targets, dropout=dropout, dora=dora,
         adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
         attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
     )
-    model = build_model(
+    fp = memory.estimate(spec, settings)
+    model = random_qlora_model(
         config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn
     )
     opt = make_optimizer(model, optimizer)

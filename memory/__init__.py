@@ -6,9 +6,14 @@ For scripts (typed results, no printing):
     spec = memory.load_spec("llama-3.1-8b")           # or a config.json / model folder
     fp = memory.estimate(spec, seq_len=4096, micro_batch_size=2, rank=32)
     fp.tensor_peak_bytes, fp.breakdown                 # what max_memory_allocated should read, by term
+    s = memory.Settings(seq_len=4096, rank=32, loss="hf")   # one frozen object for all of a run's choices
+    memory.estimate(spec, s, micro_batch_size=4)       # keyword changes apply on top (dataclasses.replace)
     p = memory.plan("24GB", spec, micro_batch_size="auto", rank="auto")
-    p.fits, p.micro_batch_size, p.gradient_accumulation_steps, p.suggestions
+    p.fits, p.micro_batch_size, p.gradient_accumulation_steps, p.suggestions, p.settings
     rows = memory.sweep(spec, seq_lens=[1024, 2048, 4096], micro_batch_sizes=[1, 2, 4])
+
+A recipe's settings come from ``qlora.train.plan.settings_from_recipe`` (the
+trainer owns recipes; ``qlora plan --model RECIPE.yaml`` plans one).
 
 How predictions are made: module shapes come from instantiating the
 transformers model on the meta device (:mod:`memory.spec`); activation
@@ -22,16 +27,19 @@ from .catalog import DEFAULT_MODEL, known_models
 from .footprint import TERMS, Footprint, estimate
 from .gpus import GPU, known_gpus, parse_gpu
 from .plan import RANKS, Plan, Suggestion, plan, sweep
-from .spec import ModelSpec, load_spec, spec_from_config, spec_from_recipe
+from .settings import Flag, Settings
+from .spec import ModelSpec, load_spec, spec_from_config
 
 __all__ = [
     "DEFAULT_MODEL",
     "GPU",
     "RANKS",
     "TERMS",
+    "Flag",
     "Footprint",
     "ModelSpec",
     "Plan",
+    "Settings",
     "Suggestion",
     "estimate",
     "known_gpus",
@@ -40,6 +48,5 @@ __all__ = [
     "parse_gpu",
     "plan",
     "spec_from_config",
-    "spec_from_recipe",
     "sweep",
 ]

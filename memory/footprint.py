@@ -32,21 +32,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from quant import bits_per_param
-from quant.blockwise import check_args
 from quant.errors import InputError, choices
 
 from .catalog import DEFAULT_MODEL
 from .probe import TAGS
 from .profile import body_profile, hf_head_segment
+from .settings import ATTN, Settings, with_changes
 from .spec import ModelSpec, build_config, causal_lm_class, load_spec
 from .targets import resolve_targets
 from .terms import (
     ITEMSIZE,
-    OPTIMIZERS,
     chunked_loss_segment,
     lora_tensors,
     nested_table_bytes,
@@ -57,17 +56,6 @@ from .terms import (
 )
 
 log = logging.getLogger(__name__)
-
-MIB = 1 << 20
-ATTN = ("auto", "sdpa", "eager")
-LOSSES = ("hf", "chunked")
-DEVICES = ("cuda", "cpu")
-# Defaults for the terms outside the tensor peak. The CUDA context is 0.3-0.6 GiB
-# with lazy module loading (PyTorch/NVIDIA docs); the allocator's cache and
-# fragmentation are a fraction of the peak. Both are assumptions until
-# bench/memory_accuracy.py measures them on a GPU (it reports reserved/allocated).
-CUDA_CONTEXT_BYTES = 512 * MIB
-ALLOCATOR_RESERVE = 0.05
 
 TERMS = {
     "nf4_weights": "4-bit weights + scales",
@@ -143,32 +131,23 @@ class Footprint:
 # ---------------------------------------------------------------------------- validation
 
 
-def positive_int(value, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{what} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
-def _one_of(value, valid, what: str):
-    if value not in valid:
-        raise InputError(f"Unknown {what} {value!r}; valid choices are {choices(valid)}.")
-    return value
-
-
 def resolve_attn(spec: ModelSpec, attn: str) -> str:
     """``auto`` -> ``sdpa`` where the architecture supports it, else ``eager``.
 
     Raises:
-        InputError: ``sdpa`` requested for an architecture without it (Gemma-2).
+        InputError: an unknown implementation, or ``sdpa`` requested for an
+            architecture without it (Gemma-2).
     """
-    _one_of(attn, ATTN, "attention implementation")
+    if attn not in ATTN:
+        raise InputError(f"Unknown attention implementation {attn!r}; valid choices are {choices(ATTN)}.")
     cls = _model_class(spec)
     has_sdpa = bool(getattr(cls, "_supports_sdpa", False))
     if attn == "auto":
         return "sdpa" if has_sdpa else "eager"
     if attn == "sdpa" and not has_sdpa:
         raise InputError(
-            f"{spec.name} ({cls.__name__}) has no sdpa attention in the installed transformers; use attn 'eager' or 'auto'."
+            f"{spec.name} ({cls.__name__}) has no sdpa attention in the installed transformers; "
+            "use attn 'eager' or 'auto'."
         )
     return attn
 
@@ -201,7 +180,9 @@ def weight_terms(
     }
 
 
-def adapter_tensors(spec: ModelSpec, targets: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str) -> list[tuple[int, int]]:
+def adapter_tensors(
+    spec: ModelSpec, targets: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str
+) -> list[tuple[int, int]]:
     """(elements, bytes per element) of every trainable adapter tensor."""
     out: list[tuple[int, int]] = []
     for lin in spec.linears:
@@ -222,106 +203,89 @@ def optimizer_terms(tensors: list[tuple[int, int]], optimizer: str, device: str)
 # ---------------------------------------------------------------------------- estimate
 
 
-def estimate(
-    model: str | ModelSpec = DEFAULT_MODEL,
-    seq_len: int = 2048,
-    micro_batch_size: int = 1,
-    rank: int = 16,
-    targets: str | Sequence[str] = "all-linear",
-    dropout: float = 0.0,
-    dora: bool = False,
-    adapter_dtype: str = "bfloat16",
-    optimizer: str = "paged_adamw_8bit",
-    gradient_checkpointing: bool = True,
-    attn: str = "auto",
-    loss: str = "chunked",
-    loss_chunk_tokens: int = 1024,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    device: str = "cuda",
-    cuda_context_bytes: int = CUDA_CONTEXT_BYTES,
-    allocator_reserve: float = ALLOCATOR_RESERVE,
-    offload_activations: bool = False,
-) -> Footprint:
+def estimate(model: str | ModelSpec = DEFAULT_MODEL, settings: Settings | None = None, **changes) -> Footprint:
     """Predict the memory of one QLoRA training step.
 
+    Example::
+
+        memory.estimate("llama-3.1-8b", seq_len=4096, rank=32)
+        s = memory.Settings(seq_len=4096, micro_batch_size=2, loss="hf", device="cpu")
+        memory.estimate(spec, s)                      # the same settings for many models
+        memory.estimate(spec, s, rank=64)             # ... with one change
+
     Args:
-        model: catalog name, config.json/model folder path, or a ModelSpec.
-        seq_len: tokens per sequence (>= 2). micro_batch_size: sequences per step.
-        rank: LoRA rank. targets: preset, names or regex (see :mod:`memory.targets`).
-        dropout: LoRA dropout. dora: DoRA magnitudes. adapter_dtype: bfloat16/float16/float32.
-        optimizer: adamw (torch), adamw_8bit, paged_adamw_8bit, paged_adamw_32bit (bitsandbytes).
-        gradient_checkpointing: one non-reentrant checkpoint per decoder layer.
-        attn: sdpa, eager, or auto (sdpa where the architecture has it).
-        loss: ``chunked`` (``qlora.train.loss.causal_lm_loss`` with ``loss_chunk_tokens``
-            rows per chunk; the trainer's default, ``chunked_loss: true``) or
-            ``hf`` (transformers' loss on full fp32 logits).
-        quant_type, blocksize, double_quant: the 4-bit format.
-        device: ``cuda`` (CUDA kernels; context and reserve added) or ``cpu``
-            (CPU kernels; what :class:`memory.tracker.LiveTensorTracker` measures).
-        cuda_context_bytes, allocator_reserve: overheads outside the tensor
-            peak; the reserve is a fraction of the tensor peak.
-        offload_activations: checkpointed layer inputs wait in pinned host
-            memory (``qlora.train.offload``); on CUDA all but two layers' inputs
-            leave the device and are counted in ``host_bytes``. On CPU there
-            is nothing to move, so nothing changes.
+        model: catalog name, config.json/model folder path, or a :class:`ModelSpec`.
+        settings: a :class:`memory.Settings` (its fields are documented there);
+            default ``memory.Settings()``: seq 2048, micro-batch 1, rank 16 on all
+            linears, paged 8-bit AdamW, checkpointing, chunked loss, on CUDA.
+            ``seq_len``, ``micro_batch_size`` and ``rank`` must be numbers here;
+            ``effective_batch_size`` and ``margin`` only matter to :func:`memory.plan`.
+        **changes: fields of :class:`memory.Settings` to change
+            (applied with :func:`dataclasses.replace`).
 
     Returns:
         A :class:`Footprint`. Never prints.
 
     Raises:
-        InputError: any invalid argument, unknown model, targets matching nothing.
+        InputError: an unknown setting or invalid value, ``"auto"`` for seq_len,
+            micro_batch_size or rank, an unknown model, ``sdpa`` on an
+            architecture without it, targets matching nothing.
     """
     spec = _spec(model)
-    seq_len = positive_int(seq_len, "seq_len", 2)
-    micro_batch_size = positive_int(micro_batch_size, "micro_batch_size")
-    rank = positive_int(rank, "rank")
-    loss_chunk_tokens = positive_int(loss_chunk_tokens, "loss_chunk_tokens")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise InputError(f"LoRA dropout must be a number in [0, 1), got {dropout!r}.")
-    _one_of(adapter_dtype, tuple(ITEMSIZE), "adapter dtype")
-    _one_of(optimizer, OPTIMIZERS, "optimizer")
-    _one_of(loss, LOSSES, "loss")
-    _one_of(device, DEVICES, "device")
-    check_args(quant_type, blocksize)
-    if not 0.0 <= allocator_reserve < 1.0:
-        raise InputError(f"allocator_reserve is a fraction of the peak in [0, 1), got {allocator_reserve!r}.")
-    attn = resolve_attn(spec, attn)
-    shorts = resolve_targets(spec, targets)
-    return _estimate(
-        spec, seq_len, micro_batch_size, rank, shorts, float(dropout), bool(dora), adapter_dtype, optimizer,
-        bool(gradient_checkpointing), attn, loss, loss_chunk_tokens, quant_type, blocksize, bool(double_quant),
-        device, cuda_context_bytes, allocator_reserve, bool(offload_activations),
-    )
+    s = with_changes(settings, changes).without_auto()
+    return _estimate(spec, s)
 
 
-def _estimate(
-    spec, seq_len, batch, rank, shorts, dropout, dora, adapter_dtype, optimizer, checkpointing, attn, loss,
-    chunk, quant_type, blocksize, double_quant, device, context, reserve, offload=False,
-) -> Footprint:
-    """:func:`estimate` after validation."""
+@functools.lru_cache(maxsize=256)
+def _resolved(spec: ModelSpec, attn: str, targets: str | tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """(attention implementation, in-layer target names): what the settings mean for this model."""
+    return resolve_attn(spec, attn), resolve_targets(spec, targets)
+
+
+@functools.lru_cache(maxsize=1024)
+def _persistent(
+    spec: ModelSpec, shorts: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str, optimizer: str,
+    quant_type: str, blocksize: int, double_quant: bool, device: str,
+) -> tuple[MappingProxyType, int, int, int]:
+    """What does not depend on batch or sequence.
+
+    Returns:
+        (persistent terms, host-backed optimizer state bytes, optimizer step temporaries, LoRA elements).
+    """
     persistent = weight_terms(spec, quant_type, blocksize, double_quant, device)
     tensors = adapter_tensors(spec, shorts, rank, dora, adapter_dtype)
     persistent["lora_params"] = sum(n * size for n, size in tensors)
     state_dev, state_host = optimizer_terms(tensors, optimizer, device)
     persistent["optimizer_state"] = state_dev
+    step_tmp = optimizer_step_temporaries(tensors, optimizer, device)
+    return MappingProxyType(persistent), state_host, step_tmp, sum(n for n, _ in tensors)
+
+
+def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
+    """:func:`estimate` after validation."""
+    attn, shorts = _resolved(spec, s.attn, s.targets)
+    batch, seq_len, rank, device = s.micro_batch_size, s.seq_len, s.rank, s.device
+    checkpointing = s.gradient_checkpointing
+    persistent, state_host, step_tmp, lora_elements = _persistent(
+        spec, shorts, rank, s.dora, s.adapter_dtype, s.optimizer, s.quant_type, s.blocksize, s.double_quant, device
+    )
 
     profile = body_profile(
-        spec, shorts, dropout, dora, adapter_dtype, attn, checkpointing, device, quant_type, blocksize, double_quant
+        spec, shorts, s.dropout, s.dora, s.adapter_dtype, attn, checkpointing, device, s.quant_type, s.blocksize,
+        s.double_quant,
     )
-    if loss == "hf":
+    if s.loss == "hf":
         head = hf_head_segment(spec, batch, seq_len, attn, device)
     else:
         softcap = spec.config.get("final_logit_softcapping") is not None
-        head = chunked_loss_segment(batch, seq_len, spec.hidden_size, spec.vocab_size, chunk, softcap)
+        head = chunked_loss_segment(batch, seq_len, spec.hidden_size, spec.vocab_size, s.loss_chunk_tokens, softcap)
     peaks = profile.phases(batch, seq_len, rank, spec.layer_types, head)
 
     candidates: dict[str, dict[str, int]] = {}
     for phase in ("forward", "loss", "backward"):
         candidates[phase] = dict(persistent, **_terms(getattr(peaks, phase)))
     offloaded = 0
-    if offload and checkpointing and device == "cuda":
+    if s.offload_activations and checkpointing and device == "cuda":
         # qlora.train.offload keeps two layers' inputs on the device (the one being
         # recomputed and the one being prefetched); the rest (bf16 hidden
         # states, 2*b*s*h bytes per layer) wait in pinned host memory.
@@ -331,7 +295,6 @@ def _estimate(
             kept = candidates[phase].get("saved_activations", 0)
             candidates[phase]["saved_activations"] = max(0, kept - offloaded)
         state_host += len(spec.layer_types) * per_layer
-    step_tmp = optimizer_step_temporaries(tensors, optimizer, device)
     candidates["optimizer"] = dict(persistent, **_terms(peaks.after), optimizer_step=step_tmp)
     phases = {p: sum(v.values()) for p, v in candidates.items()}
     peak_phase = max(phases, key=phases.get)
@@ -340,13 +303,14 @@ def _estimate(
     on_gpu = device == "cuda"
     return Footprint(
         model=spec.name, device=device, seq_len=seq_len, micro_batch_size=batch, rank=rank, targets=shorts,
-        dropout=dropout, dora=dora, adapter_dtype=adapter_dtype, optimizer=optimizer,
-        gradient_checkpointing=checkpointing, attn=attn, loss=loss, loss_chunk_tokens=chunk if loss == "chunked" else None,
+        dropout=s.dropout, dora=s.dora, adapter_dtype=s.adapter_dtype, optimizer=s.optimizer,
+        gradient_checkpointing=checkpointing, attn=attn, loss=s.loss,
+        loss_chunk_tokens=s.loss_chunk_tokens if s.loss == "chunked" else None,
         breakdown=breakdown, phases=phases, peak_phase=peak_phase, tensor_peak_bytes=tensor_peak,
-        host_bytes=state_host, cuda_context_bytes=context if on_gpu else 0,
-        allocator_reserve_bytes=int(reserve * tensor_peak) if on_gpu else 0,
-        quantized_params=spec.quantized_params, lora_params=sum(n for n, _ in tensors),
-        nf4_bits_per_param=bits_per_param(quant_type, blocksize, double_quant),
+        host_bytes=state_host, cuda_context_bytes=s.cuda_context_bytes if on_gpu else 0,
+        allocator_reserve_bytes=int(s.allocator_reserve * tensor_peak) if on_gpu else 0,
+        quantized_params=spec.quantized_params, lora_params=lora_elements,
+        nf4_bits_per_param=bits_per_param(s.quant_type, s.blocksize, s.double_quant),
         offload_activations=bool(offloaded),
     )
 

@@ -26,6 +26,7 @@ with its predicted footprint.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Sequence
@@ -34,15 +35,16 @@ from dataclasses import dataclass
 from quant.errors import InputError
 
 from .catalog import DEFAULT_MODEL
-from .footprint import Footprint, estimate, positive_int
+from .footprint import Footprint, estimate
 from .gpus import GPU, catalog_gpu, known_gpus, parse_gpu
+from .settings import MARGIN, PLAN_DEFAULTS, Settings, flag_name, with_changes
 from .spec import ModelSpec, load_spec
 
 log = logging.getLogger(__name__)
 
 RANKS = (8, 16, 32, 64, 128, 256)
 SEQ_STEP = 256
-MARGIN = 0.05
+__all__ = ["MARGIN", "RANKS", "SEQ_STEP", "Plan", "Suggestion", "plan", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class Suggestion:
 
     Attributes:
         change: what to do, in words (``"use --optimizer paged_adamw_8bit"``).
-        settings: the changed settings (estimate() keyword -> value).
+        settings: the changed settings (:class:`memory.Settings` field -> value;
+            ``{"gpu": name}`` for the bigger-GPU suggestion).
         footprint: the prediction with the change applied.
         fits: whether that prediction fits the budget.
         gpu: for the "bigger GPU" suggestion, the catalog GPU.
@@ -80,6 +83,9 @@ class Plan:
             rounding down to a divisor of the effective batch).
         suggestions: when nothing fits, changes that would.
         notes: facts worth showing (units, host-backed memory, choices made).
+        settings: the resolved settings: ``auto`` values and ``attn`` replaced
+            by what was chosen, ``effective_batch_size`` as run
+            (``memory.estimate(model, plan.settings) == plan.footprint``).
     """
 
     fits: bool
@@ -94,6 +100,7 @@ class Plan:
     max_micro_batch_size: int
     suggestions: tuple[Suggestion, ...]
     notes: tuple[str, ...]
+    settings: Settings
 
     @property
     def budget_bytes(self) -> int:
@@ -127,40 +134,24 @@ def _largest(lo: int, hi: int, ok) -> int | None:
     return lo
 
 
-def plan(
-    gpu: str | GPU,
-    model: str | ModelSpec = DEFAULT_MODEL,
-    seq_len: int | str = 2048,
-    micro_batch_size: int | str = "auto",
-    rank: int | str = 16,
-    effective_batch_size: int = 16,
-    targets: str | Sequence[str] = "all-linear",
-    dropout: float = 0.0,
-    dora: bool = False,
-    adapter_dtype: str = "bfloat16",
-    optimizer: str = "paged_adamw_8bit",
-    gradient_checkpointing: bool = True,
-    attn: str = "auto",
-    loss: str = "chunked",
-    loss_chunk_tokens: int = 1024,
-    margin: float = MARGIN,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
-    device: str = "cuda",
-    offload_activations: bool = False,
-) -> Plan:
+def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Settings | None = None, **changes) -> Plan:
     """Choose settings that fit ``gpu`` (see the module docstring).
+
+    Example::
+
+        memory.plan("24GB", "llama-3.1-8b", rank="auto")           # micro-batch auto by default
+        memory.plan("rtx4090", spec, memory.Settings(seq_len="auto", micro_batch_size=1, offload_activations=True))
 
     Args:
         gpu: a :class:`GPU`, a catalog name or a size (``24GB``).
-        model: catalog name, config.json/folder path, or a ModelSpec.
-        seq_len, micro_batch_size, rank: an int, or ``"auto"`` to search.
-        effective_batch_size: sequences per optimizer step (micro-batch x accumulation).
-        margin: fraction of the GPU kept free, in [0, 0.5).
-        quant_type, blocksize, double_quant, device, offload_activations: as :func:`memory.estimate`
-            (``device='cpu'`` plans a CPU run: no CUDA context or reserve).
-        Others: as :func:`memory.estimate`.
+        model: catalog name, config.json/folder path, or a :class:`ModelSpec`.
+        settings: a :class:`memory.Settings`; ``seq_len``, ``micro_batch_size``
+            and ``rank`` may be ``"auto"`` (searched), ``effective_batch_size``
+            is sequences per optimizer step (micro-batch x accumulation), and
+            ``margin`` the fraction of the GPU kept free (``device='cpu'``
+            plans a CPU run: no CUDA context or reserve). Default
+            ``memory.Settings(micro_batch_size="auto")``.
+        **changes: fields of :class:`memory.Settings` to change.
 
     Returns:
         A :class:`Plan`. Never prints.
@@ -170,28 +161,18 @@ def plan(
     """
     gpu = gpu if isinstance(gpu, GPU) else parse_gpu(gpu)
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < 0.5:
-        raise InputError(f"The safety margin is a fraction of the GPU in [0, 0.5), got {margin!r}.")
-    effective_batch_size = positive_int(effective_batch_size, "effective_batch_size")
-    auto_seq, auto_batch, auto_rank = seq_len == "auto", micro_batch_size == "auto", rank == "auto"
-    for value, what, minimum in ((seq_len, "seq_len", 2), (micro_batch_size, "micro_batch_size", 1), (rank, "rank", 1)):
-        if value != "auto":
-            positive_int(value, what, minimum)
+    base = with_changes(settings, changes, PLAN_DEFAULTS)
+    auto_seq, auto_batch, auto_rank = base.seq_len == "auto", base.micro_batch_size == "auto", base.rank == "auto"
+    margin, effective = base.margin, base.effective_batch_size
     usable = int(gpu.total_bytes * (1 - margin))
-    fixed = dict(
-        targets=targets, dropout=dropout, dora=dora, adapter_dtype=adapter_dtype, optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing, attn=attn, loss=loss, loss_chunk_tokens=loss_chunk_tokens,
-        quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, device=device,
-        offload_activations=offload_activations,
-    )
 
     def est(s: int, b: int, r: int, **over) -> Footprint:
-        return estimate(spec, seq_len=s, micro_batch_size=b, rank=r, **dict(fixed, **over))
+        return estimate(spec, dataclasses.replace(base, seq_len=s, micro_batch_size=b, rank=r, **over))
 
     notes = [gpu.note]
-    r0 = RANKS[0] if auto_rank else rank
+    r0 = RANKS[0] if auto_rank else base.rank
     s_cap = int(spec.config.get("max_position_embeddings") or 131072)
-    b_fixed = 1 if auto_batch else micro_batch_size
+    b_fixed = 1 if auto_batch else base.micro_batch_size
     # 1. sequence length
     if auto_seq:
         steps = _largest(1, max(1, s_cap // SEQ_STEP), lambda k: _fits(est(k * SEQ_STEP, b_fixed, r0), usable))
@@ -199,7 +180,7 @@ def plan(
         if steps is not None:
             notes.append(f"seq_len auto: the longest multiple of {SEQ_STEP} that fits is {seq}")
     else:
-        seq = seq_len
+        seq = base.seq_len
     # 2. rank
     if auto_rank:
         fitting = [r for r in RANKS if _fits(est(seq, b_fixed, r), usable)]
@@ -207,37 +188,41 @@ def plan(
         if fitting:
             notes.append(f"rank auto: {r} is the largest of {', '.join(map(str, RANKS))} that fits")
     else:
-        r = rank
+        r = base.rank
     # 3. micro-batch
     if auto_batch:
-        b_max = _largest(1, effective_batch_size, lambda b: _fits(est(seq, b, r), usable)) or 0
-        b = max(d for d in range(1, max(b_max, 1) + 1) if effective_batch_size % d == 0)
+        b_max = _largest(1, effective, lambda b: _fits(est(seq, b, r), usable)) or 0
+        b = max(d for d in range(1, max(b_max, 1) + 1) if effective % d == 0)
         if b_max and b != b_max:
             notes.append(
-                f"micro-batch {b_max} would fit; {b} is used because it divides the effective batch "
-                f"{effective_batch_size}"
+                f"micro-batch {b_max} would fit; {b} is used because it divides the effective batch {effective}"
             )
     else:
-        b = micro_batch_size
+        b = base.micro_batch_size
         b_max = b if _fits(est(seq, b, r), usable) else 0
-    accum = -(-effective_batch_size // b)
+    accum = -(-effective // b)
     fp = est(seq, b, r)
     fits = _fits(fp, usable)
     if fp.host_bytes:
-        notes.append(f"paged optimizer state in host-backed unified memory: {fp.host_bytes / 2**30:.2f} GiB (not on the GPU)")
-    if attn == "auto" and fp.attn == "eager":
+        notes.append(
+            f"paged optimizer state in host-backed unified memory: {fp.host_bytes / 2**30:.2f} GiB (not on the GPU)"
+        )
+    if base.attn == "auto" and fp.attn == "eager":
         notes.append("attention: eager (this architecture has no sdpa path in transformers; eager keeps s x s scores)")
     suggestions: tuple[Suggestion, ...] = ()
     if not fits:
-        suggestions = tuple(_suggest(spec, est, seq, b, r, fixed, usable, margin, auto_seq))
+        suggestions = tuple(_suggest(est, seq, b, r, base, usable, auto_seq))
+    resolved = dataclasses.replace(
+        base, seq_len=seq, micro_batch_size=b, rank=r, effective_batch_size=b * accum, attn=fp.attn
+    )
     return Plan(
         fits=fits, gpu=gpu, margin=margin, footprint=fp, micro_batch_size=b, gradient_accumulation_steps=accum,
         effective_batch_size=b * accum, rank=r, seq_len=seq, max_micro_batch_size=b_max,
-        suggestions=suggestions, notes=tuple(notes),
+        suggestions=suggestions, notes=tuple(notes), settings=resolved,
     )
 
 
-def _suggest(spec, est, seq, b, r, fixed, usable, margin, auto_seq) -> list[Suggestion]:
+def _suggest(est, seq: int, b: int, r: int, base: Settings, usable: int, auto_seq: bool) -> list[Suggestion]:
     """Changes that would make the run fit, cheapest first (see the module docstring)."""
     out: list[Suggestion] = []
 
@@ -257,61 +242,81 @@ def _suggest(spec, est, seq, b, r, fixed, usable, margin, auto_seq) -> list[Sugg
         out.append(Suggestion(change, settings, fp, _fits(fp, usable)))
 
     cheap = {}
-    if fixed["optimizer"] != "paged_adamw_8bit":
+    if base.optimizer != "paged_adamw_8bit":
         cheap["optimizer"] = "paged_adamw_8bit"
-        add("use the 8-bit paged optimizer (--optimizer paged_adamw_8bit)", optimizer="paged_adamw_8bit")
-    if not fixed["gradient_checkpointing"]:
+        add(f"use the 8-bit paged optimizer ({flag_name('optimizer')} paged_adamw_8bit)", optimizer="paged_adamw_8bit")
+    if not base.gradient_checkpointing:
         cheap["gradient_checkpointing"] = True
         add("turn gradient checkpointing on", gradient_checkpointing=True)
-    if fixed["loss"] == "hf":
+    if base.loss == "hf":
         cheap["loss"] = "chunked"
-        add(f"compute the loss in chunks of {fixed['loss_chunk_tokens']} tokens (--chunked-loss)", loss="chunked")
+        add(f"compute the loss in chunks of {base.loss_chunk_tokens} tokens ({flag_name('loss_chunk_tokens')})",
+            loss="chunked")
     if b > 1:
         add("use micro-batch 1 with more gradient accumulation", micro_batch_size=1)
-    if fixed["targets"] not in ("attention", "qv"):
+    if base.targets not in ("attention", "qv"):
         for preset in ("attention", "qv"):
-            add(f"adapt fewer modules (--targets {preset})", targets=preset)
+            add(f"adapt fewer modules ({flag_name('targets')} {preset})", targets=preset)
     if r > RANKS[0]:
-        add(f"use a smaller rank (--rank {RANKS[0]})", rank=RANKS[0])
+        add(f"use a smaller rank ({flag_name('rank')} {RANKS[0]})", rank=RANKS[0])
     if not auto_seq:
         steps = _largest(1, max(1, (seq - 1) // SEQ_STEP), lambda k: _fits(est(k * SEQ_STEP, b, r), usable))
         if steps is not None:
-            add(f"use a shorter sequence (--seq-len {steps * SEQ_STEP})", seq_len=steps * SEQ_STEP)
+            add(f"use a shorter sequence ({flag_name('seq_len')} {steps * SEQ_STEP})", seq_len=steps * SEQ_STEP)
     if len(cheap) > 1:
         add("combine: " + ", ".join(f"{k}={v}" for k, v in cheap.items()), **cheap)
     fitting = [sg for sg in out if sg.fits]
-    if fixed["device"] != "cuda":  # a CPU run's budget is host memory: no GPU to upgrade to
+    if base.device != "cuda":  # a CPU run's budget is host memory: no GPU to upgrade to
         return fitting
     # the smallest catalog GPU that takes the run as asked
-    need = est(seq, b, r).device_total_bytes
+    asked = est(seq, b, r)
     for name in known_gpus():  # smallest first
         g = catalog_gpu(name)
-        if need <= g.total_bytes * (1 - margin):
-            fitting.append(Suggestion(f"use a bigger GPU ({g.name}, {g.marketed})", {"gpu": g.name}, est(seq, b, r), True, g.name))
+        if asked.device_total_bytes <= g.total_bytes * (1 - base.margin):
+            change = f"use a bigger GPU ({g.name}, {g.marketed})"
+            fitting.append(Suggestion(change, {"gpu": g.name}, asked, True, g.name))
             break
     return fitting
 
 
 def sweep(
     model: str | ModelSpec = DEFAULT_MODEL,
-    seq_lens: Sequence[int] = (2048,),
-    micro_batch_sizes: Sequence[int] = (1,),
-    ranks: Sequence[int] = (16,),
-    optimizers: Sequence[str] = ("paged_adamw_8bit",),
-    gradient_checkpointing: Sequence[bool] = (True,),
-    **fixed,
+    settings: Settings | None = None,
+    *,
+    seq_lens: Sequence[int] | None = None,
+    micro_batch_sizes: Sequence[int] | None = None,
+    ranks: Sequence[int] | None = None,
+    optimizers: Sequence[str] | None = None,
+    gradient_checkpointing: Sequence[bool] | None = None,
+    **changes,
 ) -> list[Footprint]:
-    """Estimate every combination of the given settings (cartesian product), in order.
+    """Estimate every combination of the given values (cartesian product), in order.
 
-    ``fixed`` takes any other :func:`memory.estimate` keyword (targets,
-    loss, attn, device...). Model shapes and activation profiles are cached,
-    so large sweeps cost milliseconds per configuration.
+    Example::
+
+        memory.sweep(spec, seq_lens=[1024, 2048, 4096], micro_batch_sizes=[1, 2, 4])
+        memory.sweep(spec, memory.Settings(loss="hf", device="cpu"), ranks=[8, 16, 32])
+
+    Args:
+        model: as :func:`memory.estimate`.
+        settings: the :class:`memory.Settings` every row starts from (default ``memory.Settings()``).
+        seq_lens, micro_batch_sizes, ranks, optimizers, gradient_checkpointing:
+            the values to combine; each defaults to the settings' one value.
+        **changes: other fields of :class:`memory.Settings`, the same for every row.
+
+    Model shapes and activation profiles are cached, so large sweeps cost
+    milliseconds per configuration.
 
     Raises:
         InputError: as :func:`memory.estimate`.
     """
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
-    out = []
-    for s, b, r, o, gc in itertools.product(seq_lens, micro_batch_sizes, ranks, optimizers, gradient_checkpointing):
-        out.append(estimate(spec, seq_len=s, micro_batch_size=b, rank=r, optimizer=o, gradient_checkpointing=gc, **fixed))
-    return out
+    base = with_changes(settings, changes)
+    axes = (
+        seq_lens or (base.seq_len,), micro_batch_sizes or (base.micro_batch_size,), ranks or (base.rank,),
+        optimizers or (base.optimizer,), gradient_checkpointing or (base.gradient_checkpointing,),
+    )
+    return [
+        estimate(spec, base, seq_len=s, micro_batch_size=b, rank=r, optimizer=o, gradient_checkpointing=gc)
+        for s, b, r, o, gc in itertools.product(*axes)
+    ]

@@ -9,8 +9,9 @@ as the model defines them. Which linears stay 16-bit is decided by
 ``quant.model.skipped_names`` -- the same function quantization uses.
 
 Sources: a catalog name (:mod:`memory.catalog`), a local ``config.json`` or
-a model folder holding one, or a recipe YAML whose ``model`` (flat) or
-``model.path`` (nested) names one of those.
+a model folder holding one. Recipes are the trainer's (``qlora``), so they are
+planned on its side: ``qlora plan --model RECIPE.yaml`` or
+``qlora.train.plan.plan_recipe``.
 
 Building a spec for Llama-3.1-70B (80 layers) takes about 0.4 s on a laptop
 CPU; results are cached per config, so repeated plans pay it once.
@@ -99,10 +100,16 @@ class ModelSpec:
         """A fresh copy of the config facts."""
         return json.loads(self.config_json)
 
-    @property
+    @functools.cached_property
     def quantized_params(self) -> int:
         """Elements of all weights stored in 4 bits."""
         return sum(lin.numel for lin in self.linears if lin.quantized)
+
+    def __hash__(self) -> int:
+        # The planner's caches look a spec up several times per estimate; hashing every
+        # LinearInfo each time cost a fifth of an estimate. Equal specs have equal names
+        # and configs (both are compared fields), so this hash agrees with ==.
+        return hash((self.name, self.config_json))
 
     @property
     def frozen_16bit_params(self) -> int:
@@ -241,7 +248,9 @@ def spec_from_model(model: nn.Module, name: str, facts: dict) -> ModelSpec:
         mod = modules[lname]
         layer, short = _layer_of(lname, prefix)
         linears.append(
-            LinearInfo(lname, short, layer, mod.in_features, mod.out_features, mod.bias is not None, lname not in keep16)
+            LinearInfo(
+                lname, short, layer, mod.in_features, mod.out_features, mod.bias is not None, lname not in keep16
+            )
         )
     quantized_weights = {id(modules[lin.name].weight) for lin in linears if lin.quantized}
     quantized_biases = {id(modules[lin.name].bias) for lin in linears if lin.quantized and lin.bias}
@@ -269,7 +278,8 @@ def spec_from_model(model: nn.Module, name: str, facts: dict) -> ModelSpec:
     tied = head is not None and any(head.weight is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
     n_layers = model.config.num_hidden_layers
     types = getattr(model.config, "layer_types", None)
-    layer_types = tuple(types) if isinstance(types, (list, tuple)) and len(types) == n_layers else ("full_attention",) * n_layers
+    listed = isinstance(types, (list, tuple)) and len(types) == n_layers
+    layer_types = tuple(types) if listed else ("full_attention",) * n_layers
     return ModelSpec(
         name=name,
         model_type=model.config.model_type,
@@ -320,7 +330,8 @@ def load_spec(model: str = DEFAULT_MODEL) -> ModelSpec:
 
     Raises:
         InputError: not a catalog name nor a readable config; a folder
-            without config.json; not a causal LM.
+            without config.json; a recipe YAML (plan it with ``qlora plan
+            --model RECIPE.yaml``); not a causal LM.
     """
     if not isinstance(model, str) or not model.strip():
         raise InputError(f"--model needs a catalog name, a config.json or a model folder, got {model!r}.")
@@ -330,9 +341,13 @@ def load_spec(model: str = DEFAULT_MODEL) -> ModelSpec:
         if not cfg.is_file():
             raise InputError(f"Model folder {model!r} has no config.json; a Hugging Face model folder needs one.")
         return spec_from_config(_read_config(cfg), name=str(path))
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raise InputError(
+            f"{model!r} is a recipe, not a model config. memory.load_spec reads a catalog name, a config.json or a "
+            "model folder; a recipe is planned with its own settings by the trainer's side: "
+            f"`qlora plan --model {model}` (or qlora.train.plan.plan_recipe in Python)."
+        )
     if path.is_file():
-        if path.suffix in (".yaml", ".yml"):
-            return spec_from_recipe(path)
         return spec_from_config(_read_config(path), name=str(path))
     if resolve_name(model) is None and ("/" in model or model.endswith(".json")) and not _looks_like_repo(model):
         raise InputError(
@@ -345,32 +360,3 @@ def load_spec(model: str = DEFAULT_MODEL) -> ModelSpec:
 
 def _looks_like_repo(model: str) -> bool:
     return model.count("/") == 1 and not model.startswith((".", "/", "~"))
-
-
-def spec_from_recipe(path: str | Path) -> ModelSpec:
-    """The spec of the model a recipe YAML names (``model:`` or ``model: {path: ...}``).
-
-    Relative model paths are resolved against the recipe's folder.
-
-    Raises:
-        InputError: unreadable YAML, no model key, or a model that cannot be resolved.
-    """
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"Cannot read recipe {str(path)!r}: {e}") from None
-    model = data.get("model") if isinstance(data, dict) else None
-    if isinstance(model, dict):
-        model = model.get("path")
-    if not isinstance(model, str):
-        raise InputError(f"Recipe {str(path)!r} names no model: expected 'model: NAME_OR_DIR' or 'model: {{path: ...}}'.")
-    if model.startswith("builtin:"):
-        raise InputError(
-            f"Recipe {str(path)!r} uses {model!r}; built-in qlora models are resolved by the qlora command "
-            "line, not by the memory package. Pass --model with that model's config.json."
-        )
-    local = (path.parent / model).expanduser()
-    return load_spec(str(local) if local.exists() else model)

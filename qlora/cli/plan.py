@@ -1,63 +1,91 @@
-"""``qlora plan --gpu SPEC``: will this run fit, and with what settings?
+"""``qlora plan [--gpu SPEC] [--model NAME_OR_DIR_OR_RECIPE]``: will this run fit, and with what settings?
 
 Predicts the peak GPU memory of a QLoRA step from the model's config alone
 (no weights, no GPU needed) and fits micro-batch, rank or sequence length to
-the GPU. Exit status: 0 when the plan fits, 1 when nothing fits (the output
-then lists changes that would), 2 for bad input.
+the GPU. The setting flags are generated from :class:`memory.Settings` (each
+field's :class:`memory.Flag`), so they are named, documented and parsed in
+one place. A recipe given as ``--model`` is planned exactly as ``qlora train``
+plans it (:func:`qlora.train.plan.plan_recipe`), with the flags given
+overriding its values, and its plan is printed as ``qlora train`` prints it.
+Exit status: 0 when the plan fits, 1 when nothing fits (the output then
+lists changes that would), 2 for bad input.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 GIB = 1 << 30
+_RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 def add_parser(sub, name: str, help_: str) -> None:
+    import memory
+    from memory.settings import PLAN_DEFAULTS
+
     p = sub.add_parser(
         name, help=help_,
         description="Predict the peak GPU memory of a QLoRA training step and choose settings that fit. "
-        "'GB' means the vendors' GiB-based size (a 24 GB card has 24 GiB).",
+        "'GB' means the vendors' GiB-based size (a 24 GB card has 24 GiB). With a recipe (--model RECIPE.yaml) "
+        "the recipe's own values are the defaults and only the flags given override them.",
     )
-    p.add_argument("--gpu", required=True, metavar="SPEC", help="GPU name (rtx4090, a100-80gb, h100, ...) or size (24GB, 80G, 16000MiB)")
-    p.add_argument("--model", default=None, metavar="NAME_OR_DIR", help="catalog name, config.json, model folder, recipe YAML or builtin:NAME (default llama-3.1-8b)")
-    p.add_argument("--seq-len", default="2048", metavar="N|auto", help="tokens per sequence, or auto: the longest that fits (default 2048)")
-    p.add_argument("--batch-size", default="auto", metavar="N|auto", help="micro-batch size, or auto: the largest that fits (default auto)")
-    p.add_argument("--effective-batch", default="16", metavar="N", help="sequences per optimizer step; accumulation makes up the rest (default 16)")
-    p.add_argument("--rank", default="16", metavar="N|auto", help="LoRA rank, or auto: the largest of 8..256 that fits (default 16)")
-    p.add_argument("--alpha", default=None, metavar="A", help="LoRA alpha written to --out (default 2 x rank; no effect on memory)")
-    p.add_argument("--targets", nargs="+", default=["all-linear"], metavar="T", help="all-linear, attention, qv, mlp, module names or a regex (default all-linear)")
-    p.add_argument("--dropout", default="0.0", metavar="P", help="LoRA dropout (default 0)")
-    p.add_argument("--dora", action="store_true", help="DoRA adapters")
-    p.add_argument("--adapter-dtype", default="bfloat16", metavar="DTYPE", help="bfloat16 (default), float16 or float32")
-    p.add_argument("--optimizer", default="paged_adamw_8bit", metavar="NAME", help="paged_adamw_8bit (default), paged_adamw_32bit, adamw_8bit or adamw")
-    p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every layer's activations instead of recomputing them")
-    p.add_argument("--attn", default="auto", metavar="IMPL", help="sdpa, eager or auto (sdpa where the model has it; default)")
-    p.add_argument("--chunked-loss", nargs="?", const="1024", default="1024", metavar="TOKENS",
-                   help="qlora's chunked loss, TOKENS rows per chunk (the trainer's default: 1024)")
-    p.add_argument("--hf-loss", action="store_true",
-                   help="model transformers' loss on full fp32 logits instead (recipe chunked_loss: false)")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="checkpointed layer inputs wait in pinned host memory (recipe offload_activations: true)")
-    p.add_argument("--margin", default="0.05", metavar="F", help="fraction of the GPU kept free (default 0.05)")
+    p.add_argument("--gpu", default=None, metavar="SPEC",
+                   help="GPU name (rtx4090, a100-80gb, h100, ...) or size (24GB, 80G, 16000MiB); required unless "
+                   "--model is a recipe (then: the recipe's gpu, else this machine's memory)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                   help="catalog name, config.json, model folder, recipe YAML or builtin:NAME (default llama-3.1-8b)")
+    for f in dataclasses.fields(memory.Settings):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        default = getattr(PLAN_DEFAULTS, f.name)
+        if flag.parse is None:  # a switch
+            p.add_argument(flag.name, dest=f.name, action="store_const", const=flag.const, default=None, help=flag.help)
+            continue
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        p.add_argument(flag.name, dest=f.name, metavar=flag.metavar, nargs=flag.nargs, default=None,
+                       const=str(default) if flag.nargs == "?" else None, help=f"{flag.help} (default {shown})")
+    p.add_argument("--alpha", default=None, metavar="A",
+                   help="LoRA alpha written to --out (default 2 x rank, or the recipe's; no effect on memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--out", default=None, metavar="RECIPE.yaml", help="write the chosen settings as a recipe (only when the plan fits)")
+    p.add_argument("--out", default=None, metavar="RECIPE.yaml",
+                   help="write the chosen settings as a recipe (only when the plan fits)")
 
 
 # ---------------------------------------------------------------------------- argument parsing
 
 
-def _int_or_auto(value: str, flag: str):
+def explicit_settings(args) -> dict:
+    """The :class:`memory.Settings` changes that the flags given on the command line ask for (field -> value).
+
+    Raises:
+        InputError: a value that does not parse (naming the flag), or two flags that contradict each other.
+    """
+    import memory
     from quant.errors import InputError
 
-    if value == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"{flag} must be a positive integer or 'auto', got {value!r}.") from None
+    changes: dict = {}
+    given: dict[str, str] = {}  # field -> the flag that set it
+    implied: dict[str, tuple] = {}  # field -> (value, the flag that implies it)
+    for f in dataclasses.fields(memory.Settings):
+        flag = f.metadata.get("flag")
+        raw = getattr(args, f.name, None)
+        if flag is None or raw is None:
+            continue
+        try:
+            changes[f.name] = raw if flag.parse is None else flag.parse(raw)
+        except ValueError:
+            raise InputError(f"{flag.name} must be {flag.expects}, got {raw!r}.") from None
+        given[f.name] = flag.name
+        implied.update((key, (value, flag.name)) for key, value in flag.implies)
+    for key, (value, by) in implied.items():
+        if key in given and changes[key] != value:
+            raise InputError(f"{given[key]} and {by} contradict each other; give one of them.")
+        changes[key] = value
+    return changes
 
 
 def _number(value: str, flag: str, kind=float):
@@ -69,22 +97,19 @@ def _number(value: str, flag: str, kind=float):
         raise InputError(f"{flag} must be a number, got {value!r}.") from None
 
 
-def _model_arg(model: str | None) -> str:
-    """Resolve ``builtin:NAME`` to the config.json qlora ships for it; anything else passes through."""
-    from quant.errors import InputError, choices
+def _is_recipe(model: str | None) -> bool:
+    return model is not None and Path(model).suffix.lower() in _RECIPE_SUFFIXES
 
+
+def _model_arg(model: str | None) -> str:
+    """The default model for None; ``builtin:NAME`` -> the config qlora ships for it; anything else as given."""
     if model is None:
         import memory
 
         return memory.DEFAULT_MODEL
-    if model.startswith("builtin:"):
-        from qlora.builtin_models import BUILTIN_MODELS
+    from qlora.train.plan import model_source
 
-        name = model.removeprefix("builtin:")
-        if name not in BUILTIN_MODELS:
-            raise InputError(f"Unknown built-in model {model!r}; valid choices are {choices(['builtin:' + k for k in BUILTIN_MODELS])}.")
-        return str(BUILTIN_MODELS[name] / "config.json")
-    return model
+    return model_source(model)
 
 
 # ---------------------------------------------------------------------------- output
@@ -139,8 +164,8 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
-def render(p, alpha: float, console) -> None:
-    """Print the plan as a table (rich)."""
+def render(p, alpha: float, console, notes: bool = True) -> None:
+    """Print the plan as a table (rich); ``notes=False`` leaves out the notes (the trainer's summary has them)."""
     from rich.table import Table
 
     import memory
@@ -157,7 +182,7 @@ def render(p, alpha: float, console) -> None:
         f"{', '.join(t.rsplit('.', 1)[-1] for t in fp.targets)}"
         f"{' (DoRA)' if fp.dora else ''} | {fp.adapter_dtype} adapters | {fp.optimizer} | checkpointing "
         f"{'on' if fp.gradient_checkpointing else 'off'} | attention {fp.attn} | loss "
-        f"{'chunked, ' + str(fp.loss_chunk_tokens) + ' tokens' if fp.loss == 'chunked' else 'transformers (full fp32 logits)'}"
+        + (f"chunked, {fp.loss_chunk_tokens} tokens" if fp.loss == "chunked" else "transformers (full fp32 logits)")
     )
     t = Table(title=f"memory at the peak (phase: {fp.peak_phase})", show_footer=False)
     t.add_column("term")
@@ -175,7 +200,7 @@ def render(p, alpha: float, console) -> None:
     t.add_row("[bold]device total[/]", f"[bold]{_gib(fp.device_total_bytes)}[/]")
     console.print(t)
     console.print("phases (tensor GiB): " + ", ".join(f"{k} {_gib(v)}" for k, v in fp.phases.items()))
-    for note in p.notes:
+    for note in p.notes if notes else ():
         console.print(f"note: {note}")
     if p.suggestions:
         console.print("[bold]changes that would fit[/], cheapest first:")
@@ -192,83 +217,107 @@ RECIPE_HEADER = """\
 """
 
 
-def write_recipe(p, alpha: float, path: str, model_arg: str | None, output_dir: str = "runs/planned") -> Path:
-    """Write the plan's settings as a ``qlora train`` recipe (validated, then written atomically).
-
-    Raises:
-        InputError: the mapping does not validate as a recipe (a bug, reported plainly).
-    """
-    import yaml
-
-    from qlora.train.recipe import recipe_from_dict
-    from quant.files import write_text_atomic
-
-    fp = p.footprint
+def new_recipe_base(model_arg: str | None, model_name: str, output_dir: str = "runs/planned") -> dict:
+    """The recipe mapping ``--out`` fills in when ``--model`` was not a recipe (model and data to fill in)."""
     if model_arg and model_arg.startswith("builtin:"):
         model_path = model_arg
     elif model_arg and Path(model_arg).expanduser().is_dir():
         model_path = str(Path(model_arg).expanduser().resolve())
     else:
-        model_path = f"/path/to/{fp.model}"
-    data = {
-        "model": {"path": model_path,
-                  "attn_implementation": fp.attn},
-        "lora": {"targets": list(fp.targets), "rank": p.rank, "alpha": alpha, "dropout": fp.dropout,
-                 "variant": "dora" if fp.dora else "lora", "dtype": fp.adapter_dtype},
-        "data": {"path": "/path/to/train.jsonl"},
-        "seq_len": p.seq_len,
-        "micro_batch_size": p.micro_batch_size,
-        "effective_batch_size": p.effective_batch_size,
-        "optimizer": {"name": fp.optimizer},
-        "gradient_checkpointing": fp.gradient_checkpointing,
-        "chunked_loss": fp.loss == "chunked",
-        "offload_activations": fp.offload_activations,
-        "gpu": p.gpu.name,
-        "output_dir": output_dir,
-    }
+        model_path = f"/path/to/{model_name}"
+    return {"model": {"path": model_path}, "quant": {}, "lora": {}, "data": {"path": "/path/to/train.jsonl"},
+            "output_dir": output_dir}
+
+
+def write_recipe(p, alpha: float, path: str, base: dict, header: str = RECIPE_HEADER) -> Path:
+    """Write the plan's settings into the recipe mapping ``base`` as a ``qlora train`` recipe.
+
+    The settings go in through :func:`qlora.train.plan.settings_to_recipe`
+    (the inverse of the mapping ``qlora train`` plans with); the result is
+    validated as a recipe, then written atomically.
+
+    Raises:
+        InputError: a setting a recipe cannot express, or a mapping that does
+            not validate as a recipe (a bug, reported plainly).
+    """
+    import yaml
+
+    from qlora.train.plan import settings_to_recipe
+    from qlora.train.recipe import recipe_from_dict
+    from quant.files import write_text_atomic
+
+    data = settings_to_recipe(p.settings, base)
+    data["lora"]["alpha"] = alpha
+    data["gpu"] = p.gpu.name
     recipe_from_dict(data)  # what we write must be a valid recipe
     planned = (f"# Planned for {p.gpu.name}: predicted peak {p.peak_bytes / 2**30:.2f} GiB "
                f"of {p.usable_bytes / 2**30:.2f} GiB usable.\n")
-    return write_text_atomic(path, RECIPE_HEADER + planned + yaml.safe_dump(data, sort_keys=False))
+    return write_text_atomic(path, header + planned + yaml.safe_dump(data, sort_keys=False))
 
 
 def run(args) -> int:
+    """``qlora plan``: 0 when the plan fits, 1 when nothing fits.
+
+    Raises:
+        InputError: bad flags, an unknown GPU or model, no --gpu for a non-recipe model, --out when nothing fits.
+    """
     import memory
     from quant.errors import InputError
 
-    rank = _int_or_auto(args.rank, "--rank")
-    targets = args.targets[0] if len(args.targets) == 1 else list(args.targets)
-    chunk = None if args.hf_loss else _number(args.chunked_loss, "--chunked-loss", int)
-    p = memory.plan(
-        args.gpu,
-        model=_model_arg(args.model),
-        seq_len=_int_or_auto(args.seq_len, "--seq-len"),
-        micro_batch_size=_int_or_auto(args.batch_size, "--batch-size"),
-        rank=rank,
-        effective_batch_size=_number(args.effective_batch, "--effective-batch", int),
-        targets=targets,
-        dropout=_number(args.dropout, "--dropout"),
-        dora=args.dora,
-        adapter_dtype=args.adapter_dtype,
-        optimizer=args.optimizer,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
-        attn=args.attn,
-        loss="hf" if chunk is None else "chunked",
-        loss_chunk_tokens=chunk or 1024,
-        margin=_number(args.margin, "--margin"),
-        offload_activations=args.offload_activations,
-    )
+    changes = explicit_settings(args)
+    if _is_recipe(args.model):
+        return _run_recipe(args, changes)
+    if args.gpu is None:
+        raise InputError(
+            "--gpu is required for a catalog model, config.json or model folder: name the GPU to plan for, "
+            "e.g. --gpu 24GB or --gpu rtx4090. Only with a recipe (--model RECIPE.yaml) may it be left out: "
+            "the recipe's own gpu key, else this machine's memory, is the budget then."
+        )
+    p = memory.plan(args.gpu, _model_arg(args.model), **changes)
     alpha = _number(args.alpha, "--alpha") if args.alpha is not None else 2.0 * p.rank
+    _show(p, alpha, args.json)
+    if args.out:
+        _refuse_unless_fits(p, args.out)
+        written = write_recipe(p, alpha, args.out, new_recipe_base(args.model, p.footprint.model))
+        print(f"wrote {written}", file=sys.stderr)
+    return 0 if p.fits else 1
+
+
+def _run_recipe(args, changes: dict) -> int:
+    """``--model RECIPE.yaml``: plan it as ``qlora train`` does, print what it prints, then the table."""
+    from qlora.train.plan import model_label, plan_recipe, plan_summary
+    from qlora.train.recipe import load_recipe, recipe_to_dict
+
+    recipe = load_recipe(args.model)
+    p = plan_recipe(recipe, gpu=args.gpu, **changes)
+    alpha = _number(args.alpha, "--alpha") if args.alpha is not None else recipe.lora.alpha
     if args.json:
+        _show(p, alpha, True)
+    else:
+        print(plan_summary(p, model_label(recipe)), flush=True)  # plain text: the very lines qlora train logs
+        _show(p, alpha, False, notes=False)
+    if args.out:
+        _refuse_unless_fits(p, args.out)
+        header = f"# Written by `qlora plan` from {args.model} with the planned settings.\n"
+        written = write_recipe(p, alpha, args.out, recipe_to_dict(recipe), header)
+        print(f"wrote {written}", file=sys.stderr)
+    return 0 if p.fits else 1
+
+
+def _show(p, alpha: float, as_json: bool, notes: bool = True) -> None:
+    if as_json:
         json.dump(plan_dict(p, alpha), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         from rich.console import Console
 
-        render(p, alpha, Console())
-    if args.out:
-        if not p.fits:
-            raise InputError(f"Nothing fits on {p.gpu.name}, so no recipe was written to {args.out!r}; apply one of the listed changes first.")
-        written = write_recipe(p, alpha, args.out, args.model)
-        print(f"wrote {written}", file=sys.stderr)
-    return 0 if p.fits else 1
+        render(p, alpha, Console(), notes)
+
+
+def _refuse_unless_fits(p, out: str) -> None:
+    from quant.errors import InputError
+
+    if not p.fits:
+        raise InputError(
+            f"Nothing fits on {p.gpu.name}, so no recipe was written to {out!r}; apply one of the listed changes first."
+        )

@@ -13,7 +13,9 @@ BASE = dict(
 
 ARCHS = {
     "llama": dict(BASE, model_type="llama"),
-    "llama-odd": dict(BASE, model_type="llama", hidden_size=96, intermediate_size=333, num_attention_heads=3, num_key_value_heads=1),
+    "llama-odd": dict(
+        BASE, model_type="llama", hidden_size=96, intermediate_size=333, num_attention_heads=3, num_key_value_heads=1
+    ),
     "qwen2": dict(BASE, model_type="qwen2", tie_word_embeddings=True),
     "mistral": dict(BASE, model_type="mistral", sliding_window=None),
     "gemma2": dict(

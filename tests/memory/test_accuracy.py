@@ -3,14 +3,14 @@
 Each case builds the model from its config with random weights, quantizes
 it, adds LoRA, runs two real training steps and measures the peak bytes of
 live tensors in the second (memcheck); the planner predicts the same
-configuration from the config alone. Nothing is fitted per case.
+configuration from the config alone. Nothing is fitted per case. The bound
+is 5%: docs/memory-accuracy.md publishes at most 3.3% over its configurations.
 """
 
 import math
 
 import pytest
 from arch_configs import ARCHS
-
 from memcheck import check
 
 CASES = [
@@ -28,9 +28,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch, settings", CASES, ids=[f"{a}-{i}" for i, (a, _) in enumerate(CASES)])
-def test_prediction_within_10_percent_of_cpu_measured_peak(arch, settings):
+def test_prediction_within_5_percent_of_cpu_measured_peak(arch, settings):
     c = check(ARCHS[arch], name=arch, device="cpu", **settings)
     m = c.measurement
     assert m.device == "cpu" and math.isfinite(m.loss)
     assert m.peak_bytes > m.start_bytes > 0
-    assert abs(c.error) < 0.10, f"predicted {c.predicted_bytes}, measured {m.peak_bytes} ({100 * c.error:+.2f}%)"
+    assert abs(c.error) < 0.05, f"predicted {c.predicted_bytes}, measured {m.peak_bytes} ({100 * c.error:+.2f}%)"

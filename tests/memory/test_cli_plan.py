@@ -27,7 +27,8 @@ def test_default_plan_for_llama_3_1_8b_on_24gb(capsys):
 def test_json_has_the_stable_keys(capsys):
     rc, out, _ = _plan(capsys, "--gpu", "rtx4090", "--json")
     d = json.loads(out)
-    for key in ("fits", "budget_bytes", "peak_bytes", "micro_batch_size", "gradient_accumulation_steps", "rank", "seq_len", "model", "gpu", "breakdown"):
+    for key in ("fits", "budget_bytes", "peak_bytes", "micro_batch_size", "gradient_accumulation_steps", "rank",
+                "seq_len", "model", "gpu", "breakdown"):
         assert key in d, key
     assert rc == 0 and d["fits"] is True and d["model"] == "llama-3.1-8b"
     assert d["gpu"]["name"] == "rtx4090" and d["budget_bytes"] == 24564 * 2**20
@@ -75,3 +76,31 @@ def test_non_causal_config_is_refused(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     rc, _, err = _plan(capsys, "--gpu", "24GB", "--model", tmp_path)
     assert rc == 2 and "not a decoder-only causal language model" in err and "Traceback" not in err
+
+
+def test_setting_flags_are_generated_from_memory_settings():
+    import argparse
+    import dataclasses
+
+    import memory
+    from qlora.cli.plan import add_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub, "plan", "")
+    parser = sub.choices["plan"]
+    by_dest = {a.dest: a for a in parser._actions}
+    flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(memory.Settings) if "flag" in f.metadata}
+    assert {"seq_len", "micro_batch_size", "rank", "optimizer", "loss", "loss_chunk_tokens", "device"} <= set(flags)
+    for name, flag in flags.items():
+        assert by_dest[name].option_strings == [flag.name] and flag.help in by_dest[name].help
+    assert set(by_dest) - set(flags) == {"help", "gpu", "model", "alpha", "json", "out"}  # nothing written twice
+
+
+def test_flags_reach_the_plan(capsys):
+    rc, out, _ = _plan(capsys, "--gpu", "24GB", "--model", "qwen2.5-0.5b", "--seq-len", "1024", "--batch-size", "2",
+                       "--rank", "8", "--targets", "self_attn.q_proj", "self_attn.v_proj", "--dora", "--hf-loss",
+                       "--optimizer", "adamw", "--no-gradient-checkpointing", "--device", "cpu", "--json")
+    d = json.loads(out)
+    assert rc == 0 and (d["seq_len"], d["micro_batch_size"], d["rank"]) == (1024, 2, 8)
+    assert d["targets"] == ["self_attn.q_proj", "self_attn.v_proj"] and d["dora"] and d["loss"] == "hf"
+    assert d["optimizer"] == "adamw" and not d["gradient_checkpointing"] and d["cuda_context_bytes"] == 0

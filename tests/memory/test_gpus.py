@@ -8,7 +8,8 @@ from quant.errors import InputError
 
 @pytest.mark.parametrize(
     "spec, total",
-    [("24GB", 24 * GIB), ("24GiB", 24 * GIB), ("80G", 80 * GIB), ("16000MiB", 16000 * MIB), ("1.5TB", int(1.5 * (1 << 40))), ("40 gb", 40 * GIB)],
+    [("24GB", 24 * GIB), ("24GiB", 24 * GIB), ("80G", 80 * GIB), ("16000MiB", 16000 * MIB),
+     ("1.5TB", int(1.5 * (1 << 40))), ("40 gb", 40 * GIB)],
 )
 def test_sizes_are_binary(spec, total):
     assert parse_gpu(spec).total_bytes == total
@@ -19,13 +20,16 @@ def test_plain_gb_says_it_means_gib():
     assert "vendors" in parse_gpu("24GB").note
 
 
-@pytest.mark.parametrize("name, mib", [("rtx4090", 24564), ("a100-80gb", 81920), ("h100", 81559), ("T4", 15360), ("a100", 81920)])
+@pytest.mark.parametrize(
+    "name, mib", [("rtx4090", 24564), ("a100-80gb", 81920), ("h100", 81559), ("T4", 15360), ("a100", 81920)]
+)
 def test_catalog_names(name, mib):
     assert parse_gpu(name).total_bytes == mib * MIB
 
 
 def test_required_names_are_in_the_catalog():
-    for name in ("rtx3090", "rtx4090", "rtx5090", "l4", "a10g", "t4", "v100-32gb", "a100-40gb", "a100-80gb", "a6000", "l40s", "h100", "h200"):
+    for name in ("rtx3090", "rtx4090", "rtx5090", "l4", "a10g", "t4", "v100-32gb", "a100-40gb", "a100-80gb", "a6000",
+                 "l40s", "h100", "h200"):
         assert name in known_gpus()
 
 

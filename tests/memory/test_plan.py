@@ -64,8 +64,57 @@ def test_sweep_is_the_cartesian_product_in_order(spec):
 @pytest.mark.parametrize(
     "kw, match",
     [(dict(seq_len=0), "seq_len"), (dict(micro_batch_size=0), "micro_batch_size"), (dict(rank=-4), "rank"),
-     (dict(margin=0.7), "margin"), (dict(effective_batch_size=0), "effective_batch_size"), (dict(seq_len="long"), "seq_len")],
+     (dict(margin=0.7), "margin"), (dict(effective_batch_size=0), "effective_batch_size"),
+     (dict(seq_len="long"), "seq_len")],
 )
 def test_bad_plan_settings(spec, kw, match):
     with pytest.raises(InputError, match=match):
         memory.plan("24GB", spec, **kw)
+
+
+def test_one_settings_object_or_keyword_changes_give_the_same_footprint(spec):
+    s = memory.Settings(seq_len=128, micro_batch_size=2, rank=8, loss="hf", device="cpu")
+    same = memory.estimate(spec, seq_len=128, micro_batch_size=2, rank=8, loss="hf", device="cpu")
+    assert memory.estimate(spec, s) == same
+    assert memory.estimate(spec, s, rank=32) == memory.estimate(spec, s.changed(rank=32))
+    assert memory.estimate(spec, s, rank=32).rank == 32 and s.rank == 8  # frozen: changes make a copy
+    with pytest.raises(AttributeError):
+        s.rank = 4
+    assert hash(s) == hash(memory.Settings(seq_len=128, micro_batch_size=2, rank=8, loss="hf", device="cpu"))
+    with pytest.raises(TypeError):
+        memory.Settings(128)  # keyword-only
+
+
+def test_a_plans_resolved_settings_reproduce_its_footprint(spec):
+    p = memory.plan("2GB", spec, seq_len="auto", rank="auto", attn="auto")
+    s = p.settings
+    assert (s.seq_len, s.micro_batch_size, s.rank, s.attn) == (p.seq_len, p.micro_batch_size, p.rank, p.footprint.attn)
+    assert s.effective_batch_size == p.effective_batch_size and "auto" not in (s.seq_len, s.micro_batch_size, s.rank)
+    assert memory.estimate(spec, s) == p.footprint
+    assert memory.plan("2GB", spec, s).footprint == p.footprint  # planning resolved settings changes nothing
+
+
+def test_sweep_starts_from_given_settings(spec):
+    base = memory.Settings(seq_len=64, loss="hf", device="cpu")
+    rows = memory.sweep(spec, base, ranks=[8, 16])
+    assert [(r.seq_len, r.rank, r.loss) for r in rows] == [(64, 8, "hf"), (64, 16, "hf")]
+    assert rows[1] == memory.estimate(spec, base, rank=16)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda spec: memory.estimate(spec, seqlen=512), r"Unknown setting 'seqlen'.*Did you mean 'seq_len'"),
+        (lambda spec: memory.plan("24GB", spec, ranks=8), r"Unknown setting 'ranks'.*Did you mean 'rank'"),
+        (lambda spec: memory.estimate(spec, 4096), "memory.Settings"),
+        (lambda spec: memory.estimate(spec, seq_len="auto"), r"needs a number for seq_len.*memory\.plan"),
+        (lambda spec: memory.estimate(spec, optimizer="adamw8bit"), r"Did you mean 'adamw_8bit'"),
+        (lambda spec: memory.Settings(dora="yes"), "dora"),
+        (lambda spec: memory.Settings(targets=[]), "LoRA targets"),
+        (lambda spec: memory.Settings(blocksize=100), "100"),
+        (lambda spec: memory.Settings(device="tpu"), "device"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(spec, call, match):
+    with pytest.raises(InputError, match=match):
+        call(spec)

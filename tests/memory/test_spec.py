@@ -93,16 +93,18 @@ def test_default_model_is_llama_3_1_8b():
     assert memory.load_spec().name == "llama-3.1-8b"
 
 
-def test_spec_from_config_file_folder_and_recipe(tmp_path):
+def test_spec_from_config_file_and_folder_but_not_a_recipe(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(ARCHS["llama"]))
     by_dir = memory.load_spec(str(tmp_path / "m"))
     by_file = memory.load_spec(str(tmp_path / "m" / "config.json"))
     assert by_dir.total_params == by_file.total_params == memory.spec_from_config(ARCHS["llama"]).total_params
-    (tmp_path / "flat.yaml").write_text("model: m\nseq_len: 512\n")
+    # recipes are the trainer's: memory points to `qlora plan --model RECIPE.yaml` (tests/qlora/test_plan_recipes.py)
     (tmp_path / "nested.yaml").write_text("model:\n  path: m\n")
-    assert memory.spec_from_recipe(tmp_path / "flat.yaml").total_params == by_dir.total_params
-    assert memory.load_spec(str(tmp_path / "nested.yaml")).total_params == by_dir.total_params
+    for recipe in (tmp_path / "nested.yaml", tmp_path / "missing.yml"):
+        with pytest.raises(InputError, match=r"qlora plan --model .*\.ya?ml"):
+            memory.load_spec(str(recipe))
+    assert not hasattr(memory, "spec_from_recipe")
 
 
 def test_bad_models_raise_input_errors(tmp_path):

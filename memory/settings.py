@@ -1,0 +1,270 @@
+"""The choices of a run that decide its memory: one frozen dataclass, validated in one place.
+
+:func:`memory.estimate`, :func:`memory.plan` and :func:`memory.sweep` take a
+:class:`Settings` plus keyword changes to it (``estimate(spec, seq_len=4096,
+rank=32)`` is ``estimate(spec, Settings(seq_len=4096, rank=32))``).
+``qlora.train.plan.settings_from_recipe`` builds one from a recipe, and
+``qlora plan`` generates its command-line flags from each field's
+:class:`Flag` metadata, so a setting is named, documented and parsed here
+only.
+
+Every field is checked when a :class:`Settings` is made (also by
+:func:`dataclasses.replace`); what needs the model (is ``sdpa`` available,
+which linears do the targets select) is checked by :func:`memory.estimate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from quant.blockwise import check_args
+from quant.errors import InputError, choices
+
+from .terms import ITEMSIZE, OPTIMIZERS
+
+ATTN = ("auto", "sdpa", "eager")
+LOSSES = ("hf", "chunked")
+DEVICES = ("cuda", "cpu")
+MIB = 1 << 20
+# Defaults for the terms outside the tensor peak. The CUDA context is 0.3-0.6 GiB
+# with lazy module loading (PyTorch/NVIDIA docs); the allocator's cache and
+# fragmentation are a fraction of the peak. Both are assumptions until
+# bench/memory_accuracy.py measures them on a GPU (it reports reserved/allocated).
+CUDA_CONTEXT_BYTES = 512 * MIB
+ALLOCATOR_RESERVE = 0.05
+MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears on the ``qlora plan`` command line.
+
+    Attributes:
+        name: the flag (``--seq-len``).
+        help: what it means, without the default (the CLI appends it).
+        metavar: the value's placeholder; None for a switch.
+        parse: raw argparse value -> setting value, raising ``ValueError``
+            on bad text; None for a switch, which stores ``const``.
+        expects: what a valid value looks like, for the error message.
+        const: the value a switch stores.
+        nargs: argparse ``nargs`` (``"+"`` for lists, ``"?"`` for an optional value).
+        implies: other settings a given flag also sets, as (field, value) pairs.
+    """
+
+    name: str
+    help: str
+    metavar: str | None = None
+    parse: Callable[[Any], Any] | None = None
+    expects: str = ""
+    const: Any = None
+    nargs: str | None = None
+    implies: tuple[tuple[str, Any], ...] = ()
+
+
+def _int_or_auto(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
+def _targets(values: list[str]) -> str | tuple[str, ...]:
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _opt(flag: str, help_: str, metavar: str | None = None, parse=None, expects: str = "", **kw) -> dict:
+    return {"flag": Flag(flag, help_, metavar, parse, expects, **kw)}
+
+
+_AUTO = "a positive integer or 'auto'"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every memory-relevant choice of a QLoRA run (frozen, hashable, keyword-only).
+
+    Attributes:
+        seq_len: tokens per sequence (>= 2), or ``"auto"`` (:func:`memory.plan` only).
+        micro_batch_size: sequences per forward/backward, or ``"auto"`` (plan only).
+        rank: LoRA rank, or ``"auto"`` (plan only).
+        effective_batch_size: sequences per optimizer step (plan only).
+        targets: preset, module names (a tuple) or regex (see :mod:`memory.targets`).
+        dropout: LoRA dropout in [0, 1). dora: DoRA magnitudes.
+        adapter_dtype: bfloat16, float16 or float32.
+        optimizer: adamw (torch), adamw_8bit, paged_adamw_8bit or paged_adamw_32bit (bitsandbytes).
+        gradient_checkpointing: one non-reentrant checkpoint per decoder layer.
+        attn: sdpa, eager, or auto (sdpa where the architecture has it).
+        loss: ``chunked`` (qlora's loss, ``loss_chunk_tokens`` rows per chunk;
+            the trainer's default) or ``hf`` (transformers' loss on full fp32 logits).
+        offload_activations: checkpointed layer inputs wait in pinned host memory.
+        quant_type, blocksize, double_quant: the 4-bit format.
+        device: ``cuda`` (CUDA kernels, context and reserve added) or ``cpu``.
+        margin: fraction of the GPU the planner keeps free, in [0, 0.5) (plan only).
+        cuda_context_bytes, allocator_reserve: overheads outside the tensor peak;
+            the reserve is a fraction of the tensor peak.
+
+    Raises:
+        InputError: on construction, any field out of range or not a valid choice.
+    """
+
+    seq_len: int | str = field(default=2048, metadata=_opt(
+        "--seq-len", "tokens per sequence, or auto: the longest that fits", "N|auto", _int_or_auto, _AUTO))
+    micro_batch_size: int | str = field(default=1, metadata=_opt(
+        "--batch-size", "micro-batch size, or auto: the largest that fits", "N|auto", _int_or_auto, _AUTO))
+    rank: int | str = field(default=16, metadata=_opt(
+        "--rank", "LoRA rank, or auto: the largest of 8..256 that fits", "N|auto", _int_or_auto, _AUTO))
+    effective_batch_size: int = field(default=16, metadata=_opt(
+        "--effective-batch", "sequences per optimizer step; accumulation makes up the rest", "N", int,
+        "a positive integer"))
+    targets: str | tuple[str, ...] = field(default="all-linear", metadata=_opt(
+        "--targets", "all-linear, attention, qv, mlp, module names or a regex", "T", _targets, "names", nargs="+"))
+    dropout: float = field(default=0.0, metadata=_opt("--dropout", "LoRA dropout", "P", float, "a number"))
+    dora: bool = field(default=False, metadata=_opt("--dora", "DoRA adapters", const=True))
+    adapter_dtype: str = field(default="bfloat16", metadata=_opt(
+        "--adapter-dtype", "bfloat16, float16 or float32", "DTYPE", str))
+    optimizer: str = field(default="paged_adamw_8bit", metadata=_opt(
+        "--optimizer", "paged_adamw_8bit, paged_adamw_32bit, adamw_8bit or adamw", "NAME", str))
+    gradient_checkpointing: bool = field(default=True, metadata=_opt(
+        "--no-gradient-checkpointing", "keep every layer's activations instead of recomputing them", const=False))
+    attn: str = field(default="auto", metadata=_opt(
+        "--attn", "sdpa, eager or auto: sdpa where the model has it", "IMPL", str))
+    loss: str = field(default="chunked", metadata=_opt(
+        "--hf-loss", "model transformers' loss on full fp32 logits instead (recipe chunked_loss: false)", const="hf"))
+    loss_chunk_tokens: int = field(default=1024, metadata=_opt(
+        "--chunked-loss", "qlora's chunked loss, TOKENS rows per chunk; recipe chunked_loss: true", "TOKENS", int,
+        "a positive integer", nargs="?", implies=(("loss", "chunked"),)))
+    offload_activations: bool = field(default=False, metadata=_opt(
+        "--offload-activations", "checkpointed layer inputs wait in pinned host memory (recipe offload_activations: "
+        "true)", const=True))
+    quant_type: str = field(default="nf4", metadata=_opt("--quant-type", "4-bit format: nf4 or fp4", "TYPE", str))
+    blocksize: int = field(default=64, metadata=_opt(
+        "--blocksize", "4-bit quantization block size", "N", int, "a positive integer"))
+    double_quant: bool = field(default=True, metadata=_opt(
+        "--no-double-quant", "keep the 4-bit blocks' scales in fp32 instead of quantizing them to 8 bits", const=False))
+    device: str = field(default="cuda", metadata=_opt(
+        "--device", "cuda (a GPU run: CUDA context and allocator reserve counted) or cpu", "DEVICE", str))
+    margin: float = field(default=MARGIN, metadata=_opt(
+        "--margin", "fraction of the GPU kept free", "F", float, "a number"))
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES
+    allocator_reserve: float = ALLOCATOR_RESERVE
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("seq_len", 2), ("micro_batch_size", 1), ("rank", 1)):
+            if getattr(self, name) != "auto":
+                _int(getattr(self, name), name, minimum, " or 'auto'")
+        _int(self.effective_batch_size, "effective_batch_size")
+        _int(self.loss_chunk_tokens, "loss_chunk_tokens")
+        _int(self.cuda_context_bytes, "cuda_context_bytes", 0)
+        object.__setattr__(self, "targets", _check_targets(self.targets))
+        object.__setattr__(self, "dropout", _fraction(self.dropout, "LoRA dropout must be a number in [0, 1)", 1.0))
+        for name in ("dora", "gradient_checkpointing", "offload_activations", "double_quant"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        _one_of(self.adapter_dtype, tuple(ITEMSIZE), "adapter dtype")
+        _one_of(self.optimizer, OPTIMIZERS, "optimizer")
+        _one_of(self.attn, ATTN, "attention implementation")
+        _one_of(self.loss, LOSSES, "loss")
+        _one_of(self.device, DEVICES, "device")
+        check_args(self.quant_type, self.blocksize)
+        _fraction(self.margin, "The safety margin is a fraction of the GPU in [0, 0.5)", 0.5)
+        _fraction(self.allocator_reserve, "allocator_reserve is a fraction of the peak in [0, 1)", 1.0)
+
+    def changed(self, **changes) -> Settings:
+        """A copy with ``changes`` applied (field name -> value), validated.
+
+        Raises:
+            InputError: an unknown field name (the nearest one is suggested) or a bad value.
+        """
+        return with_changes(self, changes)
+
+    def without_auto(self, caller: str = "memory.estimate") -> Settings:
+        """``self``, after checking seq_len, micro_batch_size and rank are numbers.
+
+        Raises:
+            InputError: one of them is ``"auto"`` (only :func:`memory.plan` resolves it).
+        """
+        for name in ("seq_len", "micro_batch_size", "rank"):
+            if getattr(self, name) == "auto":
+                raise InputError(
+                    f"{caller} needs a number for {name}, got 'auto'; memory.plan resolves 'auto' for a GPU "
+                    f"({flag_name(name)} auto on the command line)."
+                )
+        return self
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Settings))
+_FLAGS = {f.name: f.metadata["flag"] for f in dataclasses.fields(Settings) if "flag" in f.metadata}
+
+
+def with_changes(settings: Settings | None, changes: Mapping[str, Any], default: Settings | None = None) -> Settings:
+    """``settings`` (``default`` when None) with ``changes`` applied by :func:`dataclasses.replace`.
+
+    Raises:
+        InputError: ``settings`` is not a :class:`Settings`, a change names no
+            field (the nearest one is suggested), or a changed value is invalid.
+    """
+    base = (DEFAULTS if default is None else default) if settings is None else settings
+    if not isinstance(base, Settings):
+        raise InputError(
+            f"settings must be a memory.Settings, got {type(base).__name__} {base!r}; pass single values by keyword "
+            "(seq_len=4096, rank=32)."
+        )
+    if not changes:
+        return base
+    unknown = [k for k in changes if k not in FIELDS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"Unknown setting {unknown[0]!r}.{hint} Valid settings are {choices(FIELDS)}.")
+    return dataclasses.replace(base, **changes)
+
+
+def flag_of(name: str) -> Flag | None:
+    """The command-line :class:`Flag` of field ``name`` (None for fields without one)."""
+    return _FLAGS.get(name)
+
+
+def flag_name(name: str) -> str:
+    """``--seq-len`` for ``seq_len``; the field name itself when it has no flag."""
+    flag = flag_of(name)
+    return flag.name if flag else name
+
+
+# ---------------------------------------------------------------------------- validation helpers
+
+
+def _int(value, what: str, minimum: int = 1, alternatives: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{what} must be an integer >= {minimum}{alternatives}, got {value!r}.")
+    return value
+
+
+def _fraction(value, message: str, upper: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < upper:
+        raise InputError(f"{message}, got {value!r}.")
+    return float(value)
+
+
+def _one_of(value, valid, what: str):
+    if value not in valid:
+        close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"Unknown {what} {value!r}; valid choices are {choices(valid)}.{hint}")
+    return value
+
+
+def _check_targets(targets) -> str | tuple[str, ...]:
+    if isinstance(targets, str) and targets:
+        return targets
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
+        return tuple(targets)
+    raise InputError(
+        f"LoRA targets must be a preset ('all-linear', 'attention', 'qv', 'mlp'), a regex or a list of module "
+        f"names; got {targets!r}."
+    )
+
+
+DEFAULTS = Settings()
+# memory.plan's starting point when it is given no settings: the micro-batch is searched.
+PLAN_DEFAULTS = Settings(micro_batch_size="auto")
