@@ -204,9 +204,9 @@ def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Setti
     fp = est(seq, b, r)
     fits = _fits(fp, usable)
     if fp.host_bytes:
-        notes.append(
-            f"paged optimizer state in host-backed unified memory: {fp.host_bytes / 2**30:.2f} GiB (not on the GPU)"
-        )
+        what = [w for w, on in (("paged optimizer state (unified memory)", fp.optimizer.startswith("paged")),
+                                ("offloaded layer inputs (pinned)", fp.offload_activations)) if on]
+        notes.append(f"host memory, not on the GPU: {fp.host_bytes / 2**30:.2f} GiB of {' and '.join(what)}")
     if base.attn == "auto" and fp.attn == "eager":
         notes.append("attention: eager (this architecture has no sdpa path in transformers; eager keeps s x s scores)")
     suggestions: tuple[Suggestion, ...] = ()
