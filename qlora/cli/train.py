@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+DEBUG_SIGNAL_ENV = "QLORA_DEBUG_SIGNAL_AT"  # test/debug hook, e.g. "5:SIGKILL": see qlora.train.loop
 
 
 def add_parser(sub, name: str, help_: str) -> None:
-    p = sub.add_parser(name, help=help_, description="Fine-tune with a recipe. Re-running the same command with the same output_dir resumes from the newest complete checkpoint.")
+    p = sub.add_parser(name, help=help_, description="Fine-tune with a recipe. Re-running the same command with the "
+                       "same output_dir resumes from the newest complete checkpoint.")
     p.add_argument("recipe", help="path to a recipe YAML (e.g. recipes/tiny-cpu.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. lora.rank=16 optimizer.lr=1e-4")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. lora.rank=16 optimizer.lr=1e-4")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
+def _debug_signal_at(raw: str | None) -> tuple[int, int] | None:
+    """Parse ``QLORA_DEBUG_SIGNAL_AT=STEP:SIGNAME`` (``SIGNAME`` defaults to SIGTERM) into ``(step, signum)``.
+
+    Raises:
+        InputError: the value is not of that form.
+    """
+    import signal
+
+    from quant import InputError
+
+    if not raw:
+        return None
+    step, _, name = raw.partition(":")
+    try:
+        return int(step), int(signal.Signals[name.strip().upper() or "SIGTERM"])
+    except (ValueError, KeyError):
+        raise InputError(f"{DEBUG_SIGNAL_ENV}={raw!r} is not STEP:SIGNAL (for example 5:SIGKILL or 3:SIGTERM); "
+                         f"unset it for a normal run.") from None
+
+
 def run(args) -> int:
-    from qlora.train.recipe import load_recipe
     from qlora.train.loop import train
+    from qlora.train.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, say=lambda m: print(m, flush=True), progress=not args.no_progress and sys.stderr.isatty())
+    result = train(recipe, say=lambda m: print(m, flush=True), progress=not args.no_progress and sys.stderr.isatty(),
+                   signal_at=_debug_signal_at(os.environ.get(DEBUG_SIGNAL_ENV)))
     if result.exit_code:
         return result.exit_code
     print(f"done: {result.steps} steps in {result.wall_s:.1f} s; metrics in {result.output_dir / 'metrics.jsonl'}")

@@ -1,15 +1,81 @@
-"""Run metrics: metrics.jsonl (crash-tolerant), optional TensorBoard, end-of-run plots."""
+"""Run metrics: per-step numbers averaged over the ``log_steps`` interval, metrics.jsonl (crash-tolerant),
+optional TensorBoard, end-of-run plots."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from quant.files import atomic_file, write_text_atomic
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step's numbers, already on the host (the loop synced them once for the step).
+
+    Attributes:
+        loss: mean loss per target token (nats).
+        lr: the learning rate the step used (of the first optimizer group).
+        grad_norm: total gradient norm before clipping.
+        tokens: target tokens (the loss's denominator).
+        seq_tokens: all tokens the step processed, padding included (``tok_per_s`` counts these).
+        seconds: wall time of the step.
+        peak_bytes, peak_kind: the measured peak so far and what measured it.
+        diagnostics: ``lora/...`` adapter diagnostics, on the steps that compute them.
+    """
+
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seq_tokens: int
+    seconds: float
+    peak_bytes: int
+    peak_kind: str
+    diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass
+class LogWindow:
+    """The train steps since the last written record; :meth:`record` folds them into one record.
+
+    With ``log_steps: 1`` a record is exactly one step's numbers. Over a longer
+    interval it holds what a reader of a per-step log expects: ``loss`` and
+    ``grad_norm`` averaged over the steps, ``tokens`` summed, ``tok_per_s``
+    as all tokens over all seconds, ``lr`` and the peak of the last step,
+    and the diagnostics of the last step that computed them.
+    """
+
+    steps: list[StepStats] = field(default_factory=list)
+
+    def add(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def record(self, step: int, predicted_peak_bytes: int) -> dict:
+        """The record for the interval ending at ``step``; empties the window.
+
+        Raises:
+            ValueError: the window is empty (there is nothing to average).
+        """
+        if not self.steps:
+            raise ValueError(f"no train step to log at step {step}")
+        s, n, last = self.steps, len(self.steps), self.steps[-1]
+        rec = {"step": step, "loss": sum(x.loss for x in s) / n, "lr": last.lr,
+               "grad_norm": sum(x.grad_norm for x in s) / n, "tokens": sum(x.tokens for x in s),
+               "tok_per_s": sum(x.seq_tokens for x in s) / max(sum(x.seconds for x in s), 1e-9),
+               "peak_bytes": last.peak_bytes, "peak_kind": last.peak_kind, "predicted_peak_bytes": predicted_peak_bytes}
+        for x in s:
+            rec.update(x.diagnostics)
+        self.steps = []
+        return rec
 
 
 class MetricsLog:
@@ -63,6 +129,26 @@ def _tensorboard_writer(path: Path):
     return SummaryWriter(str(path))
 
 
+def peak_memory(device) -> tuple[int, str]:
+    """``(bytes, what measured them)``: CUDA's allocator peak (a host counter, no sync), else the peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS"
+
+
+def progress_bar(enabled: bool, total: int, initial: int):
+    """A tqdm bar over optimizer steps, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
 def plot_run(records: list[dict], out_dir: str | Path) -> list[Path]:
     """Write loss.png (train/eval loss per step) and memory.png (predicted vs measured peak)."""
     import matplotlib
@@ -81,7 +167,8 @@ def plot_run(records: list[dict], out_dir: str | Path) -> list[Path]:
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss")
         written.append(_finish(plt, fig, ax, "cross-entropy (nats/token)", out_dir / "loss.png"))
-    mem = [(r["step"], r["peak_bytes"] / 2**30, r.get("predicted_peak_bytes", 0) / 2**30) for r in records if "peak_bytes" in r]
+    mem = [(r["step"], r["peak_bytes"] / 2**30, r.get("predicted_peak_bytes", 0) / 2**30)
+           for r in records if "peak_bytes" in r]
     if mem:
         steps, meas, pred = zip(*mem)
         fig, ax = plt.subplots(figsize=(6, 4))

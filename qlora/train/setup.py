@@ -1,24 +1,29 @@
-"""Setting up a run: the device, the autocast dtype, the trainable model, its optimizer groups."""
+"""Setting up a run: the device, the autocast dtype, the data rows, the trainable model, its optimizer groups.
+
+Every builder here takes flat, typed arguments or one of the recipe's small
+section dataclasses (:class:`DataConfig`, :class:`QuantConfig`,
+:class:`LoraConfig`, :class:`OptimizerConfig`), never a whole recipe.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import torch
-
-from quant.loading import load_quantized_model
-from quant.errors import InputError
+from torch import nn
 
 from qlora.adapters.files import load_adapter, save_adapter
+from qlora.data import load_records, pack_rows, split_eval, tokenize_dataset
 from qlora.lora.diagnostics import lora_diagnostics, summarize
 from qlora.lora.param_groups import lora_param_groups
-from qlora.train.recipe import OptimizerConfig, Recipe
 from qlora.lora.surgery import apply_lora, lora_modules
-
-if TYPE_CHECKING:
-    from qlora.train.plan import RunPlan
+from qlora.train.loss import IGNORE
+from qlora.train.recipe import DataConfig, LoraConfig, OptimizerConfig, QuantConfig
+from quant.errors import InputError
+from quant.loading import load_quantized_model
 
 log = logging.getLogger(__name__)
 
@@ -47,41 +52,114 @@ def autocast_dtype_for(device: torch.device, compute: str) -> torch.dtype:
     return want
 
 
-def build_model(recipe: Recipe, plan: RunPlan, device: torch.device, resume_adapter: Path | None = None):
+@dataclass(frozen=True)
+class RunData:
+    """The packed rows a run trains and evaluates on (host tensors, see :func:`qlora.data.pack_rows`).
+
+    Attributes:
+        rows: int64 ``input_ids``/``labels``/``position_ids``, each (train rows, seq_len).
+        eval_rows: the same for the held-out rows, or None without eval data.
+        row_targets: target tokens of each train row, counted once here on the host, so the loop
+            never reads a count back from the device.
+        summary: the ``data: ...`` line the run prints.
+    """
+
+    rows: dict[str, torch.Tensor]
+    eval_rows: dict[str, torch.Tensor] | None
+    row_targets: list[int]
+    summary: str
+
+
+def row_targets(rows: dict[str, torch.Tensor]) -> list[int]:
+    """Target tokens per row (labels are shifted by one inside the loss, so position 0 never counts)."""
+    return (rows["labels"][:, 1:] != IGNORE).sum(dim=1).tolist()
+
+
+def load_data(data: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> RunData:
+    """Read, tokenize, split (``data.eval_fraction`` unless ``data.eval_path``) and pack a recipe's data.
+
+    Raises:
+        InputError: a missing or unreadable file, an unknown format or field, or no usable example
+            (see :func:`qlora.data.load_records` and :func:`qlora.data.tokenize_dataset`).
+    """
+    ds, source = load_records(data.path)
+    fields = dict(
+        train_on=data.train_on, text_field=data.text_field, instruction_field=data.instruction_field,
+        input_field=data.input_field, output_field=data.output_field, messages_field=data.messages_field,
+    )
+    examples, stats = tokenize_dataset(ds, source, tokenizer, data.format, seq_len, **fields)
+    if data.eval_path:
+        eds, esrc = load_records(data.eval_path)
+        train_ex, eval_ex = examples, tokenize_dataset(eds, esrc, tokenizer, data.format, seq_len, **fields)[0]
+    else:
+        train_ex, eval_ex = split_eval(examples, data.eval_fraction, seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = pack_rows(train_ex, seq_len, pad, data.packing)
+    eval_rows = pack_rows(eval_ex, seq_len, pad, data.packing) if eval_ex else None
+    summary = (
+        f"data: {stats.examples} examples from {source} ({stats.truncated} truncated to {seq_len} tokens, "
+        f"{stats.dropped} dropped with no targets left); {rows['input_ids'].shape[0]} train rows, "
+        f"{0 if eval_rows is None else eval_rows['input_ids'].shape[0]} eval rows"
+    )
+    return RunData(rows, eval_rows, row_targets(rows), summary)
+
+
+def build_model(
+    model_dir: Path,
+    device: torch.device,
+    quant: QuantConfig,
+    lora: LoraConfig,
+    model_dtype: str = "bfloat16",
+    gradient_checkpointing: bool = True,
+    offload_activations: bool = False,
+    resume_adapter: Path | None = None,
+) -> tuple[nn.Module, Callable[[Path], Path]]:
     """NF4 base (streamed) + LoRA + gradient checkpointing, ready to train.
 
-    With ``resume_adapter`` the adapter weights are read from that folder
-    instead of freshly initialized.
+    Args:
+        model_dir: the local Hugging Face folder (16-bit or bnb-4bit) to load.
+        quant: how the base is quantized (``quant_type``, ``blocksize``, ``double_quant``, ``compute_dtype``).
+        lora: the adapter to add; ``lora.rank`` must be resolved (an int, as :func:`qlora.train.plan.plan_run`
+            returns it), not ``auto``.
+        model_dtype: dtype name of the non-quantized parameters (embeddings, norms, head).
+        gradient_checkpointing, offload_activations: see :func:`enable_checkpointing`.
+        resume_adapter: read the adapter weights from this PEFT folder instead of initializing them.
 
     Returns:
-        (model, save_fn(folder), ...) where save_fn writes the PEFT adapter.
+        ``(model, save)``: ``save(folder)`` writes the PEFT adapter into ``folder`` (new or existing, file by
+        file, weights before config: :func:`qlora.adapters.files.save_adapter`) and returns the folder.
+
+    Raises:
+        InputError: an unresolved rank, a model folder the loader cannot read, targets that match
+            nothing, or a resume adapter that does not fit the model.
     """
-    dtype = _DTYPES[recipe.model.dtype]
+    if not isinstance(lora.rank, int):
+        raise InputError(f"build_model needs a resolved LoRA rank, got {lora.rank!r}; plan the run first (qlora plan).")
+    dtype = _DTYPES[model_dtype]
     log.info("non-quantized parameters (embeddings, norms, head) stay %s: recipe model.dtype", dtype)
     model = load_quantized_model(
-        plan.model_dir, device, recipe.quant.quant_type, recipe.quant.blocksize, recipe.quant.double_quant,
-        _DTYPES[recipe.quant.compute_dtype], dtype=dtype,
+        model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant, _DTYPES[quant.compute_dtype],
+        dtype=dtype,
     )
     model.config.use_cache = False  # no KV cache in training: keeps packed-sequence masking on (see qlora.data)
-    lora = recipe.lora
     apply_lora(
-        model, lora.targets, plan.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.variant == "dora",
+        model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.variant == "dora",
         lora.init, _DTYPES[lora.dtype], lora.rank_pattern or None, lora.alpha_pattern or None, lora.freeze_A,
     )
     if resume_adapter is not None:
         load_adapter(model, resume_adapter, dtype=_DTYPES[lora.dtype], trainable=True)
-        if lora.freeze_A:
+        if lora.freeze_A:  # install made fresh trainable factors: LoRA-FA freezes A again
             for _, m in lora_modules(model):
-                m.lora_A.weight.requires_grad_(False)
-    if recipe.gradient_checkpointing:
+                m.freeze_A()
+    if gradient_checkpointing:
         # non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and with kwargs
-        enable_checkpointing(model, recipe.offload_activations)
+        enable_checkpointing(model, offload_activations)
         log.info("gradient checkpointing on (non-reentrant), one checkpoint per decoder layer; activation offload %s "
-                 "(recipe offload_activations)", "on" if recipe.offload_activations else "off")
-    base = str(plan.model_dir.resolve())  # the folder actually trained on, so other tools can find the base
+                 "(recipe offload_activations)", "on" if offload_activations else "off")
+    base = str(Path(model_dir).resolve())  # the folder actually trained on, so other tools can find the base
 
-    def save(folder: Path) -> None:
-        save_adapter(model, folder, base_model_name_or_path=base)
+    def save(folder: Path) -> Path:
+        return save_adapter(model, folder, base_model_name_or_path=base)
 
     return model, save
 

@@ -17,7 +17,8 @@ FAST = ["seq_len=64", "micro_batch_size=2", "effective_batch_size=4", "lora.rank
 def _optimizer(tmp_path, *overrides):
     recipe = load_recipe(TINY, FAST + [f"output_dir={tmp_path / 'out'}", *overrides])
     device = resolve_device("cpu")
-    model, _ = build_model(recipe, plan_run(recipe, device), device)
+    model, _ = build_model(plan_run(recipe, device).model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype,
+                           recipe.gradient_checkpointing)
     o = recipe.optimizer
     opt = build_optimizer(param_groups(model, o, recipe.lora.loraplus_ratio), o.name, o.lr, o.weight_decay,
                           tuple(o.betas), o.eps)
