@@ -120,7 +120,6 @@ def _environment(device: str) -> dict:
 def run_row(name: str, settings: dict, device: str) -> dict:
     """Predict and measure one configuration; returns a JSON-able row."""
     import torch
-
     from memcheck import check
 
     label, config = _config(name)

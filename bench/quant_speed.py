@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _machine import device_name, package_versions  # bench/ siblings: the script's folder is on the path
 
 ROOT = Path(__file__).resolve().parent

@@ -57,13 +57,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from _machine import device_name, package_versions  # bench/ siblings: the script's folder is on the path
 from _search import search_longest  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent
-from qlora.train.optim import OPTIMIZERS
 from qlora.train.loss import CHUNK_TOKENS
+from qlora.train.optim import OPTIMIZERS
+
 RESULTS = ROOT / "results"
 STACKS = ("hf", "hf-no-upcast", "qlora", "qlora-offload", "qlora-unchunked")
 BASELINE = "hf"

@@ -119,11 +119,11 @@ def build_hf(spec: dict, device: torch.device, upcast: bool):
 
 def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool):
     """qlora's own path; returns (model, optimizer, step_fn). ``chunked=False``: transformers' loss on full logits."""
-    from quant import load_quantized_model
-    from qlora.train.optim import build_optimizer
-    from qlora.train.setup import enable_checkpointing
     from qlora.lora.surgery import apply_lora, lora_parameters
     from qlora.train.loop import forward_loss
+    from qlora.train.optim import build_optimizer
+    from qlora.train.setup import enable_checkpointing
+    from quant import load_quantized_model
 
     model = load_quantized_model(spec["model_dir"], device, "nf4", 64, True, torch.bfloat16, dtype=torch.bfloat16)
     model.config.use_cache = False

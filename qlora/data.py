@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import InputError, choices
 from qlora.train.loss import IGNORE
+from quant.errors import InputError, choices
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .dtypes import FLOAT_DTYPES
 from ._codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_code, midpoints4
+from .dtypes import FLOAT_DTYPES
 from .errors import InputError, choices
 
 # Elements per chunk. 4M float32 temporaries cost ~16 MiB per live buffer:

@@ -20,11 +20,11 @@ def run(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from quant import InputError
-    from quant.loading import load_quantized_model
     from qlora.adapters.files import load_adapter
     from qlora.builtin_models import resolve_model_dir
     from qlora.train.setup import resolve_device
+    from quant import InputError
+    from quant.loading import load_quantized_model
 
     if args.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}.")

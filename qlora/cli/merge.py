@@ -29,10 +29,10 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> int:
-    from quant.errors import InputError
     from qlora.adapters.files import read_adapter
     from qlora.adapters.merging import merge_checkpoint
     from qlora.adapters.multi import combine_adapters
+    from quant.errors import InputError
 
     adapters = args.adapter
     if args.weights is not None and len(args.weights) != len(adapters):

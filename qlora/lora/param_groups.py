@@ -14,9 +14,8 @@ import logging
 
 from torch import nn
 
-from quant.errors import InputError
-
 from qlora.lora.surgery import named_lora_parameters
+from quant.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from quant import InputError
 from qlora.builtin_models import BUILTIN_MODELS
 from qlora.data import IGNORE, load_records, pack_rows, split_eval, tokenize_dataset
+from quant import InputError
 
 
 @pytest.fixture(scope="module")

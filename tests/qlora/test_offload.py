@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
-from tiny_models import tiny_config
-from quant import InputError, quantize_model
+from qlora.lora.surgery import apply_lora, lora_parameters
 from qlora.train.loss import causal_lm_loss
 from qlora.train.offload import ActivationOffloader, offload_checkpointed_inputs, offloader_of
 from qlora.train.recipe import recipe_from_dict
 from qlora.train.setup import enable_checkpointing
-from qlora.lora.surgery import apply_lora, lora_parameters
+from quant import InputError, quantize_model
 
 LAYERS, B, S, H = 3, 2, 16, 128
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from quant.errors import InputError
 from qlora.train.optim import build_scheduler, lr_lambda
+from quant.errors import InputError
 
 
 def _oracle(factory, total, warmup, **kw) -> list[float]:

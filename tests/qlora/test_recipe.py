@@ -2,8 +2,8 @@
 
 import pytest
 
-from quant import InputError
 from qlora.train.recipe import Recipe, load_recipe, recipe_from_dict
+from quant import InputError
 
 
 def _write(tmp_path, text):

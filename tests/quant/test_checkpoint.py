@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-
 from tiny_models import ARCHS, bnb_config, input_ids, logits, save_tiny, transformers_4bit
+from transformers import AutoModelForCausalLM
 
 from quant import InputError, NF4Linear, load_quantized_model, quantize_checkpoint, quantize_model, save_quantized
 from quant.checkpoint import Checkpoint
