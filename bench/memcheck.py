@@ -41,7 +41,6 @@ from quant.errors import InputError, choices
 log = logging.getLogger(__name__)
 
 LOSSES = ("hf", "chunked")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def random_qlora_model(

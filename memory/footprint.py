@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from quant import bits_per_param
+from quant.dtypes import ITEMSIZE
 from quant.errors import InputError, choices
 
 from .catalog import DEFAULT_MODEL
@@ -45,7 +46,6 @@ from .settings import ATTN, Settings, with_changes
 from .spec import ModelSpec, build_config, causal_lm_class, load_spec
 from .targets import resolve_targets
 from .terms import (
-    ITEMSIZE,
     chunked_loss_segment,
     lora_tensors,
     nested_table_bytes,

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quant.blockwise import check_args
+from quant.dtypes import ITEMSIZE
 from quant.errors import InputError, choices
 
-from .terms import ITEMSIZE, OPTIMIZERS
+from .terms import OPTIMIZERS
 
 ATTN = ("auto", "sdpa", "eager")
 LOSSES = ("hf", "chunked")

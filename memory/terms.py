@@ -24,7 +24,6 @@ import functools
 import torch
 
 from quant import NF4Linear
-from quant.dtypes import ITEMSIZE  # noqa: F401  (memory reads the dtype table through terms)
 
 from .probe import TAGS
 from .profile import Segment

@@ -22,12 +22,12 @@ from qlora.lora.param_groups import lora_param_groups
 from qlora.lora.surgery import apply_lora, lora_modules
 from qlora.train.loss import IGNORE
 from qlora.train.recipe import DataConfig, LoraConfig, OptimizerConfig, QuantConfig
+from quant.dtypes import DTYPES
 from quant.errors import InputError
 from quant.loading import load_quantized_model
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_dtype_for(device: torch.device, compute: str) -> torch.dtype:
     """bf16 autocast where supported; fp16 (with a loss scaler) on GPUs without bf16."""
-    want = _DTYPES[compute]
+    want = DTYPES[compute]
     if device.type == "cuda" and want == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no bf16: using fp16 autocast with a gradient scaler instead")
         return torch.float16
@@ -135,19 +135,19 @@ def build_model(
     """
     if not isinstance(lora.rank, int):
         raise InputError(f"build_model needs a resolved LoRA rank, got {lora.rank!r}; plan the run first (qlora plan).")
-    dtype = _DTYPES[model_dtype]
+    dtype = DTYPES[model_dtype]
     log.info("non-quantized parameters (embeddings, norms, head) stay %s: recipe model.dtype", dtype)
     model = load_quantized_model(
-        model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant, _DTYPES[quant.compute_dtype],
+        model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant, DTYPES[quant.compute_dtype],
         dtype=dtype,
     )
     model.config.use_cache = False  # no KV cache in training: keeps packed-sequence masking on (see qlora.data)
     apply_lora(
         model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.variant == "dora",
-        lora.init, _DTYPES[lora.dtype], lora.rank_pattern or None, lora.alpha_pattern or None, lora.freeze_A,
+        lora.init, DTYPES[lora.dtype], lora.rank_pattern or None, lora.alpha_pattern or None, lora.freeze_A,
     )
     if resume_adapter is not None:
-        load_adapter(model, resume_adapter, dtype=_DTYPES[lora.dtype], trainable=True)
+        load_adapter(model, resume_adapter, dtype=DTYPES[lora.dtype], trainable=True)
         if lora.freeze_A:  # install made fresh trainable factors: LoRA-FA freezes A again
             for _, m in lora_modules(model):
                 m.freeze_A()
