@@ -59,3 +59,23 @@ def test_dora_magnitudes_never_get_weight_decay(tmp_path, extra):
             p.grad = torch.zeros_like(p)
     opt.step()
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, mags))
+
+
+def test_resumed_lora_fa_keeps_A_frozen_and_the_trained_values(tmp_path):
+    """LoRA-FA after a resume: the installed A stays frozen (only B trains), with the saved values."""
+    from qlora.lora.surgery import named_lora_parameters
+
+    recipe = load_recipe(TINY, FAST + [f"output_dir={tmp_path / 'out'}", "lora.freeze_A=true"])
+    device = resolve_device("cpu")
+    model_dir = plan_run(recipe, device).model_dir
+    model, save = build_model(model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype)
+    with torch.no_grad():
+        for _, kind, p in named_lora_parameters(model, trainable_only=False):
+            p.add_(0.01 if kind == "lora_B" else 0.0)
+    save(tmp_path / "adapter")
+    again, _ = build_model(model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype,
+                           resume_adapter=tmp_path / "adapter")
+    before = {(n, k): p for n, k, p in named_lora_parameters(model, trainable_only=False)}
+    after = named_lora_parameters(again, trainable_only=False)
+    assert after and {k for _, k, p in after if p.requires_grad} == {"lora_B"}
+    assert all(torch.equal(p, before[(n, k)]) for n, k, p in after)
