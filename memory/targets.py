@@ -75,7 +75,9 @@ def select_names(names: Sequence[str], targets: str | Sequence[str], head: Colle
             if found and warn:
                 log.warning("target preset 'qv': this model fuses q/k/v into qkv_proj; adapting qkv_proj (k included)")
         if not found:
-            raise InputError(f"LoRA target preset {targets!r} matches no linear layer of {label}; {describe_names(names)}.")
+            raise InputError(
+                f"LoRA target preset {targets!r} matches no linear layer of {label}; {describe_names(names)}."
+            )
         return found
     if isinstance(targets, str) and re.escape(targets) != targets:
         try:
@@ -91,12 +93,14 @@ def select_names(names: Sequence[str], targets: str | Sequence[str], head: Colle
         return found
     entries = [targets] if isinstance(targets, str) else list(targets)
     if not entries or not all(isinstance(e, str) and e for e in entries):
-        raise InputError(f"LoRA targets must be a preset ({choices(PRESETS)}), a regex or a list of names; got {targets!r}.")
+        raise InputError(
+            f"LoRA targets must be a preset ({choices(PRESETS)}), a regex or a list of names; got {targets!r}."
+        )
     for e in entries:
         if not any(matches_name(e, n) for n in names):
             raise InputError(
-                f"Unknown LoRA target {e!r}: no linear layer of {label} has that name or suffix; {describe_names(names)}. "
-                f"Presets: {choices(PRESETS)}."
+                f"Unknown LoRA target {e!r}: no linear layer of {label} has that name or suffix; "
+                f"{describe_names(names)}. Presets: {choices(PRESETS)}."
             )
     return [n for n in names if any(matches_name(e, n) for e in entries)]
 

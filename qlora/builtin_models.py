@@ -38,7 +38,10 @@ def resolve_model_dir(path: str) -> Path:
     if not path.startswith("builtin:"):
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise InputError(f"Model path {path!r} is not a folder. Give a local Hugging Face checkpoint folder (config.json + *.safetensors) or builtin:tiny-llama; nothing is downloaded.")
+            raise InputError(
+                f"Model path {path!r} is not a folder. Give a local Hugging Face checkpoint folder "
+                "(config.json + *.safetensors) or builtin:tiny-llama; nothing is downloaded."
+            )
         return p
     name = path.split(":", 1)[1]
     if name not in BUILTIN_MODELS:

@@ -66,7 +66,10 @@ def resolve_path(path: str) -> Path:
         return BUILTIN_DATA[name]
     p = Path(path).expanduser()
     if not p.exists():
-        raise InputError(f"Data path {path!r} does not exist. Give a local .jsonl/.json/.csv/.parquet/.txt file or a folder written by datasets' save_to_disk; nothing is downloaded.")
+        raise InputError(
+            f"Data path {path!r} does not exist. Give a local .jsonl/.json/.csv/.parquet/.txt file or a folder "
+            "written by datasets' save_to_disk; nothing is downloaded."
+        )
     return p
 
 
@@ -85,7 +88,9 @@ def load_records(path: str):
     try:
         if p.is_dir():
             if not (p / "dataset_info.json").exists() and not (p / "state.json").exists():
-                raise InputError(f"Folder {str(p)!r} is not a dataset saved with save_to_disk (no dataset_info.json/state.json).")
+                raise InputError(
+                    f"Folder {str(p)!r} is not a dataset saved with save_to_disk (no dataset_info.json/state.json)."
+                )
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 if "train" not in ds:
@@ -105,7 +110,9 @@ def load_records(path: str):
     return ds, str(p)
 
 
-def detect_format(columns: list[str], fmt: str, text_field: str, instruction_field: str, messages_field: str, source: str) -> str:
+def detect_format(
+    columns: list[str], fmt: str, text_field: str, instruction_field: str, messages_field: str, source: str
+) -> str:
     """Resolve ``fmt='auto'`` from the column names; check the named fields exist.
 
     Raises:
@@ -150,10 +157,17 @@ def _encode_chat(tok, messages: list[dict], train_on: str, where: str) -> Exampl
     template that renders a conversation as the concatenation of its turns
     works (Llama-3, Qwen2, Mistral, Gemma, Phi-3 templates all do).
     """
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got {str(messages)[:120]!r}.")
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
+        raise InputError(
+            f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got {str(messages)[:120]!r}."
+        )
     if not any(m["role"] == "assistant" for m in messages):
-        raise InputError(f"{where}: the chat has no assistant turn, so there is nothing to learn from it (roles: {[m['role'] for m in messages]}).")
+        raise InputError(
+            f"{where}: the chat has no assistant turn, so there is nothing to learn from it "
+            f"(roles: {[m['role'] for m in messages]})."
+        )
     render = lambda msgs, gen=False: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
     full = render(messages)
     spans = []
@@ -162,7 +176,10 @@ def _encode_chat(tok, messages: list[dict], train_on: str, where: str) -> Exampl
             continue
         start, stop = len(render(messages[:i], gen=True)) if i else 0, len(render(messages[: i + 1]))
         if not full.startswith(render(messages[: i + 1])):
-            raise InputError(f"{where}: the tokenizer's chat template does not render conversations prefix by prefix, so assistant turns cannot be located; set data.train_on=all.")
+            raise InputError(
+                f"{where}: the tokenizer's chat template does not render conversations prefix by prefix, "
+                "so assistant turns cannot be located; set data.train_on=all."
+            )
         spans.append((start, stop))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -172,11 +189,16 @@ def _encode_chat(tok, messages: list[dict], train_on: str, where: str) -> Exampl
     return Example(ids, labels)
 
 
-def _encode_instruction(tok, record: dict, instruction_field: str, input_field: str, output_field: str, train_on: str, where: str) -> Example:
+def _encode_instruction(
+    tok, record: dict, instruction_field: str, input_field: str, output_field: str, train_on: str, where: str
+) -> Example:
     instr, out = record.get(instruction_field), record.get(output_field)
     for name, val in ((instruction_field, instr), (output_field, out)):
         if not isinstance(val, str) or not val.strip():
-            raise InputError(f"{where}: field '{name}' is missing or empty (instruction records need '{instruction_field}' and '{output_field}').")
+            raise InputError(
+                f"{where}: field '{name}' is missing or empty "
+                f"(instruction records need '{instruction_field}' and '{output_field}')."
+            )
     extra = record.get(input_field) or ""
     if tok.chat_template:
         user = instr if not extra else f"{instr}\n\n{extra}"
@@ -184,7 +206,9 @@ def _encode_instruction(tok, record: dict, instruction_field: str, input_field: 
         return _encode_chat(tok, msgs, train_on, where)
     prompt = _ALPACA_PROMPT.format(instruction=instr, input_block=f"### Input:\n{extra}\n\n" if extra else "")
     p_ids = _with_bos(tok, prompt)
-    o_ids = tok(out, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    o_ids = tok(out, add_special_tokens=False)["input_ids"] + (
+        [tok.eos_token_id] if tok.eos_token_id is not None else []
+    )
     labels = (list(p_ids) if train_on == "all" else [IGNORE] * len(p_ids)) + o_ids
     return Example(p_ids + o_ids, labels)
 
@@ -210,7 +234,10 @@ def tokenize_dataset(
     """
     fmt = detect_format(ds.column_names, fmt, text_field, instruction_field, messages_field, source)
     if fmt == "chat" and not tokenizer.chat_template:
-        raise InputError(f"Data {source!r} holds chat records but the tokenizer has no chat template; use a tokenizer with one or convert the data to instruction records.")
+        raise InputError(
+            f"Data {source!r} holds chat records but the tokenizer has no chat template; "
+            "use a tokenizer with one or convert the data to instruction records."
+        )
     out, st = [], DataStats()
     for row, rec in enumerate(ds):
         where = f"{source}, row {row}"
@@ -243,7 +270,10 @@ def tokenize_dataset(
             f"Every example in {source!r} ({st.examples}) loses all its target tokens when cut to seq_len={seq_len}; "
             f"raise seq_len or shorten the data."
         )
-    log.info("%s: %d examples, %d truncated to %d tokens, %d dropped (no targets left)", source, st.examples, st.truncated, seq_len, st.dropped)
+    log.info(
+        "%s: %d examples, %d truncated to %d tokens, %d dropped (no targets left)",
+        source, st.examples, st.truncated, seq_len, st.dropped,
+    )
     return out, st
 
 

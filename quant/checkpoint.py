@@ -68,9 +68,15 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         if not self.path.exists():
-            raise InputError(f"Model directory {str(self.path)!r} does not exist; pass a local Hugging Face checkpoint directory (config.json plus *.safetensors).")
+            raise InputError(
+                f"Model directory {str(self.path)!r} does not exist; pass a local Hugging Face checkpoint directory "
+                "(config.json plus *.safetensors)."
+            )
         if not self.path.is_dir():
-            raise InputError(f"{str(self.path)!r} is a file, not a model directory; pass the directory that holds config.json and the *.safetensors weights.")
+            raise InputError(
+                f"{str(self.path)!r} is a file, not a model directory; pass the directory that holds config.json "
+                "and the *.safetensors weights."
+            )
         self.config = self._read_config()
         self.weight_map = self._read_weight_map()
         self.files = list(dict.fromkeys(self.weight_map.values()))
@@ -84,12 +90,15 @@ class Checkpoint:
             present = sorted(p.name for p in self.path.iterdir())[:5]
             raise InputError(
                 f"{str(self.path)!r} is not a Hugging Face model directory: it has no config.json "
-                f"(it contains {present or 'nothing'}). Pass the directory written by save_pretrained or downloaded from the Hub."
+                f"(it contains {present or 'nothing'}). "
+                "Pass the directory written by save_pretrained or downloaded from the Hub."
             )
         try:
             out = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{str(cfg)!r} is not valid JSON ({e}); the checkpoint's config.json is corrupt.") from None
+            raise InputError(
+                f"{str(cfg)!r} is not valid JSON ({e}); the checkpoint's config.json is corrupt."
+            ) from None
         if not isinstance(out, dict) or "model_type" not in out:
             raise InputError(f"{str(cfg)!r} has no 'model_type'; it is not a transformers model config.")
         return out
@@ -100,10 +109,15 @@ class Checkpoint:
             try:
                 wm = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(f"{str(index)!r} is not a valid safetensors index (no readable 'weight_map': {e}).") from None
+                raise InputError(
+                    f"{str(index)!r} is not a valid safetensors index (no readable 'weight_map': {e})."
+                ) from None
             missing = sorted({f for f in wm.values() if not (self.path / f).is_file()})
             if missing:
-                raise InputError(f"{str(index)!r} lists shard(s) {missing[:3]} that are not in the directory; the download is incomplete.")
+                raise InputError(
+                    f"{str(index)!r} lists shard(s) {missing[:3]} that are not in the directory; "
+                    "the download is incomplete."
+                )
             return dict(wm)
         # A lone model.safetensors wins over other safetensors files (an
         # adapter_model.safetensors next to it is not part of the base model).
@@ -121,7 +135,10 @@ class Checkpoint:
             with self._open(name) as f:
                 for key in f.keys():
                     if key in wm:
-                        raise InputError(f"Tensor {key!r} appears in both {wm[key]!r} and {name!r}; the directory mixes two checkpoints.")
+                        raise InputError(
+                            f"Tensor {key!r} appears in both {wm[key]!r} and {name!r}; "
+                            "the directory mixes two checkpoints."
+                        )
                     wm[key] = name
         return wm
 
@@ -129,7 +146,10 @@ class Checkpoint:
         try:
             return safe_open(str(self.path / name), framework="pt")
         except (SafetensorError, OSError) as e:
-            raise InputError(f"{str(self.path / name)!r} is not a readable safetensors file ({e}); the checkpoint is corrupt or truncated.") from None
+            raise InputError(
+                f"{str(self.path / name)!r} is not a readable safetensors file ({e}); "
+                "the checkpoint is corrupt or truncated."
+            ) from None
 
     def _scan(self, name: str) -> None:
         with self._open(name) as f:
@@ -137,7 +157,10 @@ class Checkpoint:
                 sl = f.get_slice(key)
                 tag = sl.get_dtype()
                 if tag not in _ST_DTYPES:
-                    raise InputError(f"Tensor {key!r} in {name!r} has dtype {tag!r}, which qlora does not read; valid dtypes are {sorted(_ST_DTYPES)}.")
+                    raise InputError(
+                        f"Tensor {key!r} in {name!r} has dtype {tag!r}, which qlora does not read; "
+                        f"valid dtypes are {sorted(_ST_DTYPES)}."
+                    )
                 self._info[key] = (_ST_DTYPES[tag], tuple(sl.get_shape()))
         absent = [k for k, v in self.weight_map.items() if v == name and k not in self._info]
         if absent:
@@ -236,31 +259,44 @@ class Checkpoint:
         if not qs_keys:
             raise InputError(
                 f"The 4-bit weight {prefix + 'weight'!r} has no quant-state entry: expected "
-                f"{prefix + QUANT_STATE_KEY + 'nf4'!r} (or __fp4). The checkpoint is incomplete or was not written by bitsandbytes."
+                f"{prefix + QUANT_STATE_KEY + 'nf4'!r} (or __fp4). "
+                "The checkpoint is incomplete or was not written by bitsandbytes."
             )
         qs_key = qs_keys[0]
         meta = _parse_quant_state(self.get(qs_key), qs_key)
         qt = qs_key.rsplit("__", 1)[1]
         if meta["quant_type"] != qt:
-            raise InputError(f"{qs_key!r} says quant_type {meta['quant_type']!r} but its key says {qt!r}; the entry is corrupt.")
+            raise InputError(
+                f"{qs_key!r} says quant_type {meta['quant_type']!r} but its key says {qt!r}; the entry is corrupt."
+            )
         nested = "nested_offset" in meta
-        need = ["weight", "weight.absmax", "weight.quant_map"] + (["weight.nested_absmax", "weight.nested_quant_map"] if nested else [])
+        need = ["weight", "weight.absmax", "weight.quant_map"] + (
+            ["weight.nested_absmax", "weight.nested_quant_map"] if nested else []
+        )
         for suffix in need:
             if prefix + suffix not in self:
-                raise InputError(f"The 4-bit weight {prefix + 'weight'!r} is missing its {prefix + suffix!r} tensor; the checkpoint is incomplete.")
+                raise InputError(
+                    f"The 4-bit weight {prefix + 'weight'!r} is missing its {prefix + suffix!r} tensor; "
+                    "the checkpoint is incomplete."
+                )
         t = self.get_many(prefix + s for s in need)
         shape, n = meta["shape"], meta["shape"][0] * meta["shape"][1]
         n_blocks = -(-n // meta["blocksize"])
         packed = _as_packed(t[prefix + "weight"], prefix + "weight", n)
         _expect(t, prefix + "weight.quant_map", torch.float32, 16)
         if not torch.equal(t[prefix + "weight.quant_map"], code4(qt)):
-            raise InputError(f"{prefix + 'weight.quant_map'!r} is not the standard {qt} code table; custom 4-bit codebooks are not supported.")
+            raise InputError(
+                f"{prefix + 'weight.quant_map'!r} is not the standard {qt} code table; "
+                "custom 4-bit codebooks are not supported."
+            )
         state = QuantState4bit(
             absmax=_expect(t, prefix + "weight.absmax", torch.uint8 if nested else torch.float32, n_blocks),
             shape=torch.Size(shape), dtype=meta["dtype"], blocksize=meta["blocksize"], quant_type=qt,
         )
         if nested:
-            state.nested_absmax = _expect(t, prefix + "weight.nested_absmax", torch.float32, -(-n_blocks // NESTED_BLOCKSIZE))
+            state.nested_absmax = _expect(
+                t, prefix + "weight.nested_absmax", torch.float32, -(-n_blocks // NESTED_BLOCKSIZE)
+            )
             state.nested_code = _expect(t, prefix + "weight.nested_quant_map", torch.float32, 256)
             state.offset = torch.tensor(meta["nested_offset"], dtype=torch.float32)
         return packed, state
@@ -291,8 +327,8 @@ def _parse_quant_state(raw: torch.Tensor, key: str) -> dict:
     if "nested_offset" in meta or "nested_blocksize" in meta:
         if meta.get("nested_blocksize") != NESTED_BLOCKSIZE or not isinstance(meta.get("nested_offset"), (int, float)):
             raise InputError(
-                f"{bad}: nested_blocksize {meta.get('nested_blocksize')!r} / nested_offset {meta.get('nested_offset')!r} "
-                f"are not a blocksize of {NESTED_BLOCKSIZE} and a number."
+                f"{bad}: nested_blocksize {meta.get('nested_blocksize')!r} / "
+                f"nested_offset {meta.get('nested_offset')!r} are not a blocksize of {NESTED_BLOCKSIZE} and a number."
             )
     return meta
 

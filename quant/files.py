@@ -114,7 +114,9 @@ def atomic_dir(path: str | os.PathLike, existing: str = "refuse", last: Sequence
             folder with ``existing="refuse"``, or ``existing`` is unknown.
     """
     if existing not in ("refuse", "replace", "merge"):
-        raise InputError(f"atomic_dir: unknown existing={existing!r}; valid choices are 'refuse', 'replace' or 'merge'.")
+        raise InputError(
+            f"atomic_dir: unknown existing={existing!r}; valid choices are 'refuse', 'replace' or 'merge'."
+        )
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise InputError(f"Cannot write the folder {str(target)!r}: a file of that name exists.")

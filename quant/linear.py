@@ -89,7 +89,9 @@ class NF4Linear(nn.Module):
         n_blocks = -(-n // blocksize)
         kw = dict(device=device)
         self.register_buffer("weight", torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, **kw))
-        self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32, **kw))
+        self.register_buffer(
+            "absmax", torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32, **kw)
+        )
         self.register_buffer("quant_map", code4(quant_type).to(device or "cpu", copy=True))
         if double_quant:
             nn_blocks = -(-n_blocks // NESTED_BLOCKSIZE)
@@ -132,10 +134,12 @@ class NF4Linear(nn.Module):
                 f"Quantized weight has shape {tuple(state.shape)} ({packed.numel()} packed bytes) but the layer "
                 f"expects {expect}; the checkpoint does not match the model config."
             )
-        if state.quant_type != self.quant_type or state.blocksize != self.blocksize or state.double_quant != self.double_quant:
+        if (state.quant_type != self.quant_type or state.blocksize != self.blocksize
+                or state.double_quant != self.double_quant):
             raise InputError(
                 f"Quantized weight uses {state.quant_type}/blocksize {state.blocksize}/double_quant "
-                f"{state.double_quant}, but the layer was built for {self.quant_type}/{self.blocksize}/{self.double_quant}."
+                f"{state.double_quant}, but the layer was built for "
+                f"{self.quant_type}/{self.blocksize}/{self.double_quant}."
             )
         self.weight = packed.reshape(-1, 1)
         self.absmax = state.absmax

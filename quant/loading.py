@@ -47,8 +47,8 @@ def load_config(ckpt: Checkpoint):
         return AutoConfig.from_pretrained(str(ckpt.path))
     except (ValueError, KeyError, OSError) as e:
         raise InputError(
-            f"transformers cannot read the config of {str(ckpt.path)!r} (model_type {ckpt.config.get('model_type')!r}): "
-            f"{str(e).splitlines()[0]}"
+            f"transformers cannot read the config of {str(ckpt.path)!r} "
+            f"(model_type {ckpt.config.get('model_type')!r}): {str(e).splitlines()[0]}"
         ) from None
 
 
@@ -70,7 +70,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:
         out = parse_dtype(cfg if isinstance(cfg, torch.dtype) else str(cfg), what="dtype in config.json")
         log.info("16-bit tensors use %s: the dtype recorded in config.json", out)
         if out == torch.float32:
-            log.warning("config.json says float32: embeddings, norms and lm_head stay float32 (2x the memory of bf16); pass dtype=torch.bfloat16 to halve it")
+            log.warning(
+                "config.json says float32: embeddings, norms and lm_head stay float32 (2x the memory of bf16); "
+                "pass dtype=torch.bfloat16 to halve it"
+            )
         return out
     log.info("16-bit tensors use torch.bfloat16: config.json records no dtype")
     return torch.bfloat16
@@ -146,7 +149,10 @@ def plan_checkpoint(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DE
         quantize = {p.removesuffix(".") for p in ckpt.bnb_modules()}
         strays = sorted(quantize - linears)
         if strays:
-            raise InputError(f"The checkpoint has 4-bit weights for {strays[:3]}, which are not nn.Linear modules of this {type(model).__name__}.")
+            raise InputError(
+                f"The checkpoint has 4-bit weights for {strays[:3]}, "
+                f"which are not nn.Linear modules of this {type(model).__name__}."
+            )
     else:
         quantize = linears - skipped_names(model, skip)
     plan = CheckpointPlan(quantize=quantize, keep=linears - quantize, prequantized=prequantized)
@@ -154,7 +160,9 @@ def plan_checkpoint(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DE
         plan.tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     expected = dict(model.state_dict(keep_vars=True))  # meta params: names, shapes, dtypes, no data
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
-    missing = sorted(k for k in expected if k not in ckpt and k not in plan.tied and not (prequantized and plan.module_of(k)))
+    missing = sorted(
+        k for k in expected if k not in ckpt and k not in plan.tied and not (prequantized and plan.module_of(k))
+    )
     if prequantized:
         missing += sorted(m + ".weight" for m in quantize if m + ".weight" not in ckpt)
     unexpected = sorted(
@@ -176,11 +184,14 @@ def plan_checkpoint(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DE
             continue
         want, have = tuple(expected[key].shape), ckpt.shape(key)
         if want != have:
-            raise InputError(f"Tensor {key!r} has shape {list(have)} in the checkpoint but the config implies {list(want)}.")
+            raise InputError(
+                f"Tensor {key!r} has shape {list(have)} in the checkpoint but the config implies {list(want)}."
+            )
         if key in params and ckpt.dtype(key) not in FLOAT_DTYPES + (torch.float64,):
             raise InputError(
                 f"Tensor {key!r} has dtype {ckpt.dtype(key)}, but a parameter must be floating point "
-                f"(float32, float16 or bfloat16) to be {'quantized' if key.removesuffix('.weight') in quantize else 'loaded'}."
+                "(float32, float16 or bfloat16) to be "
+                f"{'quantized' if key.removesuffix('.weight') in quantize else 'loaded'}."
             )
     return plan
 
@@ -234,12 +245,16 @@ def load_quantized_model(
     if plan.prequantized:
         qc = ckpt.quantization_config
         log.info(
-            "%s is a bitsandbytes 4-bit checkpoint (%s, double_quant=%s): installing its %d quantized weights as stored; "
+            "%s is a bitsandbytes 4-bit checkpoint (%s, double_quant=%s): "
+            "installing its %d quantized weights as stored; "
             "the quant_type/blocksize/double_quant arguments do not apply",
             ckpt.path, qc.get("bnb_4bit_quant_type"), qc.get("bnb_4bit_use_double_quant"), len(plan.quantize),
         )
         if qc.get("bnb_4bit_compute_dtype") not in (None, str(compute_dtype).removeprefix("torch.")):
-            log.info("compute dtype %s (the file suggests %s; the argument wins)", compute_dtype, qc.get("bnb_4bit_compute_dtype"))
+            log.info(
+                "compute dtype %s (the file suggests %s; the argument wins)",
+                compute_dtype, qc.get("bnb_4bit_compute_dtype"),
+            )
     for mod in model.modules():  # buffers were built on the CPU: move them (a few KB)
         for name, buf in mod._buffers.items():
             if buf is not None and not buf.is_meta and buf.device != dev:
@@ -247,7 +262,10 @@ def load_quantized_model(
     _stream(model, ckpt, plan, dev, dtype, compute_dtype, (quant_type, blocksize, double_quant), progress)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    left = sorted(n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)) if t.is_meta)
+    left = sorted(
+        n for n, t in list(model.named_parameters(remove_duplicate=False))
+        + list(model.named_buffers(remove_duplicate=False)) if t.is_meta
+    )
     if left:  # plan_checkpoint should have caught this; a model-specific tensor layout we do not know
         raise InputError(f"After loading {str(ckpt.path)!r}, {len(left)} tensor(s) were never filled, e.g. {left[:4]}.")
     if (ckpt.path / "generation_config.json").is_file() and model.can_generate():

@@ -152,7 +152,9 @@ def split_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
 # ---- config -------------------------------------------------------------------------
 
 
-def bnb_config_dict(quant_type: str, double_quant: bool, compute_dtype: torch.dtype, skip_modules: list[str] | None) -> dict:
+def bnb_config_dict(
+    quant_type: str, double_quant: bool, compute_dtype: torch.dtype, skip_modules: list[str] | None
+) -> dict:
     """``quantization_config`` exactly as transformers writes it (built by its own class)."""
     from transformers import BitsAndBytesConfig
 
@@ -192,11 +194,15 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer, generation config, license etc. (top-level non-weight files) from ``src`` to ``dst``."""
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name not in _REWRITTEN and not p.name.endswith(_WEIGHT_SUFFIXES):
+        if (p.is_file() and not p.name.startswith(".") and p.name not in _REWRITTEN
+                and not p.name.endswith(_WEIGHT_SUFFIXES)):
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     skipped = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    log.info("copied %s from %s%s", copied or "no side files", src, f"; not copied (subdirectories): {skipped}" if skipped else "")
+    log.info(
+        "copied %s from %s%s", copied or "no side files", src,
+        f"; not copied (subdirectories): {skipped}" if skipped else "",
+    )
     return copied
 
 
@@ -212,7 +218,9 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, source: str | Path | 
     """
     out = Path(out_dir).expanduser()
     if source is not None and out.exists() and out.resolve() == Path(source).expanduser().resolve():
-        raise InputError(f"The output directory {str(out)!r} is the input checkpoint; write the quantized model somewhere else.")
+        raise InputError(
+            f"The output directory {str(out)!r} is the input checkpoint; write the quantized model somewhere else."
+        )
     if out.exists() and not out.is_dir():
         raise InputError(f"The output path {str(out)!r} is an existing file; pass a directory path.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -285,7 +293,10 @@ class ShardWriter:
             os.replace(self.out_dir / part, self.out_dir / name)
             names.append(name)
             weight_map.update(dict.fromkeys(keys, name))
-        index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_parameters": total_parameters, "total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
         return names
 
@@ -303,7 +314,9 @@ def parse_size(size: int | str) -> int:
     except (ValueError, TypeError):
         out = -1
     if not isinstance(out, int) or out <= 0:
-        raise InputError(f"Invalid max shard size {size!r}; use a positive byte count or a size such as '2GB' or '500MB'.")
+        raise InputError(
+            f"Invalid max shard size {size!r}; use a positive byte count or a size such as '2GB' or '500MB'."
+        )
     return out
 
 
@@ -340,9 +353,12 @@ def save_quantized(
         raise InputError(f"{type(model).__name__} has no NF4Linear layers; quantize it first (quant.quantize_model).")
     formats = {(m.quant_type, m.blocksize, m.double_quant) for m in layers.values()}
     if len(formats) > 1:
-        raise InputError(f"The model mixes 4-bit formats {sorted(formats)} (quant type, blocksize, double quant); save supports one.")
+        raise InputError(
+            f"The model mixes 4-bit formats {sorted(formats)} (quant type, blocksize, double quant); save supports one."
+        )
     (quant_type, _, double_quant), first = formats.pop(), next(iter(layers.values()))
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if getattr(model.config, "tie_word_embeddings", False) else set()
+    tied = (set(getattr(model, "all_tied_weights_keys", {}) or {})
+            if getattr(model.config, "tie_word_embeddings", False) else set())
     plain = {k: v for k, v in model.state_dict().items() if k not in tied and k.rpartition(".")[0] not in layers}
     plain.update({n + ".bias": m.bias for n, m in layers.items() if m.bias is not None})
     tally = dict(q_before=0, q_after=0, tables=0, t_before=0, params_q=0, params=0)
@@ -362,7 +378,9 @@ def save_quantized(
             tally["params"] += t.numel()
             writer.add({key: t})
         files = writer.finish(total_parameters=tally["params"] + tally["params_q"])
-        qc = bnb_config_dict(quant_type, double_quant, first.compute_dtype, skip_modules_entry(model, set(linear_names(model))))
+        qc = bnb_config_dict(
+            quant_type, double_quant, first.compute_dtype, skip_modules_entry(model, set(linear_names(model)))
+        )
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         write_config(model.config, tmp, qc, emb.weight.dtype if emb is not None else first.weight_dtype)
         if getattr(model, "generation_config", None) is not None and model.can_generate():

@@ -28,7 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning that fits: quantize, plan, train, merge, generate.")
+    p = argparse.ArgumentParser(
+        prog="qlora", description="QLoRA fine-tuning that fits: quantize, plan, train, merge, generate."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log details (dtype and memory decisions)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -47,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     # bitsandbytes' CPU backend warns at import that an optional kernel hub package
     # is missing; qlora never uses that kernel, so the warning is noise here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 def add_parser(sub, name: str, help_: str) -> None:
-    p = sub.add_parser(name, help=help_, description="Generate text from the 4-bit base model, optionally with a trained adapter, using the tokenizer's chat template when it has one.")
+    p = sub.add_parser(
+        name, help=help_,
+        description="Generate text from the 4-bit base model, optionally with a trained adapter, using the "
+        "tokenizer's chat template when it has one.",
+    )
     p.add_argument("--base", required=True, help="base model folder (16-bit or bnb-4bit) or builtin:tiny-llama")
     p.add_argument("--adapter", help="PEFT-format adapter folder (e.g. a training output_dir)")
     p.add_argument("--prompt", required=True, action="append", help="user message; repeat for several prompts")
@@ -40,7 +44,9 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     for prompt in args.prompt:
         if tok.chat_template and not args.no_chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         else:
             ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)

@@ -112,6 +112,8 @@ def load_trainer_state(ckpt: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise InputError(f"Checkpoint {str(ckpt)!r} has no trainer_state.pt; it is not a qlora trainer checkpoint.") from None
+        raise InputError(
+            f"Checkpoint {str(ckpt)!r} has no trainer_state.pt; it is not a qlora trainer checkpoint."
+        ) from None
     except Exception as e:
         raise InputError(f"Cannot read {str(path)!r}: {type(e).__name__}: {e}") from None

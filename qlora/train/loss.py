@@ -76,7 +76,9 @@ class _FusedLinearCE(torch.autograd.Function):
         want = need_h or need_w
         grad_h = torch.empty_like(h) if need_h else None
         # fp32 accumulation across chunks for a trainable 16-bit head (V x H x 4 bytes)
-        grad_w = torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device) if need_w else None
+        grad_w = (
+            torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device) if need_w else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, n, chunk):
             sl = slice(start, min(n, start + chunk))

@@ -119,7 +119,9 @@ class ActivationOffloader:
             is moved (a test hook: which tensors are routed here).
     """
 
-    def __init__(self, prefetch: bool = True, copy_on_cpu: bool = False, on_pack: Callable[[torch.Tensor], None] | None = None):
+    def __init__(
+        self, prefetch: bool = True, copy_on_cpu: bool = False, on_pack: Callable[[torch.Tensor], None] | None = None
+    ):
         self.prefetch = prefetch
         self.copy_on_cpu = copy_on_cpu
         self.on_pack = on_pack
@@ -202,7 +204,8 @@ class ActivationOffloader:
         else:
             self.stats.prefetched += 1
         out, event, alloc_stream = h.ready, h.h2d, h.ready_stream
-        h.ready = h.h2d = h.ready_stream = None  # backward owns the device copy now; the host copy stays for a re-unpack
+        # backward owns the device copy now; the host copy stays for a re-unpack
+        h.ready = h.h2d = h.ready_stream = None
         if out.device.type == "cuda":
             consumer = torch.cuda.current_stream(out.device)
             if event is not None:
@@ -272,7 +275,8 @@ def offload_checkpointed_inputs(model: nn.Module, offloader: ActivationOffloader
     if not layers:
         raise InputError(
             f"offload_activations needs per-layer gradient checkpointing, but no decoder layer of "
-            f"{type(model).__name__} has it enabled; set gradient_checkpointing: true (or turn offload_activations off)."
+            f"{type(model).__name__} has it enabled; set gradient_checkpointing: true "
+            "(or turn offload_activations off)."
         )
     off = offloader or ActivationOffloader()
     for _, m in layers:

@@ -82,7 +82,8 @@ def lr_lambda(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+    min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over :func:`lr_lambda`; its state_dict is the step count, so resume is exact."""
     if schedule not in SCHEDULES:

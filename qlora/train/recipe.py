@@ -297,7 +297,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"Recipe file {str(p)!r} does not exist (give the path to a .yaml recipe, e.g. recipes/tiny-cpu.yaml).")
+        raise InputError(
+            f"Recipe file {str(p)!r} does not exist (give the path to a .yaml recipe, e.g. recipes/tiny-cpu.yaml)."
+        )
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -81,17 +81,25 @@ def _assert_clean_error(rc, err, *needles):
 
 
 def test_cli_bad_input_exits_2_without_traceback(tmp_path, capsys):
-    _assert_clean_error(*_quantize(capsys, tmp_path / "missing", "--out", tmp_path / "o")[::2], "missing", "does not exist")
+    _assert_clean_error(
+        *_quantize(capsys, tmp_path / "missing", "--out", tmp_path / "o")[::2], "missing", "does not exist"
+    )
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "readme.txt").write_text("hi")
-    _assert_clean_error(*_quantize(capsys, tmp_path / "notmodel", "--out", tmp_path / "o")[::2], "no config.json", "readme.txt")
+    _assert_clean_error(
+        *_quantize(capsys, tmp_path / "notmodel", "--out", tmp_path / "o")[::2], "no config.json", "readme.txt"
+    )
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text('{"model_type": "llama"}')
     _assert_clean_error(*_quantize(capsys, tmp_path / "noweights", "--out", tmp_path / "o")[::2], "no *.safetensors")
     src = save_tiny("llama", tmp_path / "m")
-    _assert_clean_error(*_quantize(capsys, src, "--out", tmp_path / "o", "--blocksize", "100")[::2], "blocksize 100", "64")
+    _assert_clean_error(
+        *_quantize(capsys, src, "--out", tmp_path / "o", "--blocksize", "100")[::2], "blocksize 100", "64"
+    )
     _assert_clean_error(*_quantize(capsys, src, "--out", tmp_path / "o", "--blocksize", "big")[::2], "'big'")
-    _assert_clean_error(*_quantize(capsys, src, "--out", tmp_path / "o", "--quant-type", "int4")[::2], "'int4'", "'nf4'")
+    _assert_clean_error(
+        *_quantize(capsys, src, "--out", tmp_path / "o", "--quant-type", "int4")[::2], "'int4'", "'nf4'"
+    )
     assert not (tmp_path / "o").exists()
 
 

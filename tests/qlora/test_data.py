@@ -113,7 +113,9 @@ def test_packing_layout_and_no_cross_attention(tok, tmp_path):
                       num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        out = model(input_ids=packed["input_ids"][:1], position_ids=packed["position_ids"][:1], use_cache=False).logits[0]
+        out = model(
+            input_ids=packed["input_ids"][:1], position_ids=packed["position_ids"][:1], use_cache=False
+        ).logits[0]
         pos = packed["position_ids"][0]
         starts = (pos == 0).nonzero().flatten().tolist()
         compared = 0

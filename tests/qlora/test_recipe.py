@@ -19,7 +19,9 @@ def test_defaults_and_sections(tmp_path):
 
 
 def test_overrides_are_dotted_and_typed(tmp_path):
-    r = load_recipe(_write(tmp_path, "seq_len: 128\n"), ["lora.rank=auto", "optimizer.lr=1e-4", "micro_batch_size=4", "max_steps=7"])
+    r = load_recipe(
+        _write(tmp_path, "seq_len: 128\n"), ["lora.rank=auto", "optimizer.lr=1e-4", "micro_batch_size=4", "max_steps=7"]
+    )
     assert r.lora.rank == "auto" and r.optimizer.lr == 1e-4 and r.micro_batch_size == 4 and r.max_steps == 7
 
 

@@ -100,7 +100,9 @@ def test_streaming_quantize_matches_transformers_files(case, tmp_path):
     _assert_same_tensors(_file_tensors(tmp_path / "q"), _file_tensors(case["ref_dir"]))
     assert (tmp_path / "q" / "generation_config.json").is_file()
     assert report.bytes_total_after == sum(t.nbytes for t in _file_tensors(tmp_path / "q").values())
-    assert report.bytes_total_before == sum(t.nbytes for t in load_file(str(case["src"] / "model.safetensors")).values())
+    assert report.bytes_total_before == sum(
+        t.nbytes for t in load_file(str(case["src"] / "model.safetensors")).values()
+    )
 
 
 def test_fp4_without_double_quant_matches_transformers(tmp_path):
@@ -227,8 +229,12 @@ def test_non_floating_weight(tmp_path):
 
 def test_missing_unexpected_and_misshapen_keys(tmp_path):
     src = save_tiny("llama", tmp_path / "m")
-    _rewrite(src, lambda t: {("model.layers.0.mlp.gate.weight" if k.endswith("0.mlp.gate_proj.weight") else k): v for k, v in t.items()})
-    with pytest.raises(InputError, match=r"1 missing key.*0\.mlp\.gate_proj\.weight.*1 unexpected key.*0\.mlp\.gate\.weight"):
+    _rewrite(src, lambda t: {
+        ("model.layers.0.mlp.gate.weight" if k.endswith("0.mlp.gate_proj.weight") else k): v for k, v in t.items()
+    })
+    with pytest.raises(
+        InputError, match=r"1 missing key.*0\.mlp\.gate_proj\.weight.*1 unexpected key.*0\.mlp\.gate\.weight"
+    ):
         load_quantized_model(src)
     src = save_tiny("llama", tmp_path / "m2")
     _rewrite(src, lambda t: {**t, "model.norm.weight": torch.ones(3, dtype=torch.bfloat16)})
