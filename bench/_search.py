@@ -29,7 +29,8 @@ def linear_prediction(points: list[tuple[int, int]], cap: int) -> float | None:
 
 
 def search_longest(fits: Callable[[int], bool], start: int, max_seq: int, resolution: int,
-                   predict: Callable[[], float | None] | None = None, predicted_probes: int = 2) -> tuple[int, int | None]:
+                   predict: Callable[[], float | None] | None = None,
+                   predicted_probes: int = 2) -> tuple[int, int | None]:
     """The longest length ``fits`` accepts: double from ``start``, then narrow the bracket to ``resolution``.
 
     With ``predict``, up to ``predicted_probes`` probes are placed by it

@@ -45,7 +45,8 @@ TINY = {
     "tiny-llama": dict(_TINY, model_type="llama"),
     "tiny-qwen2": dict(_TINY, model_type="qwen2", tie_word_embeddings=True),
     "tiny-gemma2": dict(_TINY, model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
-                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh"),
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                        hidden_activation="gelu_pytorch_tanh"),
     "tiny-phi3": dict(_TINY, model_type="phi3", num_key_value_heads=4, pad_token_id=0, eos_token_id=1, bos_token_id=1),
     "tiny-qwen3": dict(_TINY, model_type="qwen3", head_dim=32, tie_word_embeddings=True),
 }
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", action="store_true", help="only re-render docs/memory-accuracy.md from existing results")
     ap.add_argument("--only", type=int, nargs="*", help="run only these row numbers (1-based), for debugging")
     ap.add_argument("--budget-min", type=float, help="start no row after this many minutes (rows so far are written)")
-    ap.add_argument("--results-dir", help="write the result files here instead of bench/results (docs are then left alone)")
+    ap.add_argument("--results-dir",
+                    help="write the result files here instead of bench/results (docs are then left alone)")
     args = ap.parse_args(argv)
     out_dir = Path(args.results_dir) if args.results_dir else RESULTS
     if args.docs:

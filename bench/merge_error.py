@@ -132,8 +132,10 @@ def main() -> int:
                 "qlora_fp32": _logits(_qlora_model(base_dir, ad, torch.float32), x),
             }
             rows = [
-                {"model": "QLoRA bf16 (training precision)", "vs": "qlora_fp32", **_compare(refs["qlora_fp32"], refs["qlora_bf16"])},
-                {"model": "NF4 base, no adapter (the adapter's own effect)", "vs": "qlora_fp32", **_compare(refs["qlora_fp32"], base_nf4)},
+                {"model": "QLoRA bf16 (training precision)", "vs": "qlora_fp32",
+                 **_compare(refs["qlora_fp32"], refs["qlora_bf16"])},
+                {"model": "NF4 base, no adapter (the adapter's own effect)", "vs": "qlora_fp32",
+                 **_compare(refs["qlora_fp32"], base_nf4)},
                 {"model": "16-bit base, no adapter", "vs": "qlora_fp32", **_compare(refs["qlora_fp32"], base16)},
             ]
             for into in ("dequantized", "original"):
@@ -150,10 +152,13 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": "cpu",
         "platform": platform.platform(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "model": "random-init Llama-style: 4 layers, hidden 256, intermediate 688, 8 heads (4 kv), vocab 2048, bf16 checkpoint",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "model": "random-init Llama-style: 4 layers, hidden 256, intermediate 688, 8 heads (4 kv), vocab 2048, "
+                 "bf16 checkpoint",
         "quantization": "nf4, double quant, blocksize 64, lm_head kept 16-bit",
-        "adapter": "all-linear, r=16, alpha=32, bf16, A Kaiming-uniform, B random rescaled to the given ||sBA||_F/||W0||_F per module",
+        "adapter": "all-linear, r=16, alpha=32, bf16, A Kaiming-uniform, "
+                   "B random rescaled to the given ||sBA||_F/||W0||_F per module",
         "batch": "8 x 128 random token ids (seed 1)",
         "seconds": round(time.perf_counter() - t0, 1),
         "runs": runs,

@@ -77,22 +77,27 @@ def throughput(device: torch.device, shapes, reps: int) -> list[dict]:
         bq, bs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         # Recorded, not asserted: the tests pin bit-exactness against bnb's CPU kernels; on CUDA this is the check.
         same = bool(torch.equal(packed, bq) and torch.equal(state.absmax, bs.absmax))
+        # Each case binds this shape's tensors (default arguments); it is timed before the next shape is built.
         cases = {
-            ("quantize", "quant (torch)"): lambda: quantize_4bit(w, "nf4", 64, True),
-            ("quantize", "bitsandbytes"): lambda: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
-            ("dequantize", "quant (torch)"): lambda: dequantize_4bit(packed, state, torch.bfloat16, backend="torch"),
-            ("dequantize", "bitsandbytes"): lambda: bnbf.dequantize_4bit(bq, bs),
+            ("quantize", "quant (torch)"): lambda w=w: quantize_4bit(w, "nf4", 64, True),
+            ("quantize", "bitsandbytes"):
+                lambda w=w: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
+            ("dequantize", "quant (torch)"):
+                lambda packed=packed, state=state: dequantize_4bit(packed, state, torch.bfloat16, backend="torch"),
+            ("dequantize", "bitsandbytes"): lambda bq=bq, bs=bs: bnbf.dequantize_4bit(bq, bs),
         }
         if device.type == "cuda":
-            cases[("dequantize", "quant (auto = bnb kernel)")] = lambda: dequantize_4bit(packed, state, torch.bfloat16, backend="auto")
+            cases[("dequantize", "quant (auto = bnb kernel)")] = (
+                lambda packed=packed, state=state: dequantize_4bit(packed, state, torch.bfloat16, backend="auto"))
         for (op, impl), fn in cases.items():
             s = _timeit(fn, device, reps)
             rows.append(dict(
-                device=device.type, op=op, impl=impl, shape=list(shape), bit_identical_to_bnb=same, ms=round(s * 1e3, 3),
-                melem_per_s=round(n / s / 1e6, 1), gb_per_s_bf16=round(2 * n / s / 1e9, 3),
+                device=device.type, op=op, impl=impl, shape=list(shape), bit_identical_to_bnb=same,
+                ms=round(s * 1e3, 3), melem_per_s=round(n / s / 1e6, 1), gb_per_s_bf16=round(2 * n / s / 1e9, 3),
             ))
-            print(f"  {device.type:4s} {op:10s} {impl:26s} {shape[0]}x{shape[1]:<6d} {s * 1e3:9.2f} ms  {n / s / 1e6:9.1f} Melem/s", flush=True)
-        del w, packed, state, bq, bs
+            print(f"  {device.type:4s} {op:10s} {impl:26s} {shape[0]}x{shape[1]:<6d} {s * 1e3:9.2f} ms  "
+                  f"{n / s / 1e6:9.1f} Melem/s", flush=True)
+        del w, packed, state, bq, bs, cases, fn  # the cases hold the tensors too: free them before the next shape
     return rows
 
 
@@ -110,7 +115,8 @@ def make_checkpoint(path: Path, quick: bool) -> dict:
         num_hidden_layers=4 if quick else 8, num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False,
     )
     with init_empty_weights():
-        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).state_dict().items()}
+        shapes = {k: v.shape
+                  for k, v in AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     tensors = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
     path.mkdir(parents=True, exist_ok=True)
@@ -180,8 +186,8 @@ def child(loader: str, model_dir: str, device: str) -> None:
         peak[0] = max(peak[0], maxrss)
     model_bytes = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
     print(json.dumps(dict(
-        loader=loader, device=device, seconds=round(seconds, 2), peak_delta=peak[0] - base, rusage_raised=maxrss > maxrss0,
-        kept_delta=after - base, model_bytes=model_bytes,
+        loader=loader, device=device, seconds=round(seconds, 2), peak_delta=peak[0] - base,
+        rusage_raised=maxrss > maxrss0, kept_delta=after - base, model_bytes=model_bytes,
         kept_anon_delta=split1.get("rssanon", 0) - split0.get("rssanon", 0),
         kept_file_delta=split1.get("rssfile", 0) - split0.get("rssfile", 0),
     )))
@@ -191,9 +197,11 @@ def memory(quick: bool, devices: list[str], runs: int) -> tuple[dict, list[dict]
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
         ckpt = Path(tmp) / "ckpt"
         facts = make_checkpoint(ckpt, quick)
-        print(f"  checkpoint: {facts['checkpoint_bytes'] / 2**20:.0f} MiB, largest tensor {facts['largest_tensor_bytes'] / 2**20:.1f} MiB", flush=True)
+        print(f"  checkpoint: {facts['checkpoint_bytes'] / 2**20:.0f} MiB, "
+              f"largest tensor {facts['largest_tensor_bytes'] / 2**20:.1f} MiB", flush=True)
         rows = []
-        for run, device, loader in ((r, d, lo) for r in range(runs) for d in devices for lo in ("quant", "transformers+bnb")):
+        for run, device, loader in ((r, d, lo) for r in range(runs) for d in devices
+                                    for lo in ("quant", "transformers+bnb")):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", loader, str(ckpt), device],
                 capture_output=True, text=True, check=True, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"),
@@ -204,7 +212,8 @@ def memory(quick: bool, devices: list[str], runs: int) -> tuple[dict, list[dict]
             r["peak_over_checkpoint"] = round(r["peak_delta"] / facts["checkpoint_bytes"], 3)
             r["transient_over_largest_tensor"] = round(r["transient_delta"] / facts["largest_tensor_bytes"], 2)
             rows.append(r)
-            print(f"  run {run + 1} {device:4s} {loader:18s} peak +{r['peak_delta'] / 2**20:7.1f} MiB  kept +{r['kept_delta'] / 2**20:7.1f} MiB  "
+            print(f"  run {run + 1} {device:4s} {loader:18s} peak +{r['peak_delta'] / 2**20:7.1f} MiB  "
+                  f"kept +{r['kept_delta'] / 2**20:7.1f} MiB  "
                   f"transient {r['transient_delta'] / 2**20:7.1f} MiB  ({r['seconds']:.1f} s)", flush=True)
         return facts, rows
 
@@ -217,25 +226,32 @@ def write_markdown(path: Path, res: dict) -> None:
          f"Date {res['date']}; command `{res['command']}`; torch threads {res['torch_threads']}.", "",
          "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
          "## Throughput (NF4 + double quant, blocksize 64, bf16 weights; best of runs)", "",
-         "| device | op | implementation | shape | ms | Melem/s | GB/s (bf16) | quant == bnb bytes |", "|---|---|---|---|---:|---:|---:|---|"]
+         "| device | op | implementation | shape | ms | Melem/s | GB/s (bf16) | quant == bnb bytes |",
+         "|---|---|---|---|---:|---:|---:|---|"]
     for r in res["throughput"]:
-        L.append(f"| {r['device']} | {r['op']} | {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['ms']:.2f} | {r['melem_per_s']:.1f} | "
-                 f"{r['gb_per_s_bf16']:.2f} | {'yes' if r['bit_identical_to_bnb'] else 'NO'} |")
+        L.append(f"| {r['device']} | {r['op']} | {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['ms']:.2f} | "
+                 f"{r['melem_per_s']:.1f} | {r['gb_per_s_bf16']:.2f} | "
+                 f"{'yes' if r['bit_identical_to_bnb'] else 'NO'} |")
     f = res["checkpoint"]
     L += ["", "## Host memory of loading a checkpoint", "",
-          f"Random-weight Llama-style bf16 checkpoint: {f['checkpoint_bytes'] / 2**20:.0f} MiB, {f['params'] / 1e6:.0f} M params, "
-          f"{f['n_tensors']} tensors, largest {f['largest_tensor_bytes'] / 2**20:.1f} MiB. RSS deltas are above the post-import baseline; "
-          "'kept' is what the loaded model holds in host memory (all of it on CPU), 'transient' = peak - kept is the loader's own overhead.", "",
-          "| run | device | loader | peak RSS delta | peak / checkpoint | kept (anon + file) | model tensors | transient | transient / largest tensor | seconds |",
+          f"Random-weight Llama-style bf16 checkpoint: {f['checkpoint_bytes'] / 2**20:.0f} MiB, "
+          f"{f['params'] / 1e6:.0f} M params, {f['n_tensors']} tensors, "
+          f"largest {f['largest_tensor_bytes'] / 2**20:.1f} MiB. RSS deltas are above the post-import baseline; "
+          "'kept' is what the loaded model holds in host memory (all of it on CPU), "
+          "'transient' = peak - kept is the loader's own overhead.", "",
+          "| run | device | loader | peak RSS delta | peak / checkpoint | kept (anon + file) | model tensors | "
+          "transient | transient / largest tensor | seconds |",
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["memory"]:
-        L.append(f"| {r['run']} | {r['device']} | {r['loader']} | {r['peak_delta'] / 2**20:.1f} MiB | {r['peak_over_checkpoint']:.2f} | "
-                 f"{r['kept_delta'] / 2**20:.1f} MiB ({r['kept_anon_delta'] / 2**20:.0f} + {r['kept_file_delta'] / 2**20:.0f}) | {r['model_bytes'] / 2**20:.1f} MiB | {r['transient_delta'] / 2**20:.1f} MiB | "
+        L.append(f"| {r['run']} | {r['device']} | {r['loader']} | {r['peak_delta'] / 2**20:.1f} MiB | "
+                 f"{r['peak_over_checkpoint']:.2f} | {r['kept_delta'] / 2**20:.1f} MiB "
+                 f"({r['kept_anon_delta'] / 2**20:.0f} + {r['kept_file_delta'] / 2**20:.0f}) | "
+                 f"{r['model_bytes'] / 2**20:.1f} MiB | {r['transient_delta'] / 2**20:.1f} MiB | "
                  f"{r['transient_over_largest_tensor']:.2f} | {r['seconds']:.1f} |")
-    L += ["", "'model tensors' sums the loaded model's parameters and buffers. 'anon' is heap memory (tensors, allocator "
-          "caches); 'file' is file-backed pages (library code paged in by first kernel use, and memory-mapped checkpoint "
-          "pages a loader keeps mapped). 'seconds' includes each loader's first-use imports; the machine is shared, so "
-          "timings are noisy."]
+    L += ["", "'model tensors' sums the loaded model's parameters and buffers. 'anon' is heap memory (tensors, "
+          "allocator caches); 'file' is file-backed pages (library code paged in by first kernel use, and "
+          "memory-mapped checkpoint pages a loader keeps mapped). 'seconds' includes each loader's first-use "
+          "imports; the machine is shared, so timings are noisy."]
     path.write_text("\n".join(L) + "\n")
 
 
@@ -251,8 +267,10 @@ def main() -> int:
         return 0
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    res = dict(command="python bench/quant_speed.py" + (" --quick" if args.quick else ""), date=datetime.date.today().isoformat(),
-               versions=package_versions("torch", "bitsandbytes", "transformers", "safetensors"), torch_threads=torch.get_num_threads(), throughput=[])
+    res = dict(command="python bench/quant_speed.py" + (" --quick" if args.quick else ""),
+               date=datetime.date.today().isoformat(),
+               versions=package_versions("torch", "bitsandbytes", "transformers", "safetensors"),
+               torch_threads=torch.get_num_threads(), throughput=[])
     print("throughput:", flush=True)
     for d in devices:
         res["throughput"] += throughput(torch.device(d), shapes, args.reps)

@@ -5,7 +5,8 @@
     .venv/bin/python bench/train.py --mode max-context    # longest seq at batch 1 under a 24 GiB cap, per stack
     # the 8B random checkpoint is 16 GB: --checkpoint-dir DIR writes it once and reuses it across commands
     .venv/bin/python bench/train.py --tiny --results-dir /tmp/x   # seconds: the CI smoke size (any mode, on the CPU)
-    # on a lent GPU: --budget-min 9 stops starting stacks before a 10-minute command limit; results are written after each
+    # on a lent GPU: --budget-min 9 stops starting stacks before a 10-minute command limit;
+    # results are written after each
 
 Stacks, each trained in its own subprocess by bench/train_stacks.py (so host
 RSS and CUDA peaks never mix, and a failed OOM probe cannot poison the next):
@@ -60,10 +61,10 @@ import torch
 from _machine import device_name, package_versions  # bench/ siblings: the script's folder is on the path
 from _search import search_longest  # noqa: F401  (re-exported for tests)
 
-ROOT = Path(__file__).resolve().parent
 from qlora.train.loss import CHUNK_TOKENS
 from qlora.train.optim import OPTIMIZERS
 
+ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 STACKS = ("hf", "hf-no-upcast", "qlora", "qlora-offload", "qlora-unchunked")
 BASELINE = "hf"
@@ -77,8 +78,9 @@ MODELS = {
                             num_key_value_heads=2, vocab_size=32000, max_position_embeddings=8192),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
 }
 MODES = {
     "cpu": dict(model="cpu-llama-4x512", device="cpu", seq_len=1024, batches=[2], steps=5, repeats=2,
@@ -113,7 +115,8 @@ def make_checkpoint(path: Path, arch: dict, seed: int = 0, shard_bytes: int = 2 
     cfg = LlamaConfig(**arch, tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
     cfg.dtype = torch.bfloat16
     with init_empty_weights():
-        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).state_dict().items()}
+        shapes = {k: v.shape
+                  for k, v in AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).state_dict().items()}
     path.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -139,7 +142,8 @@ def make_checkpoint(path: Path, arch: dict, seed: int = 0, shard_bytes: int = 2 
         weight_map.update({k: name for k in shard})
         total += sum(t.nbytes for t in shard.values())
         del shard
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
     cfg.save_pretrained(str(path))
     return dict(params=sum(s.numel() for s in shapes.values()), checkpoint_bytes=total, tensors=len(shapes))
 
@@ -182,7 +186,8 @@ def run_child(spec: dict, budget: Budget | None = None) -> dict:
         ChildFailed: the child failed (its exit code and the end of its stderr) or ran past the budget;
             carries the batches it finished before that.
     """
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = str(spec["threads"])  # bitsandbytes' CPU kernels use OpenMP too
     timeout = budget.left() if budget is not None else None
@@ -191,8 +196,8 @@ def run_child(spec: dict, budget: Budget | None = None) -> dict:
                            text=True, env=env, timeout=None if timeout is None else max(1.0, timeout))
     except subprocess.TimeoutExpired as e:
         partial = [ln["partial_run"] for ln in _json_lines(e.stdout) if "partial_run" in ln]
-        raise ChildFailed(f"stack {spec['stack']} was stopped at the time budget ({timeout:.0f} s left when it started)",
-                          partial) from None
+        raise ChildFailed(f"stack {spec['stack']} was stopped at the time budget "
+                          f"({timeout:.0f} s left when it started)", partial) from None
     lines = _json_lines(p.stdout)
     final = [ln for ln in lines if "partial_run" not in ln]
     if p.returncode != 0 or not final:
@@ -237,14 +242,16 @@ def train_runs(base: dict, stacks: list[str], batches: list[int], repeats: int, 
         for group in groups:
             for stack in stacks:
                 if budget.spent():
-                    runs += [dict(_failed(stack, b, base["seq_len"], "not run: time budget spent"), repeat=rep + 1) for b in group]
+                    runs += [dict(_failed(stack, b, base["seq_len"], "not run: time budget spent"), repeat=rep + 1)
+                             for b in group]
                     continue
                 try:
                     out = run_child(dict(base, stack=stack, batches=group), budget)["runs"]
                 except ChildFailed as e:
                     print(f"  run {rep + 1} {stack}: FAILED\n{e}", flush=True)
                     done = {r["batch"] for r in e.partial}
-                    out = e.partial + [_failed(stack, b, base["seq_len"], str(e)[-2000:]) for b in group if b not in done]
+                    out = e.partial + [_failed(stack, b, base["seq_len"], str(e)[-2000:])
+                                       for b in group if b not in done]
                 for r in out:
                     runs.append(dict(r, repeat=rep + 1))
                     if r.get("error"):
@@ -255,21 +262,22 @@ def train_runs(base: dict, stacks: list[str], batches: list[int], repeats: int, 
                         mem = f"peak RSS {_gib(r['peak_rss'])} (+{_gib(r['peak_rss_above_imports'])} above imports)"
                     tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
                     print(f"  run {rep + 1} b={r['batch']} seq={base['seq_len']} {stack:14s} "
-                          f"{'ok ' if r['ok'] else 'OOM' if r['oom'] else 'bad'} {tps:>8s} tok/s  {mem}  final loss {r['final_loss']}",
-                          flush=True)
+                          f"{'ok ' if r['ok'] else 'OOM' if r['oom'] else 'bad'} {tps:>8s} tok/s  {mem}  "
+                          f"final loss {r['final_loss']}", flush=True)
                 on_result(runs)
     return runs
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per stack x batch over its repeats: the best speed (the least disturbed run), the largest peak, the final loss."""
+    """One row per stack x batch over its repeats: the best speed (the least disturbed run), the largest peak,
+    the final loss."""
     out = []
     for key in dict.fromkeys((r["batch"], r["stack"]) for r in runs):
         rs = [r for r in runs if (r["batch"], r["stack"]) == key]
         ok = all(r["ok"] for r in rs)
         first = next((r for r in rs if not r.get("error")), rs[0])
-        row = dict(batch=key[0], stack=key[1], seq_len=rs[0]["seq_len"], repeats=len(rs), ok=ok, oom=any(r["oom"] for r in rs),
-                   error=next((r["error"] for r in rs if r.get("error")), None),
+        row = dict(batch=key[0], stack=key[1], seq_len=rs[0]["seq_len"], repeats=len(rs), ok=ok,
+                   oom=any(r["oom"] for r in rs), error=next((r["error"] for r in rs if r.get("error")), None),
                    final_loss=first["final_loss"], final_losses=[r["final_loss"] for r in rs],
                    trainable_params=first["trainable_params"], model_bytes_by_dtype=first["model_bytes_by_dtype"])
         for k in SPEEDS:
@@ -282,8 +290,10 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def ratios(summary: list[dict], device: str) -> list[dict]:
-    """qlora-family / baseline and hf-no-upcast / hf for each batch size (> 1 speed is faster, < 1 memory is smaller)."""
-    mem_keys = ("cuda_max_allocated", "cuda_max_reserved") if device == "cuda" else ("peak_rss", "peak_rss_above_imports", "peak_rss_anon")
+    """qlora-family / baseline and hf-no-upcast / hf for each batch size (> 1 speed is faster,
+    < 1 memory is smaller)."""
+    mem_keys = (("cuda_max_allocated", "cuda_max_reserved") if device == "cuda"
+                else ("peak_rss", "peak_rss_above_imports", "peak_rss_anon"))
     out = []
     for batch in sorted({r["batch"] for r in summary}):
         by = {r["stack"]: r for r in summary if r["batch"] == batch}
@@ -321,20 +331,25 @@ def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolut
             row["error"] = "not run: time budget spent"
             continue
         try:
-            found = run_child(dict(base, stack=stack, batches=[1], search=dict(start=start, max_seq=max_seq, resolution=resolution,
-                                                                               probe_steps=1)), budget)
-            row.update(probes=found["probes"], first_failure=found["first_failure"], hit_search_cap=found["first_failure"] is None,
-                       search_max_seq_len=found["max_seq_len"])
+            found = run_child(dict(base, stack=stack, batches=[1],
+                                   search=dict(start=start, max_seq=max_seq, resolution=resolution, probe_steps=1)),
+                              budget)
+            row.update(probes=found["probes"], first_failure=found["first_failure"],
+                       hit_search_cap=found["first_failure"] is None, search_max_seq_len=found["max_seq_len"])
             seq = found["max_seq_len"]
             for p in found["probes"]:
                 peak = f"max reserved {_gib(p['cuda_max_reserved'])}, " if p.get("cuda_max_reserved") else (
                     f"simulated peak {_gib(p['simulated_peak'])}, " if p.get("simulated_peak") else "")
-                print(f"  {stack:14s} seq {p['seq_len']:>7d}: {'fits' if p['ok'] else 'OOM'}  ({peak}{p['seconds']} s)", flush=True)
+                print(f"  {stack:14s} seq {p['seq_len']:>7d}: {'fits' if p['ok'] else 'OOM'}  ({peak}{p['seconds']} s)",
+                      flush=True)
             while seq > 0 and len(row["confirmed"]) < 4 and not budget.spent():
                 r = run_child(dict(base, stack=stack, batches=[1], seq_len=seq), budget)["runs"][0]
-                row["confirmed"].append(dict(seq_len=seq, ok=r["ok"], oom=r["oom"], cuda_max_allocated=r.get("cuda_max_allocated"),
-                                             cuda_max_reserved=r.get("cuda_max_reserved"), simulated_peak=r.get("simulated_peak")))
-                print(f"  {stack:14s} seq {seq:>7d} in a fresh process, {base['steps']} steps: {'fits' if r['ok'] else 'OOM'}", flush=True)
+                row["confirmed"].append(dict(seq_len=seq, ok=r["ok"], oom=r["oom"],
+                                             cuda_max_allocated=r.get("cuda_max_allocated"),
+                                             cuda_max_reserved=r.get("cuda_max_reserved"),
+                                             simulated_peak=r.get("simulated_peak")))
+                print(f"  {stack:14s} seq {seq:>7d} in a fresh process, {base['steps']} steps: "
+                      f"{'fits' if r['ok'] else 'OOM'}", flush=True)
                 if r["ok"]:
                     row["max_seq_len"] = seq
                     break
@@ -342,7 +357,8 @@ def max_context(base: dict, stacks: list[str], start: int, max_seq: int, resolut
                     raise RuntimeError(f"{stack} at seq {seq} produced a non-finite loss; not a memory limit")
                 seq -= resolution
             if not row["max_seq_len"]:  # never a silent 0: say why nothing was confirmed
-                why = "time budget spent" if budget.spent() else f"{len(row['confirmed'])} fresh-process runs ran out of memory"
+                why = ("time budget spent" if budget.spent()
+                       else f"{len(row['confirmed'])} fresh-process runs ran out of memory")
                 row["error"] = f"unconfirmed: the search found {found['max_seq_len']:,} tokens, but {why}"
         except RuntimeError as e:  # ChildFailed, or a non-finite loss in the confirmation
             print(f"  {stack}: FAILED\n{e}", flush=True)
@@ -358,20 +374,27 @@ def write_markdown(path: Path, res: dict) -> None:
     s, m = res["settings"], res["model"]
     cuda = res["device"] == "cuda"
     L = [f"# Training benchmark ({res['mode']}): qlora vs transformers + PEFT + bitsandbytes", "",
-         f"Device: {res['device_name']}. Date {res['date']}; command `{res['command']}`; torch threads {res['torch_threads']}.", "",
+         f"Device: {res['device_name']}. Date {res['date']}; command `{res['command']}`; "
+         f"torch threads {res['torch_threads']}.", "",
          "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", "",
-         f"Model: Llama architecture `{m['name']}` with random weights ({m['params'] / 1e6:.1f} M params: {m['num_hidden_layers']} layers, "
-         f"hidden {m['hidden_size']}, MLP {m['intermediate_size']}, {m['num_attention_heads']} heads / {m['num_key_value_heads']} KV, "
-         f"vocab {m['vocab_size']}). LoRA r={s['rank']}, alpha={s['alpha']:g}, dropout {s['dropout']:g} on all linear layers; "
+         f"Model: Llama architecture `{m['name']}` with random weights ({m['params'] / 1e6:.1f} M params: "
+         f"{m['num_hidden_layers']} layers, hidden {m['hidden_size']}, MLP {m['intermediate_size']}, "
+         f"{m['num_attention_heads']} heads / {m['num_key_value_heads']} KV, vocab {m['vocab_size']}). "
+         f"LoRA r={s['rank']}, alpha={s['alpha']:g}, dropout {s['dropout']:g} on all linear layers; "
          f"optimizer {s['optimizer']} lr {s['lr']:g}; bf16 autocast; random token ids, every token a target; "
-         f"adapters: PEFT fp32 (its default), qlora {s['qlora_adapter_dtype']}; qlora loss chunk {s['chunk_tokens']} tokens.", ""]
+         f"adapters: PEFT fp32 (its default), qlora {s['qlora_adapter_dtype']}; "
+         f"qlora loss chunk {s['chunk_tokens']} tokens.", ""]
     if res.get("summary"):
-        mem_head = "max allocated | max reserved | allocated after setup" if cuda else "peak RSS | peak RSS above imports | peak anon RSS"
-        speed = ["tokens_per_s", "tokens_per_s_median_step", "tokens_per_s_best_step"] + ([] if cuda else ["tokens_per_cpu_s"])
-        speed_head = "tokens/s | tokens/s (median step) | tokens/s (best step)" + ("" if cuda else " | tokens per CPU-second")
-        L += [f"## Per stack ({s['steps']} steps per run, speed over steps 3..{s['steps']}; best speed and largest peak "
-              f"over {s['repeats']} run(s))", "",
-              f"| stack | batch x seq | {speed_head} | {mem_head} | final loss | trainable params | params+buffers by dtype |",
+        mem_head = ("max allocated | max reserved | allocated after setup" if cuda
+                    else "peak RSS | peak RSS above imports | peak anon RSS")
+        speed = (["tokens_per_s", "tokens_per_s_median_step", "tokens_per_s_best_step"]
+                 + ([] if cuda else ["tokens_per_cpu_s"]))
+        speed_head = ("tokens/s | tokens/s (median step) | tokens/s (best step)"
+                      + ("" if cuda else " | tokens per CPU-second"))
+        L += [f"## Per stack ({s['steps']} steps per run, speed over steps 3..{s['steps']}; "
+              f"best speed and largest peak over {s['repeats']} run(s))", "",
+              f"| stack | batch x seq | {speed_head} | {mem_head} | final loss | trainable params | "
+              "params+buffers by dtype |",
               "|---|---|" + "---:|" * (len(speed) + 5) + "---|"]
         for r in res["summary"]:
             mem = [r.get(k, 0) for k in (("cuda_max_allocated", "cuda_max_reserved", "cuda_allocated_setup") if cuda
@@ -382,33 +405,42 @@ def write_markdown(path: Path, res: dict) -> None:
             params = f"{r['trainable_params']:,}" if r["trainable_params"] else "-"
             if r.get("error"):
                 tps = " | ".join(["FAILED"] + ["-"] * (len(speed) - 1))
-            L.append(f"| {r['stack']} | {r['batch']} x {r['seq_len']} | {tps} | " + " | ".join(_gib(x or 0) for x in mem)
-                     + f" | {loss} | {params} | {dt} |")
+            L.append(f"| {r['stack']} | {r['batch']} x {r['seq_len']} | {tps} | "
+                     + " | ".join(_gib(x or 0) for x in mem) + f" | {loss} | {params} | {dt} |")
         k = "cuda_max_allocated" if cuda else "peak_rss"
         L += ["", "All runs (tokens/s over steps 3..N; step seconds; peak):", "",
               "| run | stack | batch | tokens/s | step seconds | peak |", "|---|---|---|---:|---|---:|"]
         for r in res["runs"]:
-            tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else ("OOM" if r["oom"] else "FAILED" if r.get("error") else "-")
-            L.append(f"| {r['repeat']} | {r['stack']} | {r['batch']} | {tps} | {', '.join(f'{t:.2f}' for t in r['step_s'])} | "
-                     f"{_gib(r.get(k) or 0)} |")
+            tps = (f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"]
+                   else ("OOM" if r["oom"] else "FAILED" if r.get("error") else "-"))
+            L.append(f"| {r['repeat']} | {r['stack']} | {r['batch']} | {tps} | "
+                     f"{', '.join(f'{t:.2f}' for t in r['step_s'])} | {_gib(r.get(k) or 0)} |")
     if res.get("ratios"):
         mems = [("cuda_max_allocated", "max allocated"), ("cuda_max_reserved", "max reserved")] if cuda else [
-            ("peak_rss", "peak RSS"), ("peak_rss_above_imports", "peak RSS above imports"), ("peak_rss_anon", "peak anon RSS")]
-        speed = ["tokens_per_s", "tokens_per_s_median_step", "tokens_per_s_best_step"] + ([] if cuda else ["tokens_per_cpu_s"])
-        speed_head = "tokens/s | tokens/s (median step) | tokens/s (best step)" + ("" if cuda else " | tokens per CPU-second")
+            ("peak_rss", "peak RSS"), ("peak_rss_above_imports", "peak RSS above imports"),
+            ("peak_rss_anon", "peak anon RSS")]
+        speed = (["tokens_per_s", "tokens_per_s_median_step", "tokens_per_s_best_step"]
+                 + ([] if cuda else ["tokens_per_cpu_s"]))
+        speed_head = ("tokens/s | tokens/s (median step) | tokens/s (best step)"
+                      + ("" if cuda else " | tokens per CPU-second"))
         L += ["", "## Ratios (speed: > 1 is faster; memory: < 1 is smaller)", "",
-              f"| batch | stack / baseline | {speed_head} | " + " | ".join(n for _, n in mems) + " | final loss (stack, baseline) |",
+              f"| batch | stack / baseline | {speed_head} | " + " | ".join(n for _, n in mems)
+              + " | final loss (stack, baseline) |",
               "|---|---|" + "---:|" * (len(speed) + len(mems)) + "---|"]
         for q in res["ratios"]:
-            L.append(f"| {q['batch']} | {q['stack']} / {q['vs']} | " + " | ".join(f"{q[k]:.2f}x" for k in speed + [k for k, _ in mems])
+            L.append(f"| {q['batch']} | {q['stack']} / {q['vs']} | "
+                     + " | ".join(f"{q[k]:.2f}x" for k in speed + [k for k, _ in mems])
                      + f" | {q['final_loss'][0]:.4f}, {q['final_loss'][1]:.4f} |")
     if res.get("max_context"):
-        how = "torch.cuda.set_per_process_memory_fraction" if cuda else "simulated on the CPU: tensor bytes allocated during training"
+        how = ("torch.cuda.set_per_process_memory_fraction" if cuda
+               else "simulated on the CPU: tensor bytes allocated during training")
         L += ["", f"## Max context at batch 1 under a {_gib(s['cap_bytes'])} cap ({how})", "",
               f"One process per stack: a warm-up step at 256 tokens, then one training step per probe, doubling from "
-              f"{s['start_seq']}, then probes placed by the measured memory slope and bisection, to {s['resolution']} tokens. "
+              f"{s['start_seq']}, then probes placed by the measured memory slope and bisection, "
+              f"to {s['resolution']} tokens. "
               f"The answer is confirmed by a fresh process that trains {s['steps']} steps at that length.", "",
-              "| stack | longest seq that trains | x baseline | first failing seq (search) | probes | fresh-process confirmation |",
+              "| stack | longest seq that trains | x baseline | first failing seq (search) | probes | "
+              "fresh-process confirmation |",
               "|---|---:|---:|---:|---:|---|"]
         for r in res["max_context"]:
             if r.get("error"):
@@ -419,10 +451,11 @@ def write_markdown(path: Path, res: dict) -> None:
             conf = ", ".join(f"{c['seq_len']:,} {'fits' if c['ok'] else 'OOM'}" for c in r["confirmed"]) or "-"
             L.append(f"| {r['stack']} | {r['max_seq_len']:,} | {x} | {first} | {len(r['probes'])} | {conf} |")
     L += ["", "Each stack ran in its own process. " + (
-        "Memory is the PyTorch caching allocator's view (no CUDA context, no allocator overhead outside it)." if cuda else
-        "RSS includes the libraries' code and allocator caches; 'above imports' subtracts the RSS measured after importing "
-        "the same libraries in every stack. 4-bit matmuls on the CPU run bitsandbytes' CPU kernels (both stacks), so "
-        "CPU speed says little about CUDA speed.")]
+        "Memory is the PyTorch caching allocator's view (no CUDA context, no allocator overhead outside it)."
+        if cuda else
+        "RSS includes the libraries' code and allocator caches; 'above imports' subtracts the RSS measured "
+        "after importing the same libraries in every stack. 4-bit matmuls on the CPU run bitsandbytes' CPU kernels "
+        "(both stacks), so CPU speed says little about CUDA speed.")]
     path.write_text("\n".join(L) + "\n")
 
 
@@ -432,7 +465,8 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="a 2-layer 64-hidden model, seq 64, 4 steps (CI smoke size)")
     p.add_argument("--stacks", help=f"comma-separated subset of {','.join(STACKS)} (default: the mode's)")
     p.add_argument("--steps", type=int, help="training steps per stack (>= 3; tokens/s counts steps 3..N)")
-    p.add_argument("--repeats", type=int, help="runs per stack, interleaved; the best speed counts (default: the mode's)")
+    p.add_argument("--repeats", type=int,
+                   help="runs per stack, interleaved; the best speed counts (default: the mode's)")
     p.add_argument("--seq-len", type=int, help="override the mode's sequence length")
     p.add_argument("--batch", type=int, action="append", help="micro-batch size (repeat for several)")
     p.add_argument("--rank", type=int, default=16)
@@ -441,16 +475,20 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="paged_adamw_8bit")
     p.add_argument("--qlora-adapter-dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help=f"qlora's loss chunk (the trainer's: {CHUNK_TOKENS})")
+    p.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS,
+                   help=f"qlora's loss chunk (the trainer's: {CHUNK_TOKENS})")
     p.add_argument("--cap-gib", type=float, default=24.0, help="max-context: memory cap per process")
     p.add_argument("--start-seq", type=int, default=4096, help="max-context: first probe")
     p.add_argument("--max-seq", type=int, default=1 << 20, help="max-context: stop doubling here")
-    p.add_argument("--resolution", type=int, default=1024, help="max-context: bisect until the bracket is this narrow")
-    p.add_argument("--budget-min", type=float, help="wall-clock budget: start no stack after it, stop a running one at it "
-                   "(results so far are written after every stack)")
-    p.add_argument("--checkpoint-dir", help="where to write (or reuse) the random-weight checkpoint; default a temp dir")
+    p.add_argument("--resolution", type=int, default=1024,
+                   help="max-context: bisect until the bracket is this narrow")
+    p.add_argument("--budget-min", type=float, help="wall-clock budget: start no stack after it, "
+                   "stop a running one at it (results so far are written after every stack)")
+    p.add_argument("--checkpoint-dir",
+                   help="where to write (or reuse) the random-weight checkpoint; default a temp dir")
     p.add_argument("--results-dir", default=str(RESULTS))
-    p.add_argument("--threads", type=int, help="torch/OpenMP threads per stack (default: torch's); 1 is steadier on a busy shared CPU")
+    p.add_argument("--threads", type=int, help="torch/OpenMP threads per stack (default: torch's); "
+                   "1 is steadier on a busy shared CPU")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     mode = dict(MODES[args.mode], **(TINY if args.tiny else {}))
@@ -467,13 +505,15 @@ def main() -> int:
     arch = MODELS[mode["model"]]
     seq_len = args.seq_len or mode["seq_len"]
     batches = args.batch or mode["batches"]
-    settings = dict(steps=steps, repeats=repeats, rank=args.rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr,
-                    optimizer=args.optimizer, qlora_adapter_dtype=args.qlora_adapter_dtype, chunk_tokens=args.chunk_tokens,
-                    seq_len=seq_len, batches=batches, stacks=stacks, threads=args.threads,
-                    pytorch_cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
-    res = dict(mode=args.mode + ("-tiny" if args.tiny else ""), command="python bench/train.py " + " ".join(sys.argv[1:]),
+    settings = dict(steps=steps, repeats=repeats, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                    lr=args.lr, optimizer=args.optimizer, qlora_adapter_dtype=args.qlora_adapter_dtype,
+                    chunk_tokens=args.chunk_tokens, seq_len=seq_len, batches=batches, stacks=stacks,
+                    threads=args.threads, pytorch_cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    res = dict(mode=args.mode + ("-tiny" if args.tiny else ""),
+               command="python bench/train.py " + " ".join(sys.argv[1:]),
                date=datetime.date.today().isoformat(), device=mode["device"], device_name=device_name(mode["device"]),
-               versions=package_versions("torch", "transformers", "peft", "bitsandbytes", "accelerate"), torch_threads=args.threads or torch.get_num_threads(), settings=settings)
+               versions=package_versions("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
+               torch_threads=args.threads or torch.get_num_threads(), settings=settings)
     if mode["device"] == "cuda":
         res["device_name"] += f"; host CPU {device_name('cpu')}"
     out_dir = Path(args.results_dir)
@@ -498,12 +538,13 @@ def main() -> int:
             (ckpt / "bench-facts.json").write_text(json.dumps(facts))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the draw's cached blocks must not sit beside the children's runs
-            print(f"wrote random-weight checkpoint ({facts['params'] / 1e6:.1f} M params, {_gib(facts['checkpoint_bytes'])}) "
-                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"wrote random-weight checkpoint ({facts['params'] / 1e6:.1f} M params, "
+                  f"{_gib(facts['checkpoint_bytes'])}) in {time.perf_counter() - t0:.0f} s", flush=True)
         res["model"] = dict(name=mode["model"], params=facts["params"], **arch)
-        base = dict(model_dir=str(ckpt), device=mode["device"], seq_len=seq_len, steps=steps, rank=args.rank, alpha=args.alpha,
-                    dropout=args.dropout, lr=args.lr, optimizer=args.optimizer, qlora_adapter_dtype=args.qlora_adapter_dtype,
-                    chunk_tokens=args.chunk_tokens, seed=args.seed, vocab_size=arch["vocab_size"], threads=args.threads)
+        base = dict(model_dir=str(ckpt), device=mode["device"], seq_len=seq_len, steps=steps, rank=args.rank,
+                    alpha=args.alpha, dropout=args.dropout, lr=args.lr, optimizer=args.optimizer,
+                    qlora_adapter_dtype=args.qlora_adapter_dtype, chunk_tokens=args.chunk_tokens, seed=args.seed,
+                    vocab_size=arch["vocab_size"], threads=args.threads)
         if args.mode == "max-context":
             cap = int(args.cap_gib * 2**30)
             settings.update(cap_bytes=cap, start_seq=args.start_seq, max_seq=args.max_seq, resolution=args.resolution)

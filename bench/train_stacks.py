@@ -20,10 +20,12 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
 import torch
 
-OPTIMIZERS = {"paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit", "adamw_8bit": "AdamW8bit", "adamw": None}
+ROOT = Path(__file__).resolve().parent
+
+OPTIMIZERS = {"paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit", "adamw_8bit": "AdamW8bit",
+              "adamw": None}
 
 
 class PeakRSS:
@@ -97,13 +99,14 @@ def build_hf(spec: dict, device: torch.device, upcast: bool):
     model.config.use_cache = False
     gc_kwargs = {"use_reentrant": False}
     if upcast:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
     else:  # prepare_model_for_kbit_training without its fp32 cast: freeze, then the same checkpointing call
         model.requires_grad_(False)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     torch.manual_seed(spec["seed"])
-    cfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules="all-linear",
-                     bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
+                     target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
     opt = _hf_optimizer([p for p in model.parameters() if p.requires_grad], spec["optimizer"], spec["lr"])
@@ -176,7 +179,8 @@ def _simulated_cap(cap: int):
     return _Capped("cpu")
 
 
-def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, device: torch.device, rss: PeakRSS) -> dict:
+def _run_steps(model, opt, step, spec: dict, batch: int, seq: int, steps: int, device: torch.device,
+               rss: PeakRSS) -> dict:
     """Train ``steps`` steps at ``batch`` x ``seq`` and measure them; out of memory is a result, not an error."""
     res = dict(stack=spec["stack"], batch=batch, seq_len=seq, ok=False, oom=False)
     g = torch.Generator().manual_seed(spec["seed"] + 1)
@@ -249,7 +253,8 @@ def _search(model, opt, step, spec: dict, device: torch.device, rss: PeakRSS) ->
         probes.append(dict(seq_len=seq, ok=r["ok"], oom=r["oom"], cuda_max_allocated=r.get("cuda_max_allocated"),
                            cuda_max_reserved=r.get("cuda_max_reserved"), simulated_peak=r.get("simulated_peak"),
                            seconds=round(time.perf_counter() - t0, 1)))
-        print(f"{spec['stack']} seq {seq}: {'fits' if r['ok'] else 'OOM'} ({probes[-1]['seconds']} s)", file=sys.stderr, flush=True)
+        print(f"{spec['stack']} seq {seq}: {'fits' if r['ok'] else 'OOM'} ({probes[-1]['seconds']} s)",
+              file=sys.stderr, flush=True)
         if r["ok"] and r.get(peak_key):
             points.append((seq, r[peak_key]))
         return r["ok"]
@@ -260,7 +265,8 @@ def _search(model, opt, step, spec: dict, device: torch.device, rss: PeakRSS) ->
 
 
 def child(spec: dict) -> dict:
-    """Build one stack in this process, then train each of ``spec['batches']`` (or run ``spec['search']``); measurements."""
+    """Build one stack in this process, then train each of ``spec['batches']`` (or run ``spec['search']``);
+    measurements."""
     import bitsandbytes  # noqa: F401  (every stack imports the same libraries before the RSS baseline)
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -291,7 +297,8 @@ def child(spec: dict) -> dict:
     if stack.startswith("hf"):
         model, opt, step = build_hf(spec, device, upcast=stack == "hf")
     else:
-        model, opt, step = build_qlora(spec, device, offload=stack == "qlora-offload", chunked=stack != "qlora-unchunked")
+        model, opt, step = build_qlora(spec, device, offload=stack == "qlora-offload",
+                                       chunked=stack != "qlora-unchunked")
     common = dict(stack=stack, setup_s=round(time.perf_counter() - t_setup, 2), rss_imports=rss_imports,
                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   model_bytes_by_dtype=_bytes_by_dtype(model))

@@ -1,4 +1,5 @@
-"""CI smoke run of bench/train.py at the tiny size: it trains both stacks and writes well-formed results (not its speed)."""
+"""CI smoke run of bench/train.py at the tiny size: it trains both stacks and writes well-formed results
+(not its speed)."""
 
 import importlib.util
 import json
@@ -38,8 +39,8 @@ def test_max_context_search_brackets_the_limit(limit):
 
 @pytest.mark.parametrize("slope,offset,curve", [(100, 10_000, 0.0), (37, 123_457, 0.0), (100, 10_000, 0.002)])
 def test_slope_placed_probes_find_the_same_answer_in_fewer_probes(slope, offset, curve):
-    """Memory ~ offset + slope*seq (+ a curve the line cannot model): the prediction never changes the answer, saves probes
-    on a line, and costs at most its two probes otherwise."""
+    """Memory ~ offset + slope*seq (+ a curve the line cannot model): the prediction never changes the answer,
+    saves probes on a line, and costs at most its two probes otherwise."""
     from _search import linear_prediction, search_longest
 
     cap = 8_000_000
@@ -48,14 +49,14 @@ def test_slope_placed_probes_find_the_same_answer_in_fewer_probes(slope, offset,
     for use_prediction in (False, True):
         probes, points = [], []
 
-        def fits(seq):
+        def fits(seq, probes=probes, points=points):
             probes.append(seq)
             ok = peak(seq) <= cap
             if ok:
                 points.append((seq, peak(seq)))
             return ok
 
-        predict = (lambda: linear_prediction(points, cap)) if use_prediction else None
+        predict = (lambda points=points: linear_prediction(points, cap)) if use_prediction else None
         results[use_prediction] = (search_longest(fits, 4096, 1 << 20, 1024, predict), len(probes), max(probes))
     (plain, n_plain, _), (guided, n_guided, longest_probe) = results[False], results[True]
     assert guided == plain and peak(plain[0]) <= cap < peak(plain[1])
@@ -99,7 +100,8 @@ def test_train_bench_runs_both_stacks_and_writes_results(tmp_path):
 
 
 def test_max_context_mode_searches_in_process_and_confirms(tmp_path):
-    """--mode max-context at the tiny size on the CPU (a simulated cap): search, out-of-memory recovery, fresh confirmation."""
+    """--mode max-context at the tiny size on the CPU (a simulated cap): search, out-of-memory recovery,
+    fresh confirmation."""
     cmd = [sys.executable, str(ROOT / "bench" / "train.py"), "--mode", "max-context", "--tiny", "--stacks", "hf,qlora",
            "--cap-gib", "0.01", "--start-seq", "256", "--resolution", "128", "--max-seq", "8192", "--steps", "2",
            "--threads", "1", "--results-dir", str(tmp_path)]
