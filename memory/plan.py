@@ -313,8 +313,10 @@ def sweep(
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
     base = with_changes(settings, changes)
     axes = (
-        seq_lens or (base.seq_len,), micro_batch_sizes or (base.micro_batch_size,), ranks or (base.rank,),
-        optimizers or (base.optimizer,), gradient_checkpointing or (base.gradient_checkpointing,),
+        *(axis if axis is not None else (default,) for axis, default in (
+            (seq_lens, base.seq_len), (micro_batch_sizes, base.micro_batch_size), (ranks, base.rank),
+            (optimizers, base.optimizer), (gradient_checkpointing, base.gradient_checkpointing),
+        )),
     )
     return [
         estimate(spec, base, seq_len=s, micro_batch_size=b, rank=r, optimizer=o, gradient_checkpointing=gc)

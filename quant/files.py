@@ -101,12 +101,16 @@ def atomic_dir(path: str | os.PathLike, existing: str = "refuse", last: Sequence
         existing: what happens when ``path`` already exists:
             ``"refuse"`` (InputError, unless it is an empty folder),
             ``"replace"`` (the old folder is renamed aside, the new one renamed
-            in, then the old one deleted: a crash leaves one complete version),
+            in, then the old one deleted: a crash leaves one complete version,
+            under its own name or, if killed between the renames, as
+            ``.<name>.old-...`` until :func:`remove_stale_temporaries` puts it back),
             ``"merge"`` (``path`` is kept, e.g. a run folder that also holds
             checkpoints: each top-level entry is renamed into it, over any
             entry of the same name, in sorted order with the names in
             ``last`` moved last, so that a reader that looks for the
-            ``last`` file, say a config, finds everything it refers to).
+            ``last`` file, say a config, finds everything it refers to). Each
+            entry is replaced atomically; the folder as a whole is not (a crash
+            part-way leaves some entries new and the rest old).
         last: see ``existing="merge"``; also sets the order nothing else would.
 
     Raises:
@@ -122,52 +126,63 @@ def atomic_dir(path: str | os.PathLike, existing: str = "refuse", last: Sequence
         raise InputError(f"Cannot write the folder {str(target)!r}: a file of that name exists.")
     if existing == "refuse" and target.is_dir() and any(target.iterdir()):
         raise InputError(f"The folder {str(target)!r} already exists and is not empty; choose a new folder.")
+    merging = existing == "merge" and target.is_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(target, "tmp")
+    # merging: the temporary lives *inside* the target, so every rename stays in that one folder even when it
+    # is a mount point or a symlink to another filesystem (a rename across filesystems fails with EXDEV)
+    tmp = target / f".tmp-{os.getpid()}-{secrets.token_hex(4)}" if merging else _sibling(target, "tmp")
     tmp.mkdir()  # mkdir honours the umask (tempfile.mkdtemp would make it 0700)
-    old: Path | None = None
     try:
         yield tmp
         fsync_tree(tmp)
-        if existing == "merge" and target.is_dir():
+        if merging:
             names = sorted(p.name for p in tmp.iterdir())
-            names = [n for n in names if n not in last] + [n for n in last if n in names]
-            for name in names:
-                dst = target / name
-                if dst.is_dir() and not (tmp / name).is_dir():
-                    raise InputError(f"Cannot write {str(dst)!r}: a folder of that name exists.")
-                if dst.is_dir():
-                    old = _sibling(dst, "old")
-                    os.replace(dst, old)
-                os.replace(tmp / name, dst)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-                    old = None
+            for name in [n for n in names if n not in last] + [n for n in last if n in names]:
+                _swap_in(tmp / name, target / name)
             _fsync(target, directory=True)
         else:
-            if target.is_dir():
-                if existing == "refuse":  # checked empty above
-                    target.rmdir()
-                else:
-                    old = _sibling(target, "old")
-                    os.replace(target, old)
-            os.replace(tmp, target)
+            if existing == "refuse" and target.is_dir():  # checked empty above
+                target.rmdir()
+            _swap_in(tmp, target)
             _fsync(target.parent, directory=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists():
-            if not target.exists():  # the swap failed half-way: put the old version back
-                os.replace(old, target)
-            else:
-                shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(new: Path, dst: Path) -> None:
+    """Rename ``new`` to ``dst``; an existing folder ``dst`` is renamed aside first and deleted after.
+
+    A failure between the two renames puts the old folder back; a kill there
+    leaves it as ``.<name>.old-<pid>-<hex>``, which :func:`remove_stale_temporaries`
+    renames back (so a crash never loses the one complete version).
+
+    Raises:
+        InputError: ``dst`` is a folder and ``new`` is a file.
+    """
+    if dst.is_dir() and not new.is_dir():
+        raise InputError(f"Cannot write {str(dst)!r}: a folder of that name exists.")
+    old = _sibling(dst, "old") if dst.is_dir() else None
+    if old is not None:
+        os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        if old is not None and not dst.exists():
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporaries left in ``folder`` by a killed writer; returns how many.
+    """Clean up after writers killed in ``folder``; returns how many entries were handled.
 
-    Only names this module makes (``.<name>.tmp-<pid>-<hex>``, ``.<name>.old-...``)
-    are touched, and only those whose process is gone.
+    Only names this module makes are touched, and only those whose process
+    is gone: temporaries (``.<name>.tmp-<pid>-<hex>``, ``.tmp-<pid>-<hex>``)
+    are deleted; an old version set aside by a replace (``.<name>.old-...``)
+    is renamed back to ``<name>`` when the kill came before the new one was
+    in place, and deleted otherwise.
     """
     n = 0
     root = Path(folder)
@@ -181,7 +196,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
         pid = rest.split("-", 1)[0]
         if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
-        if p.is_dir():
+        original = root / parts[0][1:]
+        if kind == "old" and parts[0] != "" and not original.exists():
+            os.replace(p, original)  # killed between the two renames: the old version is the complete one
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)

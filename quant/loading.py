@@ -94,12 +94,17 @@ def parse_device(device: torch.device | str) -> torch.device:
     return dev
 
 
-def empty_model(config, dtype: torch.dtype) -> nn.Module:
+def empty_model(config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """The causal LM of ``config`` with parameters on the meta device and real buffers on the CPU.
 
+    ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``) is
+    passed to transformers; None keeps its default.
+
     Raises:
-        InputError: the config does not describe a causal LM transformers can build.
+        InputError: the config does not describe a causal LM transformers can
+            build, or the attention implementation is not available here.
     """
+    attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -107,9 +112,20 @@ def empty_model(config, dtype: torch.dtype) -> nn.Module:
         # include_buffers=False: parameters go to meta (free), buffers are
         # computed by the modules' own __init__ (a few KB: rotary tables, scales).
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package, for instance
+        raise InputError(
+            f"Attention implementation {attn_implementation!r} is not available here ({str(e).splitlines()[0]}); "
+            "use 'sdpa' or 'eager' (recipe key model.attn_implementation)."
+        ) from None
     except ValueError as e:
-        raise InputError(f"transformers cannot build a causal LM from this config: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0]
+        if attn_implementation is not None and "attention" in first.lower():
+            raise InputError(
+                f"This model cannot use attention implementation {attn_implementation!r} ({first}); valid choices "
+                "are 'sdpa', 'eager' or 'flash_attention_2' where the architecture and installed packages have them."
+            ) from None
+        raise InputError(f"transformers cannot build a causal LM from this config: {first}") from None
 
 
 @dataclass
@@ -206,6 +222,7 @@ def load_quantized_model(
     skip: Iterable[str] = DEFAULT_SKIP,
     dtype: torch.dtype | str | None = None,
     progress: Progress | None = None,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Load a local checkpoint directly into a 4-bit model on ``device``.
 
@@ -224,6 +241,7 @@ def load_quantized_model(
             file decides which linears are 4-bit.
         dtype: dtype of the unquantized tensors; None: config.json's, else bfloat16.
         progress: optional callback ``(bytes_done, bytes_total, key)`` after each tensor.
+        attn_implementation: transformers' attention (``sdpa``, ``eager``...); None: its default.
 
     Returns:
         A transformers ``PreTrainedModel`` in eval mode whose quantized
@@ -240,7 +258,7 @@ def load_quantized_model(
     ckpt = Checkpoint(model_dir)
     config = load_config(ckpt)
     dtype = resolve_dtype(dtype, config)
-    model = empty_model(config, dtype)
+    model = empty_model(config, dtype, attn_implementation)
     plan = plan_checkpoint(model, ckpt, skip)
     if plan.prequantized:
         qc = ckpt.quantization_config

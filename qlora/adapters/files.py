@@ -190,8 +190,10 @@ def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names
     Atomic (:func:`quant.files.atomic_dir`): a new folder is written under a
     temporary name and renamed; an existing folder (a run's output folder
     that also holds checkpoints) gets each file renamed over the old one,
-    weights first and config last, so a reader that finds a config finds
-    the weights it describes and a crash never leaves a truncated file.
+    weights first and config last, so a crash never leaves a truncated file
+    and a new folder never shows a config without its weights (replacing an
+    adapter in place, the new weights sit next to the old config for the
+    moment between the two renames).
     Tensors are saved in their own dtype.
 
     Raises:

@@ -140,10 +140,13 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
         new = slots.get(mod_name)
         if new is None:
             if m.has_adapter:
-                replace_module(model, mod_name, LoRALinear.passthrough(m.base_layer))
+                new = LoRALinear.passthrough(m.base_layer)
+                new.set_enabled(m.enabled)
+                replace_module(model, mod_name, new)
             continue
         if new is not m:
             new.follow_base_device()
+            new.set_enabled(m.enabled)  # inside disable_adapters(), the switched-in adapter stays off too
             replace_module(model, mod_name, new)
     object.__setattr__(model, ACTIVE, name)
     log.info("active adapter: %r", name)
@@ -180,14 +183,20 @@ def bank_adapter(model: nn.Module, name: str) -> Adapter:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model only inside the ``with`` block (e.g. a reference model for DPO)."""
-    mods = [m for _, m in lora_modules(model)]
-    before = [m.set_enabled(False) for m in mods]
+    """Run the base model only inside the ``with`` block (e.g. a reference model for DPO).
+
+    Holds across :func:`set_active_adapter` inside the block; on exit every
+    position gets back the setting it had on entry, whichever layer sits there.
+    """
+    mods = list(lora_modules(model))
+    before = {name: m.set_enabled(False) for name, m in mods}
     try:
         yield
     finally:
-        for m, e in zip(mods, before):
-            m.set_enabled(e)
+        for name, m in mods:  # the layers of entry, live or banked by a switch since
+            m.set_enabled(before[name])
+        for name, m in lora_modules(model):  # and whatever is live now, by position
+            m.set_enabled(before.get(name, True))
 
 
 @torch.no_grad()

@@ -98,6 +98,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None.
+
+    First cleans up after a killed writer (:func:`quant.files.remove_stale_temporaries`):
+    a checkpoint set aside while the same step was being saved again is put
+    back under its name, so a kill at that moment does not lose it.
+    """
+    remove_stale_temporaries(output_dir)
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
 

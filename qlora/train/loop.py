@@ -35,6 +35,7 @@ from qlora.train.optim import build_optimizer, build_scheduler
 from qlora.train.plan import RunPlan, plan_run
 from qlora.train.recipe import Recipe, recipe_to_dict
 from qlora.train.setup import RunData, build_model, diagnostics_fn, load_data, param_groups, resolve_device, row_targets
+from quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     model, save = build_model(
         plan.model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype, recipe.gradient_checkpointing,
         recipe.offload_activations, resume_adapter=None if last is None else last / "adapter",
+        attn_implementation=recipe.model.attn_implementation,
     )
     # after any resume: the optimizer must hold the installed tensors
     groups = param_groups(model, recipe.optimizer, recipe.lora.loraplus_ratio)
@@ -216,6 +218,15 @@ def _restore(run: _Run, state: dict | None, say: Callable[[str], None]) -> int:
     """Load a checkpoint's optimizer, scheduler, scaler and RNG state into ``run``; returns its step (0 for none)."""
     if state is None:
         return 0
+    saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    built = [len(g["params"]) for g in run.opt.param_groups]
+    if saved != built:  # e.g. a checkpoint of an earlier qlora, which kept all adapter tensors in one group
+        raise InputError(
+            f"Checkpoint {str(run.checkpoint)!r} holds optimizer state for parameter groups of {saved} tensors, "
+            f"but this run builds groups of {built} (A, B and DoRA magnitudes apart). It was written by an earlier "
+            f"qlora or with other LoRA settings, so it cannot be resumed exactly. Resume it with the qlora and "
+            f"recipe that wrote it, or start afresh in a new output_dir."
+        )
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     if run.scaler is not None and "scaler" in state:
@@ -321,8 +332,9 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
 
     Train records go to metrics.jsonl every ``recipe.log_steps`` steps, and
     always at an eval or checkpoint step, the last step and before a stop;
-    starting intervals afresh at each checkpoint keeps a resumed run's log
-    equal to an uninterrupted one.
+    starting intervals afresh at each checkpoint keeps a run resumed from a
+    periodic checkpoint logging exactly what an uninterrupted one does (a
+    stop by signal, NaN or OOM writes its partial interval first).
 
     Args:
         signal_at: test/debug hook ``(step, signum)``: after that step is logged and checkpointed,

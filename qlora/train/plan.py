@@ -241,9 +241,12 @@ def plan_recipe(
     Raises:
         InputError: bad settings, an unknown model, or no budget to plan against.
     """
-    device = planning_device(recipe, gpu) if device is None else torch.device(device)
     if "device" in changes:
-        device = torch.device(changes["device"])
+        device = changes["device"]
+    if device is not None and str(device).split(":")[0] not in memory.settings.DEVICES:
+        valid = choices(memory.settings.DEVICES)  # checked before torch.device, which raises a bare RuntimeError
+        raise InputError(f"Unknown device {str(device)!r}; valid choices are {valid}.")
+    device = planning_device(recipe, gpu) if device is None else torch.device(device)
     settings = settings_from_recipe(recipe, device).changed(**changes)
     return memory.plan(gpu or _budget(recipe, device), planning_model(recipe) if model is None else model, settings)
 

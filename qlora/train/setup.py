@@ -113,6 +113,7 @@ def build_model(
     gradient_checkpointing: bool = True,
     offload_activations: bool = False,
     resume_adapter: Path | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Callable[[Path], Path]]:
     """NF4 base (streamed) + LoRA + gradient checkpointing, ready to train.
 
@@ -124,6 +125,7 @@ def build_model(
         model_dtype: dtype name of the non-quantized parameters (embeddings, norms, head).
         gradient_checkpointing, offload_activations: see :func:`enable_checkpointing`.
         resume_adapter: read the adapter weights from this PEFT folder instead of initializing them.
+        attn_implementation: transformers' attention (recipe ``model.attn_implementation``); None: its default.
 
     Returns:
         ``(model, save)``: ``save(folder)`` writes the PEFT adapter into ``folder`` (new or existing, file by
@@ -139,8 +141,10 @@ def build_model(
     log.info("non-quantized parameters (embeddings, norms, head) stay %s: recipe model.dtype", dtype)
     model = load_quantized_model(
         model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant, DTYPES[quant.compute_dtype],
-        dtype=dtype,
+        dtype=dtype, attn_implementation=attn_implementation,
     )
+    if attn_implementation is not None:
+        log.info("attention %s: recipe model.attn_implementation (the planner models the same)", attn_implementation)
     model.config.use_cache = False  # no KV cache in training: keeps packed-sequence masking on (see qlora.data)
     apply_lora(
         model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.variant == "dora",

@@ -74,6 +74,21 @@ def test_switch_active_adapter(two_adapters):
     assert adapter_names(model) == ["a"]
 
 
+def test_disable_adapters_holds_across_a_switch(two_adapters):
+    root, x = two_adapters, batch()
+    base_logits, ref_a, ref_b = logits(tiny_model("llama"), x), logits(_single(root / "a"), x), logits(
+        _single(root / "b"), x)
+    model = tiny_model("llama")
+    add_adapter(model, "a", root / "a")
+    add_adapter(model, "b", root / "b")
+    with disable_adapters(model):
+        set_active_adapter(model, "b")
+        assert torch.equal(logits(model, x), base_logits)  # the switched-in adapter stays off inside the block
+    assert torch.equal(logits(model, x), ref_b)  # and runs once the block ends
+    set_active_adapter(model, "a")
+    assert torch.equal(logits(model, x), ref_a)  # the adapter banked inside the block was re-enabled too
+
+
 def test_training_the_active_adapter_survives_switching(two_adapters):
     model = tiny_model("llama")
     apply_lora(model, "qv", rank=2, alpha=2.0, dtype=torch.float32)  # becomes "default"

@@ -312,3 +312,16 @@ def test_debug_signal_hook_is_checked():
         _debug_signal_at("five:SIGKILL")
     with pytest.raises(InputError, match="STEP:SIGNAL"):
         _debug_signal_at("5:SIGNOPE")
+
+
+def test_checkpoint_with_another_optimizer_layout_is_refused_clearly(tmp_path):
+    """A checkpoint of an earlier qlora kept every adapter tensor in one optimizer group: say so, no traceback."""
+    train(_recipe(tmp_path, "max_steps=2"), say=lambda m: None, progress=False)
+    path = tmp_path / "out" / "checkpoint-0000002" / "trainer_state.pt"
+    st = torch.load(path, weights_only=True)
+    groups = st["optimizer"]["param_groups"]
+    merged = dict(groups[0], params=[i for g in groups for i in g["params"]])
+    st["optimizer"]["param_groups"] = [merged]
+    torch.save(st, path)
+    with pytest.raises(InputError, match="earlier qlora or with other LoRA settings"):
+        train(_recipe(tmp_path, "max_steps=4"), say=lambda m: None, progress=False)

@@ -79,3 +79,23 @@ def test_resumed_lora_fa_keeps_A_frozen_and_the_trained_values(tmp_path):
     after = named_lora_parameters(again, trainable_only=False)
     assert after and {k for _, k, p in after if p.requires_grad} == {"lora_B"}
     assert all(torch.equal(p, before[(n, k)]) for n, k, p in after)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_recipe_attention_reaches_the_model(tmp_path, attn):
+    """model.attn_implementation is what the planner plans, so it must be what the model runs."""
+    recipe = load_recipe(TINY, FAST + [f"output_dir={tmp_path / 'out'}", f"model.attn_implementation={attn}"])
+    device = resolve_device("cpu")
+    model, _ = build_model(plan_run(recipe, device).model_dir, device, recipe.quant, recipe.lora,
+                           recipe.model.dtype, attn_implementation=recipe.model.attn_implementation)
+    assert model.config._attn_implementation == attn
+
+
+def test_unavailable_attention_is_a_clear_error(tmp_path):
+    from quant.errors import InputError
+
+    recipe = load_recipe(TINY, FAST + [f"output_dir={tmp_path / 'out'}"])
+    device = resolve_device("cpu")
+    with pytest.raises(InputError, match="flash_attention_2"):
+        build_model(plan_run(recipe, device).model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype,
+                    attn_implementation="flash_attention_2")

@@ -90,3 +90,51 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     (tmp_path / ".hidden-user-file").write_text("not ours")
     assert remove_stale_temporaries(tmp_path) == 1
     assert sorted(os.listdir(tmp_path)) == [".hidden-user-file", f".x.tmp-{os.getpid()}-abcd1234"]
+
+
+def test_merge_renames_stay_inside_the_target_folder(tmp_path, monkeypatch):
+    """A run folder may be a mount point or a symlink to another filesystem: no rename may cross its border."""
+    import quant.files as files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.replace
+    seen = []
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (seen.append((os.path.dirname(a), os.path.dirname(b))),
+                                                          real(a, b)))
+    with atomic_dir(out, existing="merge") as d:
+        (d / "w.bin").write_text("1")
+    assert seen and all(os.path.dirname(src) == str(out) for src, _ in seen) and all(b == str(out) for _, b in seen)
+
+
+def test_a_failed_merge_puts_an_existing_subfolder_back(tmp_path, monkeypatch):
+    import quant.files as files
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "old.txt").write_text("old")
+    real = os.replace
+
+    def flaky(a, b):
+        if os.path.basename(b) == "sub" and ".old-" not in os.path.basename(b) and ".tmp-" in str(a):
+            raise OSError("disk full")
+        return real(a, b)
+
+    monkeypatch.setattr(files.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(out, existing="merge") as d:
+            (d / "sub").mkdir()
+            (d / "sub" / "new.txt").write_text("new")
+    assert (out / "sub" / "old.txt").read_text() == "old" and sorted(os.listdir(out)) == ["sub"]
+
+
+def test_a_kill_between_the_renames_of_a_replace_keeps_the_old_version(tmp_path):
+    """Killed after the old folder went aside and before the new one came in: the old one comes back."""
+    dead = 2**22 + 54321
+    out = tmp_path / "checkpoint-0000002"
+    aside = tmp_path / f".checkpoint-0000002.old-{dead}-abcd1234"
+    aside.mkdir()
+    (aside / "COMPLETE").write_text("2")
+    (tmp_path / f".checkpoint-0000002.tmp-{dead}-abcd1234").mkdir()  # the new one, never renamed in
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0000002"] and (out / "COMPLETE").read_text() == "2"
