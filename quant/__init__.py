@@ -42,6 +42,8 @@ bits_per_param                                     storage arithmetic (used by m
 InputError                                         the user-facing error type
 """
 
+import logging as _logging
+
 from ._codebook import BLOCKSIZES, FP4_CODE, NF4_CODE, QUANT_TYPES
 from .blockwise import QuantState4bit, bits_per_param, dequantize_4bit, quantize_4bit
 from .checkpoint import Checkpoint
@@ -51,6 +53,10 @@ from .loading import load_quantized_model
 from .model import DEFAULT_SKIP, linear_names, quantize_model
 from .saving import QuantizeReport, save_quantized
 from .streaming import quantize_checkpoint
+
+# bitsandbytes' CPU backend logs a warning at import that an optional kernel-hub package is missing; qlora
+# never uses that kernel, and a library (the planner in a user's script) must not print. Only that logger.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 __all__ = [
     "BLOCKSIZES",

@@ -244,10 +244,18 @@ def first_level_absmax(state: QuantState4bit) -> torch.Tensor:
     return am + state.offset
 
 
-def _bnb_dequantize(packed: torch.Tensor, state: QuantState4bit, absmax: torch.Tensor, dtype: torch.dtype):
+def import_bitsandbytes():
+    """``bitsandbytes``, or None where it is not installed; the one place qlora imports it
+    (:mod:`quant` quiets its import-time warning about an optional kernel package)."""
     try:
-        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+        import bitsandbytes
     except ImportError:
+        return None
+    return bitsandbytes
+
+
+def _bnb_dequantize(packed: torch.Tensor, state: QuantState4bit, absmax: torch.Tensor, dtype: torch.dtype):
+    if import_bitsandbytes() is None:  # importing it registers torch.ops.bitsandbytes
         return None
     return torch.ops.bitsandbytes.dequantize_4bit.default(
         packed, absmax, state.blocksize, state.quant_type, list(state.shape), dtype

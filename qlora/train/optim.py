@@ -46,7 +46,9 @@ def build_optimizer(
     kw = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
     if name == "adamw":
         return torch.optim.AdamW(param_groups, **kw)
-    import bitsandbytes.optim as bnb_optim
+    from quant.blockwise import import_bitsandbytes
+
+    bnb_optim = import_bitsandbytes().optim
 
     cls = {
         "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,

@@ -115,3 +115,4 @@ def test_import_memory_in_a_plain_script_never_imports_qlora():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == "" and out.stderr == "", out.stderr[-2000:]  # the Python API never prints
