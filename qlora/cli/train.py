@@ -46,5 +46,9 @@ def run(args) -> int:
                    signal_at=_debug_signal_at(os.environ.get(DEBUG_SIGNAL_ENV)))
     if result.exit_code:
         return result.exit_code
+    if result.nothing_to_do:
+        print(f"nothing to do: {result.output_dir} already holds a finished run of {result.steps} steps; to train "
+              f"again, raise max_steps or choose a new output_dir")
+        return 0
     print(f"done: {result.steps} steps in {result.wall_s:.1f} s; metrics in {result.output_dir / 'metrics.jsonl'}")
     return 0

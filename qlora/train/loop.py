@@ -39,7 +39,7 @@ from quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
-EXIT_OOM, EXIT_NAN, EXIT_SIGNAL = 3, 4, 130
+EXIT_OOM, EXIT_NAN = 3, 4  # a stop by signal exits 128 + its number, as a shell reports it (SIGINT 130, SIGTERM 143)
 _epoch_order = functools.lru_cache(maxsize=1)(epoch_order)  # an epoch's row order is built once, not per sample
 
 
@@ -54,6 +54,11 @@ class TrainResult:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     wall_s: float = 0.0
     exit_code: int = 0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """True for a re-run of a finished run: no step was trained (its adapter and plots were rewritten)."""
+        return self.stopped == "done" and self.resumed_from is not None and self.resumed_from >= self.steps
 
 
 class _Stop:
@@ -392,7 +397,7 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                     path = _save(run, step)
                     name = signal.Signals(stop.signum).name
                     say(f"received {name}: saved {path}; re-run the same command to resume.")
-                    result.stopped, result.exit_code = "signal", EXIT_SIGNAL
+                    result.stopped, result.exit_code = "signal", 128 + stop.signum
                     break
         except torch.OutOfMemoryError:
             run.opt.zero_grad(set_to_none=True)

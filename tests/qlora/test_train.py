@@ -106,7 +106,7 @@ def test_log_steps_averages_train_records_over_the_interval(tmp_path, fast_run):
     said = []
     res = train(_recipe(tmp_path, *quiet, f"output_dir={tmp_path / 'stopped'}"), say=said.append, progress=False,
                 signal_at=(2, signal.SIGTERM))
-    assert res.stopped == "signal" and res.exit_code == 130 and "received SIGTERM" in " ".join(said)
+    assert res.stopped == "signal" and res.exit_code == 143 and "received SIGTERM" in " ".join(said)  # 128 + 15
     recs = [r for r in _losses(tmp_path / "stopped")[1] if "loss" in r]
     assert [r["step"] for r in recs] == [2] and recs[0]["loss"] == pytest.approx(
         (per_step[1]["loss"] + per_step[2]["loss"]) / 2, rel=1e-12)
@@ -287,12 +287,12 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_then_resumes(tmp_path, capsys, monkeypatch):
-    """``qlora train`` in this process: SIGTERM at step 3 saves checkpoint 3 and exits 130; a re-run resumes there."""
+    """``qlora train`` in this process: SIGTERM at step 3 saves checkpoint 3 and exits 143; a re-run resumes there."""
     run = tmp_path / "run"
     cmd = ["train", "--no-progress", str(TINY), *FAST, "max_steps=6", "lora.dropout=0.1", "save_steps=100",
            f"output_dir={run}"]
     monkeypatch.setenv(DEBUG_SIGNAL_ENV, "3:SIGTERM")
-    assert cli_main(cmd) == 130
+    assert cli_main(cmd) == 143  # 128 + SIGTERM, as a shell reports a process killed by it
     out = capsys.readouterr().out
     assert "received SIGTERM" in out and _checkpoints(run) == ["checkpoint-0000003"], out
     assert _losses(run)[0][-1][0] == 3
@@ -301,6 +301,16 @@ def test_sigterm_saves_a_checkpoint_then_resumes(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "resuming from" in out and "(step 3 of 6)" in out, out
     assert [s for s, _ in _losses(run)[0]] == [1, 2, 3, 4, 5, 6]
+    assert cli_main(cmd) == 0  # a finished run: says there was nothing to do, not "done: 6 steps"
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "done:" not in out, out
+
+
+def test_sigint_stops_with_exit_130(tmp_path):
+    said = []
+    res = train(_recipe(tmp_path, "max_steps=3"), say=said.append, progress=False, signal_at=(1, signal.SIGINT))
+    assert res.stopped == "signal" and res.exit_code == 130 and "received SIGINT" in " ".join(said)  # 128 + 2
+    assert _checkpoints(tmp_path / "out") == ["checkpoint-0000001"]
 
 
 def test_debug_signal_hook_is_checked():
