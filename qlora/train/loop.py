@@ -29,7 +29,7 @@ import torch
 
 from qlora.data import epoch_order
 from qlora.train import checkpoints as ckpts
-from qlora.train.loss import CHUNK_TOKENS, IGNORE, causal_lm_loss
+from qlora.train.loss import CHUNK_TOKENS, causal_lm_loss, targets_per_row
 from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
 from qlora.train.optim import build_optimizer, build_scheduler
 from qlora.train.plan import RunPlan, plan_run
@@ -107,7 +107,7 @@ def _batch(rows: dict, idx: list[int], device: torch.device) -> dict:
 
 
 def _targets(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE).sum())  # a host sync when labels live on a GPU: callers pass counts instead
+    return int(targets_per_row(labels).sum())  # a host sync when labels live on a GPU: callers pass counts instead
 
 
 def forward_loss(model, batch: dict, chunk_tokens: int | None, autocast_dtype: torch.dtype,

@@ -36,6 +36,15 @@ IGNORE = -100  # label of a position with no loss (PyTorch's and transformers' i
 CHUNK_TOKENS = 1024  # rows per chunk in the trainer's chunked loss; the planner is told the same number
 
 
+def targets_per_row(labels: torch.Tensor) -> torch.Tensor:
+    """Target tokens of each row of ``labels`` ``(rows, seq)``, int64 ``(rows,)``.
+
+    The one rule for what the loss counts: labels are shifted by one (position
+    ``t`` predicts ``t + 1``), so position 0 never counts, nor does ``IGNORE``.
+    """
+    return (labels[:, 1:] != IGNORE).sum(dim=1)
+
+
 def _chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, softcap: float | None,
                          want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed CE of one chunk (fp32 0-dim) and ``d loss / d logits`` in ``w.dtype`` (or ``None``).

@@ -20,7 +20,7 @@ from qlora.data import load_records, pack_rows, split_eval, tokenize_dataset
 from qlora.lora.diagnostics import lora_diagnostics, summarize
 from qlora.lora.param_groups import lora_param_groups
 from qlora.lora.surgery import apply_lora, lora_modules
-from qlora.train.loss import IGNORE
+from qlora.train.loss import targets_per_row
 from qlora.train.recipe import DataConfig, LoraConfig, OptimizerConfig, QuantConfig
 from quant.dtypes import DTYPES
 from quant.errors import InputError
@@ -71,8 +71,8 @@ class RunData:
 
 
 def row_targets(rows: dict[str, torch.Tensor]) -> list[int]:
-    """Target tokens per row (labels are shifted by one inside the loss, so position 0 never counts)."""
-    return (rows["labels"][:, 1:] != IGNORE).sum(dim=1).tolist()
+    """Target tokens per row, as host ints (:func:`qlora.train.loss.targets_per_row`)."""
+    return targets_per_row(rows["labels"]).tolist()
 
 
 def load_data(data: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> RunData:
