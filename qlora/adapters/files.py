@@ -106,7 +106,7 @@ def adapter_from_model(model: nn.Module) -> Adapter:
     if not mods:
         raise InputError("The model has no LoRA adapter to save; call qlora.apply_lora or load an adapter first.")
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return Adapter(mods, Counter(dropouts).most_common(1)[0][0], name_or_path)
+    return Adapter(mods, _most_common(dropouts), name_or_path)
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
