@@ -68,7 +68,7 @@ class ModelConfig:
 @dataclass
 class QuantConfig:
     __pydantic_config__ = _SECTION
-    quant_type: Literal["nf4", "fp4"] = "nf4"
+    quant_type: Literal["nf4", "fp4", "none"] = "nf4"  # none: a 16-bit base, plain LoRA (the baseline)
     blocksize: Int = 64  # one of quant.BLOCKSIZES (checked in _check: quant imports torch)
     double_quant: Bool = True
     compute_dtype: Dtype16 = "bfloat16"
@@ -108,6 +108,16 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Generate replies for held-out prompts and score them exactly (``qlora.tasks``), before and after training."""
+
+    __pydantic_config__ = _SECTION
+    examples: NonNegative = 0  # held-out chat/instruction examples to answer and score; 0: off
+    max_new_tokens: Positive = 64
+    batch_size: Positive = 16  # prompts generated together (left-padded)
+
+
+@dataclass
 class OptimizerConfig:
     __pydantic_config__ = _SECTION
     name: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"] = "paged_adamw_8bit"
@@ -132,6 +142,7 @@ class Recipe:
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     seq_len: Union[Positive, Auto] = 512
