@@ -37,6 +37,7 @@ from qlora.train.optim import build_optimizer
 from qlora.train.setup import enable_checkpointing
 from quant import quantize_model
 from quant.errors import InputError, choices
+from quant.loading import NO_QUANT
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def random_qlora_model(
     """A trainable QLoRA model with random weights, built from config.json facts.
 
     The 16-bit model is created on ``device`` (bf16), its linears are
-    quantized one at a time (the 16-bit copy of each is freed as it goes),
+    quantized one at a time (the 16-bit copy of each is freed as it goes;
+    ``quant_type="none"`` keeps them 16-bit),
     LoRA wraps ``targets``, and every decoder layer is checkpointed.
 
     Raises:
@@ -76,7 +78,8 @@ def random_qlora_model(
     with torch.device(device):
         model = cls._from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
     model.config.use_cache = False
-    quantize_model(model, quant_type, blocksize, double_quant, torch.bfloat16)
+    if quant_type != NO_QUANT:  # none: the bf16 linears stay as built (plain LoRA, what the loader gives)
+        quantize_model(model, quant_type, blocksize, double_quant, torch.bfloat16)
     apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype)
     if gradient_checkpointing:
         enable_checkpointing(model)  # the trainer's call: non-reentrant, one checkpoint per layer
@@ -229,6 +232,7 @@ def check(
     chunk_tokens: int = 1024,
     device: str = "cpu",
     name: str = "custom",
+    quant_type: str = "nf4",
 ) -> Check:
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
 
@@ -240,10 +244,12 @@ def check(
         seq_len=seq, micro_batch_size=batch, rank=rank, targets=targets, dropout=dropout, dora=dora,
         adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
         attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
+        quant_type=quant_type,
     )
     fp = memory.estimate(spec, settings)
     model = random_qlora_model(
-        config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn
+        config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn,
+        quant_type,
     )
     opt = make_optimizer(model, optimizer)
     m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None)

@@ -2,6 +2,7 @@
 
 Persistent (alive all step, exact from shapes, :mod:`memory.terms`):
     ``nf4_weights``            4-bit codes + scales (+ code tables) of every quantized linear
+    ``base_weights_16bit``     the same linears left 16-bit instead (``quant_type="none"``, plain LoRA)
     ``embeddings_16bit``       input embeddings (a tied head is counted here, once)
     ``lm_head_16bit``          an untied output head (never quantized)
     ``norms_biases_buffers``   norm weights, linear biases, RoPE buffers
@@ -38,6 +39,7 @@ from types import MappingProxyType
 from quant import bits_per_param
 from quant.dtypes import ITEMSIZE
 from quant.errors import InputError, choices
+from quant.loading import NO_QUANT
 
 from .catalog import DEFAULT_MODEL
 from .probe import TAGS
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 
 TERMS = {
     "nf4_weights": "4-bit weights + scales",
+    "base_weights_16bit": "base linears (16-bit)",
     "embeddings_16bit": "embeddings (16-bit)",
     "lm_head_16bit": "lm_head (16-bit)",
     "norms_biases_buffers": "norms, biases, buffers",
@@ -92,7 +95,10 @@ class Footprint:
             plus offloaded layer inputs in pinned host memory.
         cuda_context_bytes, allocator_reserve_bytes: on top of the tensor peak
             on a GPU (0 for ``device='cpu'``).
-        quantized_params, lora_params: element counts.
+        quantized_params, lora_params: element counts; ``quantized_params`` are the
+            base linears the format applies to (all but the output head), so they are
+            16-bit weights with ``quant_type="none"``.
+        nf4_bits_per_param: storage bits per ``quantized_params`` element (16.0 with ``none``).
         The remaining attributes echo the settings.
     """
 
@@ -121,6 +127,7 @@ class Footprint:
     lora_params: int
     nf4_bits_per_param: float
     offload_activations: bool = False
+    quant_type: str = "nf4"
 
     @property
     def device_total_bytes(self) -> int:
@@ -167,13 +174,24 @@ def _spec(model: str | ModelSpec) -> ModelSpec:
 def weight_terms(
     spec: ModelSpec, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, device: str = "cuda"
 ) -> dict[str, int]:
-    """Bytes of the frozen model on the device (16-bit parts in bf16)."""
+    """Bytes of the frozen model on the device (16-bit parts in bf16).
+
+    The base linears (all but the output head) are ``nf4_weights`` in a 4-bit
+    format, or ``base_weights_16bit`` (2 bytes per weight) with ``quant_type="none"``;
+    the other of the two is 0.
+    """
     quantized = [lin for lin in spec.linears if lin.quantized]
-    nf4 = sum(nf4_bytes(lin.in_features, lin.out_features, quant_type, blocksize, double_quant) for lin in quantized)
-    nf4 += nested_table_bytes(len(quantized), double_quant, device)
+    nf4 = dense = 0
+    if quant_type == NO_QUANT:
+        dense = 2 * sum(lin.numel for lin in quantized)
+    else:
+        fmt = (quant_type, blocksize, double_quant)
+        nf4 = sum(nf4_bytes(lin.in_features, lin.out_features, *fmt) for lin in quantized)
+        nf4 += nested_table_bytes(len(quantized), double_quant, device)
     g = spec.frozen_16bit
     return {
         "nf4_weights": nf4,
+        "base_weights_16bit": dense,
         "embeddings_16bit": 2 * g["embeddings"],
         "lm_head_16bit": 2 * g["lm_head"],
         "norms_biases_buffers": 2 * (g["norms"] + g["linear biases"] + g["other"]) + spec.buffer_bytes,
@@ -310,8 +328,10 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
         host_bytes=state_host, cuda_context_bytes=s.cuda_context_bytes if on_gpu else 0,
         allocator_reserve_bytes=int(s.allocator_reserve * tensor_peak) if on_gpu else 0,
         quantized_params=spec.quantized_params, lora_params=lora_elements,
-        nf4_bits_per_param=bits_per_param(s.quant_type, s.blocksize, s.double_quant),
-        offload_activations=bool(offloaded),
+        nf4_bits_per_param=(
+            16.0 if s.quant_type == NO_QUANT else bits_per_param(s.quant_type, s.blocksize, s.double_quant)
+        ),
+        offload_activations=bool(offloaded), quant_type=s.quant_type,
     )
 
 

@@ -14,7 +14,8 @@ records every allocation and free:
   gradient -- and ``p`` covers each distinct layer type, e.g. Gemma-2's
   sliding/full pair);
 * the real ``quant.NF4Linear`` for every quantized linear, dequantizing
-  through quant's own code path (:class:`memory.kernels.ProbeNF4Linear`);
+  through quant's own code path (:class:`memory.kernels.ProbeNF4Linear`),
+  or, with ``quant_type="none"``, the model's own frozen ``nn.Linear``;
 * the real adapter layers, ``layers.LoRALinear`` or ``layers.DoRALinear``
   (the very classes qlora trains with), on the targeted linears;
 * transformers' activation checkpointing (non-reentrant) when enabled;
@@ -43,6 +44,7 @@ from torch import nn
 from layers import DoRALinear, LoRALinear
 from quant.dtypes import DTYPES
 from quant.errors import InputError
+from quant.loading import NO_QUANT
 from quant.model import linear_names, skipped_names
 
 from .kernels import ProbeNF4Linear, device_dropout, device_sdpa
@@ -94,7 +96,8 @@ def probe_model(
     """The probe model on meta: 4-bit linears, LoRA (or DoRA) on ``targets``, everything else frozen.
 
     ``num_layers`` decoder layers (:func:`probe_layer_types`; 0 for the head run). Quantized linears are
-    :class:`~memory.kernels.ProbeNF4Linear` reporting to ``tracker``; in-layer ``targets``
+    :class:`~memory.kernels.ProbeNF4Linear` reporting to ``tracker`` (with ``quant_type="none"`` they
+    stay the model's frozen bf16 ``nn.Linear``, as the loader leaves them); in-layer ``targets``
     (``self_attn.q_proj``) are wrapped in the real ``layers.LoRALinear`` / ``layers.DoRALinear``.
     """
     facts = spec.config
@@ -111,11 +114,14 @@ def probe_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, child)
-        q = ProbeNF4Linear(
-            lin.in_features, lin.out_features, lin.bias is not None, quant_type, blocksize, double_quant,
-            torch.bfloat16, torch.bfloat16, device="meta",
-        )
-        q.tracker = tracker
+        if quant_type == NO_QUANT:
+            q = lin
+        else:
+            q = ProbeNF4Linear(
+                lin.in_features, lin.out_features, lin.bias is not None, quant_type, blocksize, double_quant,
+                torch.bfloat16, torch.bfloat16, device="meta",
+            )
+            q.tracker = tracker
         short = name[len(prefix):].partition(".")[2] if prefix and name.startswith(prefix) else name
         if short in targets:
             # init=None: meta tensors hold no values, so skip the RNG draw (and DoRA's norm at build)
@@ -179,7 +185,7 @@ def body_run(
         attn: ``'sdpa'`` or ``'eager'`` (transformers' attn_implementation).
         checkpointing: transformers' activation checkpointing per layer.
         device: ``'cuda'`` or ``'cpu'``: which device's kernels to allocate like.
-        quant_type, blocksize, double_quant: the 4-bit format.
+        quant_type, blocksize, double_quant: the 4-bit format, or ``quant_type="none"``: 16-bit linears.
 
     Returns:
         The :class:`Timeline`. Weights and LoRA parameters exist before the

@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from quant.blockwise import check_args
 from quant.dtypes import ITEMSIZE
 from quant.errors import InputError, choices
+from quant.loading import check_base_format
 
 from .terms import OPTIMIZERS
 
@@ -99,7 +99,9 @@ class Settings:
         loss: ``chunked`` (qlora's loss, ``loss_chunk_tokens`` rows per chunk;
             the trainer's default) or ``hf`` (transformers' loss on full fp32 logits).
         offload_activations: checkpointed layer inputs wait in pinned host memory.
-        quant_type, blocksize, double_quant: the 4-bit format.
+        quant_type, blocksize, double_quant: the 4-bit format of the base linears
+            (``nf4``/``fp4``), or ``quant_type="none"``: a 16-bit base (plain LoRA; the
+            other two are then unused).
         device: ``cuda`` (CUDA kernels, context and reserve added) or ``cpu``.
         margin: fraction of the GPU the planner keeps free, in [0, 0.5) (plan only).
         cuda_context_bytes, allocator_reserve: overheads outside the tensor peak;
@@ -138,7 +140,8 @@ class Settings:
     offload_activations: bool = field(default=False, metadata=_opt(
         "--offload-activations", "checkpointed layer inputs wait in pinned host memory (recipe offload_activations: "
         "true)", const=True))
-    quant_type: str = field(default="nf4", metadata=_opt("--quant-type", "4-bit format: nf4 or fp4", "TYPE", str))
+    quant_type: str = field(default="nf4", metadata=_opt(
+        "--quant-type", "base format: nf4 or fp4 (4-bit), or none (a 16-bit base: plain LoRA)", "TYPE", str))
     blocksize: int = field(default=64, metadata=_opt(
         "--blocksize", "4-bit quantization block size", "N", int, "a positive integer"))
     double_quant: bool = field(default=True, metadata=_opt(
@@ -167,7 +170,7 @@ class Settings:
         _one_of(self.attn, ATTN, "attention implementation")
         _one_of(self.loss, LOSSES, "loss")
         _one_of(self.device, DEVICES, "device")
-        check_args(self.quant_type, self.blocksize)
+        check_base_format(self.quant_type, self.blocksize)
         _fraction(self.margin, "The safety margin is a fraction of the GPU in [0, 0.5)", 0.5)
         _fraction(self.allocator_reserve, "allocator_reserve is a fraction of the peak in [0, 1)", 1.0)
 

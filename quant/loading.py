@@ -1,4 +1,4 @@
-"""Stream a Hugging Face checkpoint straight into a 4-bit model on the device.
+"""Stream a Hugging Face checkpoint straight into a 4-bit (or plain 16-bit) model on the device.
 
 The model is built from its config with parameters on the meta device (no
 memory), while buffers are built for real by the model's own constructor:
@@ -10,6 +10,8 @@ there (or, for a pre-quantized bitsandbytes checkpoint, its packed codes and
 scales are installed as they are); every other parameter is materialized in
 its 16-bit dtype. Host memory therefore peaks near the largest single tensor
 (plus the model itself when the device is the CPU), not at the model's size.
+``quant_type="none"`` streams the same way and quantizes nothing (a 16-bit
+base for plain LoRA, the baseline QLoRA is compared against).
 """
 
 from __future__ import annotations
@@ -23,16 +25,36 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._codebook import QUANT_TYPES
 from .blockwise import QuantState4bit, check_args, quantize_4bit
 from .checkpoint import BNB_SUFFIXES, Checkpoint
 from .dtypes import FLOAT_DTYPES, parse_dtype
-from .errors import InputError
+from .errors import InputError, choices
 from .linear import NF4Linear
 from .model import DEFAULT_SKIP, linear_names, skipped_names
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current key)
+NO_QUANT = "none"  # the quant_type of a 16-bit base: no linear is quantized (plain LoRA)
+BASE_QUANT_TYPES = QUANT_TYPES + (NO_QUANT,)
+
+
+def check_base_format(quant_type: str, blocksize: int) -> None:
+    """Check the base's format: ``nf4``/``fp4`` with a supported blocksize, or ``none`` (blocksize unused).
+
+    Raises:
+        InputError: an unknown quant type (naming ``nf4``, ``fp4`` and ``none``) or,
+            for a 4-bit format, an unsupported blocksize.
+    """
+    if quant_type == NO_QUANT:
+        return
+    if quant_type not in QUANT_TYPES:
+        raise InputError(
+            f"Unsupported quant type {quant_type!r}; valid choices are {choices(BASE_QUANT_TYPES)} "
+            f"({NO_QUANT!r}: a 16-bit base, plain LoRA)."
+        )
+    check_args(quant_type, blocksize)
 
 
 def load_config(ckpt: Checkpoint):
@@ -152,8 +174,12 @@ class CheckpointPlan:
         return None
 
 
-def plan_checkpoint(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DEFAULT_SKIP) -> CheckpointPlan:
+def plan_checkpoint(
+    model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DEFAULT_SKIP, quantize: bool = True
+) -> CheckpointPlan:
     """Match ``ckpt``'s keys to ``model`` (built by :func:`empty_model`) and choose what to quantize.
+
+    ``quantize=False`` (``quant_type="none"``, a 16-bit checkpoint) keeps every linear 16-bit.
 
     Raises:
         InputError: missing or unexpected keys, shape mismatches, non-floating
@@ -161,17 +187,18 @@ def plan_checkpoint(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DE
     """
     prequantized = ckpt.quantization_config is not None
     linears = set(linear_names(model))
-    if prequantized:
-        quantize = {p.removesuffix(".") for p in ckpt.bnb_modules()}
-        strays = sorted(quantize - linears)
+    chosen: set[str] = set()
+    if prequantized and quantize:
+        chosen = {p.removesuffix(".") for p in ckpt.bnb_modules()}
+        strays = sorted(chosen - linears)
         if strays:
             raise InputError(
                 f"The checkpoint has 4-bit weights for {strays[:3]}, "
                 f"which are not nn.Linear modules of this {type(model).__name__}."
             )
-    else:
-        quantize = linears - skipped_names(model, skip)
-    plan = CheckpointPlan(quantize=quantize, keep=linears - quantize, prequantized=prequantized)
+    elif quantize:
+        chosen = linears - skipped_names(model, skip)
+    plan = CheckpointPlan(quantize=chosen, keep=linears - chosen, prequantized=prequantized)
     if getattr(model.config, "tie_word_embeddings", False):
         plan.tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     expected = dict(model.state_dict(keep_vars=True))  # meta params: names, shapes, dtypes, no data
@@ -180,7 +207,7 @@ def plan_checkpoint(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DE
         k for k in expected if k not in ckpt and k not in plan.tied and not (prequantized and plan.module_of(k))
     )
     if prequantized:
-        missing += sorted(m + ".weight" for m in quantize if m + ".weight" not in ckpt)
+        missing += sorted(m + ".weight" for m in chosen if m + ".weight" not in ckpt)
     unexpected = sorted(
         k for k in ckpt.keys() if k not in expected and not plan.module_of(k) and not any(p.search(k) for p in ignore)
     )
@@ -207,7 +234,7 @@ def plan_checkpoint(model: nn.Module, ckpt: Checkpoint, skip: Iterable[str] = DE
             raise InputError(
                 f"Tensor {key!r} has dtype {ckpt.dtype(key)}, but a parameter must be floating point "
                 "(float32, float16 or bfloat16) to be "
-                f"{'quantized' if key.removesuffix('.weight') in quantize else 'loaded'}."
+                f"{'quantized' if key.removesuffix('.weight') in chosen else 'loaded'}."
             )
     return plan
 
@@ -229,13 +256,18 @@ def load_quantized_model(
     Works for 16-bit checkpoints (quantized on the fly, one weight at a time,
     on ``device``) and for bitsandbytes 4-bit checkpoints (installed as
     stored, never re-quantized; ``quant_type``/``blocksize``/``double_quant``
-    then come from the file and the arguments are ignored).
+    then come from the file and the arguments are ignored). ``quant_type="none"``
+    quantizes nothing: a 16-bit checkpoint is streamed into plain ``nn.Linear``
+    layers in ``dtype`` (the plain-LoRA baseline, 16 instead of ~4.1 bits per
+    linear weight).
 
     Args:
         model_dir: directory with config.json and *.safetensors (single file or sharded).
         device: where the model lives and where quantization runs.
-        quant_type, blocksize, double_quant: the 4-bit format for 16-bit checkpoints.
-        compute_dtype: matmul dtype of every 4-bit layer.
+        quant_type, blocksize, double_quant: the 4-bit format for 16-bit checkpoints
+            (``nf4`` or ``fp4``), or ``quant_type="none"``: no quantization (the other two unused).
+        compute_dtype: matmul dtype of every 4-bit layer (unused with ``none``: plain linears
+            compute in their weight's dtype, or the caller's autocast dtype).
         skip: extra ``nn.Linear`` names/suffixes/regexes that stay 16-bit
             (the output embedding always does). For a 4-bit checkpoint the
             file decides which linears are 4-bit.
@@ -246,20 +278,35 @@ def load_quantized_model(
     Returns:
         A transformers ``PreTrainedModel`` in eval mode whose quantized
         linears are :class:`NF4Linear` (uint8 packed weights) and whose other
-        parameters are ``dtype`` tensors on ``device``.
+        parameters are ``dtype`` tensors on ``device`` (with ``none``: every
+        linear an ``nn.Linear`` in ``dtype``).
 
     Raises:
         InputError: bad arguments, not a model directory, a checkpoint that
-            does not match its config, or a corrupt/missing 4-bit entry.
+            does not match its config, a corrupt/missing 4-bit entry, or a
+            bitsandbytes 4-bit checkpoint with ``quant_type="none"``.
     """
-    check_args(quant_type, blocksize)
+    check_base_format(quant_type, blocksize)
     compute_dtype = parse_dtype(compute_dtype, what="compute dtype")
     dev = parse_device(device)
     ckpt = Checkpoint(model_dir)
+    quantize = quant_type != NO_QUANT
+    if not quantize and ckpt.quantization_config is not None:
+        raise InputError(
+            f"{str(ckpt.path)!r} is a bitsandbytes 4-bit checkpoint (quantization_config in config.json), so it "
+            f"has no 16-bit weights for quant_type {NO_QUANT!r} (a 16-bit base); use quant_type 'nf4' or 'fp4' "
+            "(its 4-bit weights are then installed as stored), or the 16-bit checkpoint it was made from."
+        )
     config = load_config(ckpt)
     dtype = resolve_dtype(dtype, config)
     model = empty_model(config, dtype, attn_implementation)
-    plan = plan_checkpoint(model, ckpt, skip)
+    plan = plan_checkpoint(model, ckpt, skip, quantize=quantize)
+    if not quantize:
+        log.info(
+            "quant_type none: no linear is quantized; all %d linear weights stay %s (a 16-bit base for plain "
+            "LoRA: 16 bits per weight instead of ~4.1 with nf4; compute_dtype %s does not apply)",
+            len(plan.keep), dtype, compute_dtype,
+        )
     if plan.prequantized:
         qc = ckpt.quantization_config
         log.info(
@@ -293,7 +340,7 @@ def load_quantized_model(
     model.eval()
     log.info(
         "loaded %s on %s: %d linear layers 4-bit, kept 16-bit (%s): %s",
-        type(model).__name__, dev, len(plan.quantize), dtype, sorted(plan.keep) or "none",
+        type(model).__name__, dev, len(plan.quantize), dtype, (sorted(plan.keep) or "none") if quantize else "all",
     )
     return model
 

@@ -2,10 +2,11 @@
 
 Keys are ``base_model.model.<module>.lora_A.weight`` ``(r, in)``,
 ``...lora_B.weight`` ``(out, r)`` and, for DoRA, ``...lora_magnitude_vector``
-``(out,)``; config fields are PEFT's (``r``, ``lora_alpha``, ``rank_pattern``,
-``alpha_pattern``, ``use_rslora``, ``use_dora``, ``target_modules``...), so
-``peft.PeftModel.from_pretrained`` loads what we write and we load what it
-writes. Nothing here imports peft.
+``(out,)``; config fields are PEFT's (written and checked by
+:mod:`qlora.adapters.peft_config`), so ``peft.PeftModel.from_pretrained``
+loads what we write and we load what it writes. Nothing here imports peft. The weights file's header metadata also
+records the base the adapter was trained on (:mod:`qlora.adapters.record`),
+which PEFT ignores.
 
 The in-memory form is :class:`Adapter`: one :class:`ModuleAdapter` (tensors
 plus alpha and the scale rule) per adapted module. Loading validates
@@ -18,21 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from layers.base import AdapterLinear
 from layers.dora import DoRALinear
 from layers.lora import LoRALinear
+from qlora.adapters.peft_config import adapter_config, check_config, most_common
+from qlora.adapters.record import BaseRecord, base_record, parse_record, record_metadata
 from qlora.lora.surgery import LoRAReport, adapter_dtype, freeze_model, lora_modules, lora_report, replace_module
-from qlora.lora.targets import linear_layers, pattern_value, suffix_targets
+from qlora.lora.targets import linear_layers, pattern_value
 from quant.errors import InputError
 from quant.files import atomic_dir
 
@@ -42,13 +43,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KINDS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "lora_magnitude_vector.weight": "m"}
-# Config options that change the math or touch more than LoRA-on-linear; we refuse them instead of
-# loading something that would compute different outputs than PEFT.
-_UNSUPPORTED_TRUTHY = (
-    "fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters", "trainable_token_indices",
-    "layer_replication", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
-)
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 @dataclass
@@ -72,12 +66,16 @@ class ModuleAdapter:
 
 @dataclass
 class Adapter:
-    """An adapter in memory: module name -> :class:`ModuleAdapter`, plus file-level fields."""
+    """An adapter in memory: module name -> :class:`ModuleAdapter`, plus file-level fields.
+
+    ``base`` is the base it was trained on (:class:`qlora.adapters.record.BaseRecord`), None when unknown.
+    """
 
     modules: dict[str, ModuleAdapter]
     dropout: float = 0.0
     base_model_name_or_path: str | None = None
     target_modules: list[str] | str | None = field(default=None)
+    base: BaseRecord | None = None
 
     @property
     def use_dora(self) -> bool:
@@ -93,6 +91,8 @@ def module_adapter(layer: AdapterLinear) -> ModuleAdapter:
 def adapter_from_model(model: nn.Module) -> Adapter:
     """The active adapter of every adapter layer (tensors are references, not copies).
 
+    Its ``base`` is read off the model's layers (:func:`qlora.adapters.record.base_record`).
+
     Raises:
         InputError: the model has no LoRA modules.
     """
@@ -106,13 +106,15 @@ def adapter_from_model(model: nn.Module) -> Adapter:
     if not mods:
         raise InputError("The model has no LoRA adapter to save; call qlora.apply_lora or load an adapter first.")
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return Adapter(mods, _most_common(dropouts), name_or_path)
+    return Adapter(mods, most_common(dropouts), name_or_path, base=base_record(model))
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the model's active adapter as a PEFT adapter folder (atomically). Returns the folder.
 
-    ``base_model_name_or_path`` defaults to ``model.config._name_or_path``.
+    ``base_model_name_or_path`` defaults to ``model.config._name_or_path``. The
+    base's format (4-bit type, blocksize, double quant, or 16-bit; and its
+    dtype) is found from the model's layers and recorded in the weights file.
 
     Raises:
         InputError: no adapter on the model, or a mix PEFT cannot express
@@ -122,66 +124,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     if base_model_name_or_path is not None:
         adapter.base_model_name_or_path = base_model_name_or_path
     return write_adapter(adapter, out_dir, list(linear_layers(model)))
-
-
-def _most_common(values):
-    return Counter(values).most_common(1)[0][0]
-
-
-def adapter_config(adapter: Adapter, all_linear_names: list[str] | None = None) -> dict:
-    """The ``adapter_config.json`` dict for ``adapter`` (PEFT 0.21 field names).
-
-    ``r``/``lora_alpha`` are the most common values; other modules go into
-    ``rank_pattern``/``alpha_pattern`` under their full names (regex-escaped
-    only where a plain name would also match another module).
-
-    Raises:
-        InputError: DoRA or rsLoRA on only some modules (one flag per file in PEFT).
-    """
-    mods = adapter.modules
-    for flag, vals in (("use_dora", [m.magnitude is not None for m in mods.values()]),
-                       ("use_rslora", [m.use_rslora for m in mods.values()])):
-        if len(set(vals)) > 1:
-            raise InputError(
-                f"Cannot save an adapter with {flag} on some modules only; PEFT files have one {flag} flag."
-            )
-    names = list(mods)
-    r = _most_common([m.rank for m in mods.values()])
-    alpha = _most_common([m.alpha for m in mods.values()])
-    rank_pattern = _patterns({n: m.rank for n, m in mods.items()}, r)
-    alpha_pattern = _patterns({n: m.alpha for n, m in mods.items()}, alpha)
-    targets = suffix_targets(names, all_linear_names or names)
-    first = next(iter(mods.values()))
-    return {
-        "alpha_pattern": alpha_pattern,
-        "auto_mapping": None,
-        "base_model_name_or_path": adapter.base_model_name_or_path,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": adapter.dropout,
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": r,
-        "rank_pattern": rank_pattern,
-        "revision": None,
-        "target_modules": targets,
-        "task_type": "CAUSAL_LM",
-        "use_dora": first.magnitude is not None,
-        "use_rslora": first.use_rslora,
-    }
-
-
-def _patterns(values: dict[str, float], default) -> dict:
-    """Per-module overrides keyed by full module name; checked to resolve back exactly under PEFT's rule."""
-    pattern = {n: v for n, v in values.items() if v != default}
-    if all(pattern_value(pattern, n, default) == v for n, v in values.items()):
-        return pattern
-    return {re.escape(n): v for n, v in pattern.items()}
 
 
 def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names: list[str] | None = None) -> Path:
@@ -194,7 +136,8 @@ def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names
     and a new folder never shows a config without its weights (replacing an
     adapter in place, the new weights sit next to the old config for the
     moment between the two renames).
-    Tensors are saved in their own dtype.
+    Tensors are saved in their own dtype; ``adapter.base``, when known, goes
+    into the weights file's metadata (:func:`qlora.adapters.record.record_metadata`).
 
     Raises:
         InputError: ``out_dir`` is an existing file; see :func:`adapter_config`.
@@ -208,19 +151,22 @@ def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.magnitude.detach().to("cpu").contiguous()
     out = Path(out_dir)
     with atomic_dir(out, existing="merge", last=(CONFIG_NAME,)) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **record_metadata(adapter.base)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    log.info("saved adapter: %d modules, %d tensors -> %s", len(adapter.modules), len(tensors), out)
+    base = f"trained on {adapter.base.describe()}" if adapter.base else "no base recorded"
+    log.info("saved adapter: %d modules, %d tensors, %s -> %s", len(adapter.modules), len(tensors), base, out)
     return out
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     """Read and validate a PEFT LoRA adapter folder (tensors stay in their file dtype, on CPU).
 
+    The returned adapter's ``base`` is the file's record of its training base, or None.
+
     Raises:
         InputError: missing files, ``peft_type`` other than ``LORA``, options
             qlora does not implement (named), keys that are not LoRA-on-linear,
-            or a rank that disagrees with ``r``/``rank_pattern``.
+            a rank that disagrees with ``r``/``rank_pattern``, or an unreadable base record.
     """
     d = Path(adapter_dir)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
@@ -233,9 +179,11 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg_path} is not valid JSON ({e}).") from None
-    _check_config(cfg, cfg_path)
+    check_config(cfg, cfg_path)
     try:
-        raw = load_file(str(w_path))
+        with safe_open(str(w_path), "pt") as f:  # what safetensors' load_file does, plus the metadata
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata()
     except (SafetensorError, OSError) as e:
         raise InputError(f"{w_path} is not a readable safetensors file ({e}).") from None
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -278,37 +226,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     if not modules:
         raise InputError(f"{w_path} holds no LoRA tensors.")
     dropout = float(cfg.get("lora_dropout") or 0.0)
-    return Adapter(modules, dropout, cfg.get("base_model_name_or_path"), cfg.get("target_modules"))
-
-
-def _check_config(cfg: dict, path: Path) -> None:
-    peft_type = cfg.get("peft_type")
-    if peft_type != "LORA":
-        raise InputError(
-            f"{path} has peft_type {peft_type!r}; qlora reads LoRA adapters only (peft_type 'LORA'), "
-            "including DoRA and rsLoRA ones."
-        )
-    task = cfg.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        log.warning("%s has task_type %r; loading its LoRA weights onto a causal LM anyway", path, task)
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
-            raise InputError(f"{path} lacks a numeric {key!r} field, got {cfg.get(key)!r}.")
-    if cfg.get("bias", "none") != "none":
-        raise InputError(
-            f"{path} has bias={cfg['bias']!r}; qlora supports bias='none' only (trained biases are not LoRA)."
-        )
-    for key in _UNSUPPORTED_TRUTHY:
-        if cfg.get(key):
-            raise InputError(
-                f"{path} sets {key}={cfg[key]!r}, which qlora does not support; valid adapters leave it unset."
-            )
-    init = cfg.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise InputError(
-            f"{path} has init_lora_weights={init!r}, which modifies the base weights; convert it to a plain LoRA "
-            "adapter first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))."
-        )
+    base = parse_record(metadata, w_path)
+    return Adapter(modules, dropout, cfg.get("base_model_name_or_path"), cfg.get("target_modules"), base)
 
 
 def check_adapter_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Module]:

@@ -15,8 +15,10 @@ memory, and cannot be undone.
 :func:`merge_checkpoint` (``qlora merge``) writes a plain 16-bit Hugging Face
 checkpoint, merging either into the original 16-bit weights of the base
 checkpoint (``into='original'``) or into the NF4 weights the adapter was
-trained against, dequantized (``into='dequantized'``). docs/merging.md has
-the measured logit error of both.
+trained against, dequantized (``into='dequantized'``). ``into='auto'`` (the
+default) follows the base the adapter records it was trained on
+(:mod:`qlora.adapters.record`; the rule is :func:`auto_into`).
+docs/merging.md has the measured logit error of both.
 """
 
 from __future__ import annotations
@@ -34,14 +36,22 @@ from torch import nn
 
 from layers.base import AdapterLinear, base_dtype, base_weight, dense_linear
 from qlora.adapters.files import Adapter, install_adapter, read_adapter
+from qlora.adapters.record import BaseRecord
 from qlora.lora.surgery import lora_modules, replace_module
+from quant import QUANT_TYPES
 from quant.errors import InputError, choices
 from quant.files import atomic_dir
 from quant.linear import NF4Linear
 
 log = logging.getLogger(__name__)
 
-INTO = ("dequantized", "original")
+INTO = ("auto", "dequantized", "original")
+# Where into='auto' merges an adapter trained on a 4-bit base. docs/merging.md measured the dequantized base
+# 34x closer to the trained model than the original one on a random-weight model; a real model's measurement
+# decides it for good, and flipping it is this one line.
+AUTO_INTO_4BIT = "dequantized"
+_DEFAULT_FORMAT = ("nf4", 64, True)  # what qlora trains with, for a dequantized merge with nothing recorded
+_FORMAT_FLAGS = ("quant_type (--quant-type)", "blocksize (--blocksize)", "double_quant (--no-double-quant)")
 _TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt")
 
 
@@ -130,14 +140,121 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 @dataclass(frozen=True)
+class MergeTarget:
+    """Which base weights a merge goes into, and why (:func:`merge_target`).
+
+    Attributes:
+        into: ``dequantized`` or ``original``.
+        quant_type, blocksize, double_quant: the 4-bit format a 16-bit checkpoint is
+            quantized with for ``dequantized`` (a 4-bit checkpoint is used as stored).
+        reason: why, in words, for the user.
+    """
+
+    into: str
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+    reason: str
+
+    def describe(self) -> str:
+        """``merging into the dequantized nf4 base: <reason>``."""
+        what = f"dequantized {self.quant_type} base" if self.into == "dequantized" else "original 16-bit base"
+        return f"merging into the {what}: {self.reason}"
+
+
+def auto_into(record: BaseRecord | None, prequantized: bool, format_given: bool) -> tuple[str, str]:
+    """The rule behind ``into='auto'``: ``(into, reason)``.
+
+    A 4-bit checkpoint only has its dequantized weights. Otherwise the
+    adapter's record decides: trained on a 4-bit base -> :data:`AUTO_INTO_4BIT`,
+    on a 16-bit base -> ``original``. Without a record (a PEFT adapter, or
+    one saved by an older qlora), 4-bit format arguments say it was a 4-bit
+    base (``dequantized``); with none, ``original``.
+    """
+    if prequantized:
+        return "dequantized", "the base checkpoint is 4-bit, so it has no original 16-bit weights"
+    if record is not None:
+        into = AUTO_INTO_4BIT if record.quantized else "original"
+        on = "it" if (into == "dequantized") == record.quantized else record.describe()
+        return into, f"the adapter was trained on {on} (adapter metadata)"
+    if format_given:
+        return "dequantized", "the adapter records no base, and a 4-bit format was given"
+    return "original", "the adapter records no base it was trained on (a PEFT adapter, or saved by an older qlora)"
+
+
+def merge_target(
+    base_dir: str | os.PathLike,
+    adapter: str | os.PathLike | Adapter,
+    into: str = "auto",
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
+) -> MergeTarget:
+    """Resolve what :func:`merge_checkpoint` merges into, from the arguments and the adapter's record.
+
+    ``None`` format arguments mean "not given": the adapter's record fills
+    them in, else qlora's training default (nf4, 64, double quant).
+
+    Raises:
+        InputError: an unknown ``into``; a folder without config.json; a given
+            format argument that contradicts the adapter's record, or a 4-bit
+            checkpoint in another format than the recorded one (both named).
+    """
+    if into not in INTO:
+        raise InputError(f"Unknown merge target --into {into!r}; valid choices are {choices(INTO)}.")
+    if quant_type is not None and quant_type not in QUANT_TYPES:
+        raise InputError(
+            f"Unknown 4-bit format --quant-type {quant_type!r}; valid choices are {choices(QUANT_TYPES)} "
+            "(an adapter trained on a 16-bit base merges with --into original)."
+        )
+    record = (adapter if isinstance(adapter, Adapter) else read_adapter(adapter)).base
+    config = _read_base_config(Path(base_dir))
+    qc = config.get("quantization_config")
+    given = (quant_type, blocksize, double_quant)
+    if into == "auto":
+        resolved, reason = auto_into(record, qc is not None, any(v is not None for v in given))
+    else:
+        resolved, reason = into, f"as asked (--into {into})"
+        if record is not None and record.quantized != (into == "dequantized"):
+            reason += f"; the adapter was trained on {record.describe()}"
+    recorded = (record.quant_type, record.blocksize, record.double_quant) if record and record.quantized else None
+    # a 4-bit checkpoint is used as stored: its config names its type and double quant (the blocksize is per weight)
+    stored = None if qc is None else (qc.get("bnb_4bit_quant_type"), qc.get("bnb_4bit_use_double_quant"))
+    if resolved == "dequantized" and recorded is not None:
+        if stored is not None and any(v is not None and v != r for v, r in zip(stored, recorded[::2])):
+            raise InputError(
+                f"The 4-bit base {str(base_dir)!r} is {stored[0]} with double_quant {stored[1]}, but the adapter's "
+                f"metadata says it was trained on {record.describe()}; merge into the 16-bit checkpoint instead, "
+                "which is quantized as recorded."
+            )
+        for flag, value, want in zip(_FORMAT_FLAGS, given, recorded):
+            if value is not None and value != want:
+                raise InputError(
+                    f"{flag} {value!r} contradicts the adapter's metadata: it was trained on {record.describe()}; "
+                    "leave the argument out to use the recorded format."
+                )
+    if into == "auto" and record is not None and not record.quantized and any(v is not None for v in given):
+        raise InputError(
+            f"A 4-bit format was given ({', '.join(f for f, v in zip(_FORMAT_FLAGS, given) if v is not None)}) but "
+            "the adapter was trained on a 16-bit base (adapter metadata), so it merges into the original weights; "
+            "pass --into dequantized to merge into a 4-bit version of the base anyway."
+        )
+    fmt = [v if v is not None else r for v, r in zip(given, recorded or _DEFAULT_FORMAT)]
+    if stored is not None:  # describe what is merged into: the file's format
+        fmt[0], fmt[2] = (f if v is None else v for v, f in zip(stored, fmt[::2]))
+    return MergeTarget(resolved, fmt[0], fmt[1], bool(fmt[2]), reason)
+
+
+@dataclass(frozen=True)
 class MergeResult:
-    """What :func:`merge_checkpoint` wrote."""
+    """What :func:`merge_checkpoint` wrote (``target``: what it merged into, and why)."""
 
     out_dir: Path
     into: str
     dtype: torch.dtype
     merged_modules: int
     tokenizer_files: tuple[str, ...]
+    target: MergeTarget | None = None
 
 
 def _read_base_config(base_dir: Path) -> dict:
@@ -167,11 +284,11 @@ def merge_checkpoint(
     base_dir: str | os.PathLike,
     adapter: str | os.PathLike | Adapter,
     out_dir: str | os.PathLike,
-    into: str = "dequantized",
+    into: str = "auto",
     dtype: torch.dtype | str | None = None,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
+    quant_type: str | None = None,
+    blocksize: int | None = None,
+    double_quant: bool | None = None,
     skip: Sequence[str] = (),
     device: str = "cpu",
 ) -> MergeResult:
@@ -186,10 +303,12 @@ def merge_checkpoint(
             QLoRA adapter was trained against (quantized with ``quant_type``,
             ``blocksize``, ``double_quant`` exactly as training does; a 4-bit
             checkpoint is used as stored). ``'original'``: W' = W0 + ΔW with the
-            checkpoint's 16-bit W0.
+            checkpoint's 16-bit W0. ``'auto'``: the one the adapter records it
+            was trained on (:func:`auto_into`; the result's ``target`` says which and why).
         quant_type, blocksize, double_quant, skip: the 4-bit format training
-            used (``'dequantized'`` only); ``skip`` adds layers that training kept
-            16-bit besides the output head.
+            used (``'dequantized'`` only); None: the adapter's record, else nf4,
+            64, double quant. ``skip`` adds layers that training kept 16-bit
+            besides the output head.
         dtype: output dtype; default the base checkpoint's 16-bit dtype, else bfloat16.
         device: where the merge math runs.
 
@@ -197,7 +316,8 @@ def merge_checkpoint(
         :class:`MergeResult`.
 
     Raises:
-        InputError: bad arguments, folders, adapter, or ``'original'`` on a 4-bit checkpoint.
+        InputError: bad arguments, folders, adapter, ``'original'`` on a 4-bit
+            checkpoint, or format arguments that contradict the adapter's record (see :func:`merge_target`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -210,6 +330,9 @@ def merge_checkpoint(
     out_dtype = _out_dtype(dtype, config)
     if not isinstance(adapter, Adapter):
         adapter = read_adapter(adapter)  # validate before loading any weights
+    target = merge_target(base, adapter, into, quant_type, blocksize, double_quant)
+    log.info("%s", target.describe())
+    into = target.into
     prequantized = "quantization_config" in config
     if into == "original":
         if prequantized:
@@ -223,7 +346,7 @@ def merge_checkpoint(
         from quant.model import DEFAULT_SKIP
 
         model = load_quantized_model(
-            base, device, quant_type, blocksize, double_quant, compute_dtype=out_dtype,
+            base, device, target.quant_type, target.blocksize, target.double_quant, compute_dtype=out_dtype,
             skip=tuple(DEFAULT_SKIP) + tuple(skip), dtype=out_dtype,
         )
     if adapter.base_model_name_or_path and Path(adapter.base_model_name_or_path).name != base.name:
@@ -239,7 +362,7 @@ def merge_checkpoint(
         model.save_pretrained(str(tmp))
         copied = _copy_tokenizer(base, tmp)
     log.info("merged %d modules into %s weights of %s -> %s (%s)", n, into, base, out, out_dtype)
-    return MergeResult(out, into, out_dtype, n, tuple(copied))
+    return MergeResult(out, into, out_dtype, n, tuple(copied), target)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> list[str]:

@@ -1,8 +1,10 @@
-"""``qlora merge --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR [--into dequantized|original]``.
+"""``qlora merge --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR [--into auto|dequantized|original]``.
 
 Writes a plain 16-bit Hugging Face checkpoint (plus the base's tokenizer
 files) that transformers loads without qlora or peft. Several ``--adapter``
-folders with ``--weights`` are combined first (W0 + Σ wᵢ·sᵢ·BᵢAᵢ).
+folders with ``--weights`` are combined first (W0 + Σ wᵢ·sᵢ·BᵢAᵢ); they must
+record the same base. ``--into auto`` follows the base the adapter records
+(:func:`qlora.adapters.merging.auto_into`) and prints which it chose and why.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(
         name, help=help_,
         description="Merge a PEFT-format LoRA adapter into its base model and write a plain 16-bit checkpoint. "
-        "--into dequantized (default) merges into the NF4 weights the QLoRA adapter was trained against; "
-        "--into original merges into the checkpoint's 16-bit weights. docs/merging.md compares their logit error.",
+        "--into dequantized merges into the NF4 weights a QLoRA adapter was trained against; --into original "
+        "merges into the checkpoint's 16-bit weights; --into auto (default) picks the base the adapter records it "
+        "was trained on (qlora adapters record it; one without a record merges into the original weights). "
+        "docs/merging.md compares their logit error.",
     )
     p.add_argument(
         "--base", required=True, metavar="MODEL_DIR",
-        help="base checkpoint folder (16-bit, or bnb 4-bit for --into dequantized)",
+        help="base checkpoint folder (16-bit, or bnb 4-bit: merged into its dequantized weights)",
     )
     p.add_argument(
         "--adapter", required=True, action="append", metavar="ADAPTER_DIR",
@@ -29,20 +33,24 @@ def add_parser(sub, name: str, help_: str) -> None:
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="new output folder (must be absent or empty)")
     p.add_argument(
-        "--into", default="dequantized", choices=("dequantized", "original"),
-        help="which base weights to merge into (default dequantized)",
+        "--into", default="auto", choices=("auto", "dequantized", "original"),
+        help="which base weights to merge into (default auto: the base the adapter was trained on)",
     )
     p.add_argument(
         "--dtype", default=None, metavar="DTYPE",
         help="output dtype: bfloat16, float16 or float32 (default: the base's 16-bit dtype, else bfloat16)",
     )
     p.add_argument(
-        "--quant-type", default="nf4", metavar="{nf4,fp4}",
-        help="4-bit format training used (--into dequantized; default nf4)",
+        "--quant-type", default=None, metavar="{nf4,fp4}",
+        help="4-bit format training used, for adapters that do not record it (default: the record, else nf4)",
     )
-    p.add_argument("--blocksize", type=int, default=64, metavar="N", help="4-bit blocksize training used (default 64)")
     p.add_argument(
-        "--no-double-quant", action="store_true", help="training used float32 absmax (no double quantization)",
+        "--blocksize", type=int, default=None, metavar="N",
+        help="4-bit blocksize training used, for adapters that do not record it (default: the record, else 64)",
+    )
+    p.add_argument(
+        "--no-double-quant", action="store_true",
+        help="training used float32 absmax (no double quantization), for adapters that do not record it",
     )
     p.add_argument(
         "--skip", nargs="+", default=[], metavar="NAME", help="extra layers training kept 16-bit (lm_head always is)",
@@ -52,8 +60,9 @@ def add_parser(sub, name: str, help_: str) -> None:
 
 def run(args) -> int:
     from qlora.adapters.files import read_adapter
-    from qlora.adapters.merging import merge_checkpoint
+    from qlora.adapters.merging import merge_checkpoint, merge_target
     from qlora.adapters.multi import combine_adapters
+    from qlora.adapters.record import common_record
     from quant.errors import InputError
 
     adapters = args.adapter
@@ -62,13 +71,18 @@ def run(args) -> int:
             f"--weights has {len(args.weights)} values for {len(adapters)} --adapter folders; "
             "give one weight per adapter."
         )
-    if len(adapters) == 1 and args.weights is None:
-        adapter = adapters[0]
+    read = [read_adapter(a) for a in adapters]  # validated before any weights are loaded
+    if len(read) == 1 and args.weights is None:
+        adapter = read[0]
     else:
-        adapter = combine_adapters([read_adapter(a) for a in adapters], args.weights or [1.0] * len(adapters))
+        base = common_record([a.base for a in read], adapters)  # checked first: combining drops the records
+        adapter = combine_adapters(read, args.weights or [1.0] * len(adapters))
+        adapter.base = base
+    dq = False if args.no_double_quant else None  # None: not given, the adapter's record decides
+    fmt = dict(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=dq)
+    print(merge_target(args.base, adapter, args.into, **fmt).describe(), flush=True)  # before the slow part
     res = merge_checkpoint(
-        args.base, adapter, args.out, into=args.into, dtype=args.dtype, quant_type=args.quant_type,
-        blocksize=args.blocksize, double_quant=not args.no_double_quant, skip=args.skip, device=args.device,
+        args.base, adapter, args.out, into=args.into, dtype=args.dtype, skip=args.skip, device=args.device, **fmt
     )
     dtype = str(res.dtype).removeprefix("torch.")
     tok = f"; tokenizer files: {', '.join(res.tokenizer_files)}" if res.tokenizer_files else ""

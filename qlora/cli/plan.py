@@ -149,6 +149,7 @@ def plan_dict(p, alpha: float) -> dict:
         "attn": fp.attn,
         "loss": fp.loss,
         "loss_chunk_tokens": fp.loss_chunk_tokens,
+        "quant_type": fp.quant_type,
         "quantized_params": fp.quantized_params,
         "nf4_bits_per_param": fp.nf4_bits_per_param,
         "lora_params": fp.lora_params,
@@ -191,7 +192,7 @@ def render(p, alpha: float, console, notes: bool = True) -> None:
         value = fp.breakdown.get(key, 0)
         if value == 0:
             continue
-        if key == "nf4_weights":
+        if key in ("nf4_weights", "base_weights_16bit"):  # only the one the format uses is nonzero
             label += f" ({fp.quantized_params / 1e9:.2f}e9 params x {fp.nf4_bits_per_param:.3f} bits)"
         t.add_row(label, _gib(value))
     t.add_row("[bold]tensor peak[/] (torch.cuda.max_memory_allocated)", f"[bold]{_gib(fp.tensor_peak_bytes)}[/]")

@@ -62,7 +62,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         Settings with the recipe's seq_len, micro-batch, effective batch,
         LoRA targets/rank/dropout/variant/dtype, optimizer, checkpointing,
         offloading, loss (``chunked_loss`` with the trainer's chunk size),
-        attention and 4-bit format; the planner's default margin.
+        attention and base format (4-bit, or quant_type none: a 16-bit base); the planner's default margin.
 
     Raises:
         InputError: a value the planner refuses (bad device name).

@@ -24,6 +24,7 @@ CASES = [
     ("phi3", dict(batch=3, seq=32, rank=8, loss="chunked", chunk_tokens=16)),
     ("qwen3", dict(batch=2, seq=32, rank=8, dora=True)),
     ("mistral", dict(batch=2, seq=48, rank=16, optimizer="adamw_8bit", adapter_dtype="float32")),
+    ("qwen2", dict(batch=2, seq=48, rank=8, targets="qv", quant_type="none")),  # 16-bit base, plain LoRA
 ]
 
 

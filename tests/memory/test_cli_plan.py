@@ -64,6 +64,7 @@ def test_out_writes_a_recipe_and_not_fitting_exits_1(capsys, tmp_path):
         (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--rank", "0"], "rank"),
         (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--seq-len", "long"], "--seq-len"),
         (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--optimizer", "sgd"], "sgd"),
+        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--quant-type", "int4"], "'none'"),
     ],
 )
 def test_bad_input_is_one_clear_error_with_exit_2(capsys, argv, needle):
@@ -104,3 +105,13 @@ def test_flags_reach_the_plan(capsys):
     assert rc == 0 and (d["seq_len"], d["micro_batch_size"], d["rank"]) == (1024, 2, 8)
     assert d["targets"] == ["self_attn.q_proj", "self_attn.v_proj"] and d["dora"] and d["loss"] == "hf"
     assert d["optimizer"] == "adamw" and not d["gradient_checkpointing"] and d["cuda_context_bytes"] == 0
+
+
+def test_quant_type_none_plans_a_16bit_base(capsys):
+    rc, out, err = _plan(capsys, "--gpu", "24GB", "--quant-type", "none", "--seq-len", "1024")
+    assert rc == 0, err
+    assert "base linears (16-bit) (6.98e9 params x 16.000 bits)" in out and "4-bit weights" not in out
+    rc, out, _ = _plan(capsys, "--gpu", "24GB", "--quant-type", "none", "--json")
+    d = json.loads(out)
+    assert d["quant_type"] == "none" and d["breakdown"]["nf4_weights"] == 0
+    assert d["breakdown"]["base_weights_16bit"] == 2 * d["quantized_params"]

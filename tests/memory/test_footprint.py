@@ -106,3 +106,17 @@ def test_offloaded_checkpoints_leave_the_gpu_but_not_the_cpu():
     assert off.tensor_peak_bytes - on.tensor_peak_bytes == pytest.approx(moved, rel=0.02)
     cpu_on = memory.estimate(**kw, device="cpu", offload_activations=True)
     assert cpu_on.tensor_peak_bytes == memory.estimate(**kw, device="cpu").tensor_peak_bytes  # a no-op move on CPU
+
+
+def test_a_16bit_base_costs_its_linears_at_2_bytes_each():
+    """quant_type none (plain LoRA): the base linears move from nf4_weights to base_weights_16bit."""
+    spec = memory.load_spec("llama-3.1-8b")
+    nf4, none = memory.estimate(spec, seq_len=1024), memory.estimate(spec, seq_len=1024, quant_type="none")
+    assert none.breakdown["nf4_weights"] == 0 and nf4.breakdown["base_weights_16bit"] == 0
+    assert none.breakdown["base_weights_16bit"] == 2 * spec.quantized_params
+    assert none.breakdown["dequantized_weight"] == 0 and none.quant_type == "none" and none.nf4_bits_per_param == 16
+    per_param = (none.tensor_peak_bytes - nf4.tensor_peak_bytes) / spec.quantized_params
+    assert per_param == pytest.approx((16 - 4.127) / 8, rel=1e-3)
+    assert none.lora_params == nf4.lora_params  # the same linears get adapters
+    with pytest.raises(InputError, match=r"'int4'.*'nf4', 'fp4' or 'none'"):
+        memory.Settings(quant_type="int4")

@@ -169,6 +169,7 @@ def test_shape_mismatch_names_module_and_both_shapes(tmp_path):
         load_adapter(model, d)
     msg = str(e.value)
     assert "model.layers.0.self_attn.q_proj" in msg and "(4, 64)" in msg and "(4, 128)" in msg
+    assert "different base model" in msg and "\n" not in msg  # one paragraph
     assert not any(isinstance(m, AdapterLinear) for m in model.modules())  # nothing was changed
 
 
@@ -261,3 +262,50 @@ def test_loading_dora_onto_plain_lora_layers_and_back(tmp_path):
     load_adapter(model, tmp_path / "p")
     assert all(type(m) is LoRALinear for _, m in lora_modules(model)) and model.get_submodule(q).base_layer is base
     assert torch.equal(logits(model, x), logits(plain, x))
+
+
+@pytest.mark.parametrize("fmt", [None, ("nf4", 64, True), ("fp4", 128, False)], ids=["16bit", "nf4", "fp4"])
+def test_the_training_base_is_recorded_and_peft_still_loads_the_file(tmp_path, fmt):
+    """The base's format goes into the weights file's metadata: read back by qlora, ignored by PEFT (no warning)."""
+    import warnings
+
+    from safetensors import safe_open
+
+    from qlora.adapters.record import BaseRecord
+    from quant import quantize_model
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    if fmt is not None:
+        quantize_model(model, *fmt)
+    apply_lora(model, "all-linear", rank=4, alpha=8.0)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "ad")
+    want = BaseRecord("none", "bfloat16") if fmt is None else BaseRecord(fmt[0], "bfloat16", fmt[1], fmt[2])
+    assert read_adapter(tmp_path / "ad").base == want
+    with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["format"] == "pt"  # what transformers and PEFT check
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()
+    assert not [w for w in caught if "nexpected" in str(w.message)]  # PEFT's warning for unknown config keys
+    q = "model.layers.0.self_attn.q_proj"
+    theirs = peft_model.base_model.model.get_submodule(q).lora_B["default"].weight
+    assert torch.equal(theirs, model.get_submodule(q).lora_B.weight)
+    if fmt is None:  # same 16-bit base: the same function, up to bf16 rounding in a different op order
+        torch.testing.assert_close(logits(peft_model, batch()), logits(model, batch()), rtol=0, atol=2e-2)
+
+
+def test_adapters_without_a_record_and_bad_records(tmp_path):
+    base = tiny_model("llama")
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    assert read_adapter(tmp_path / "peft").base is None  # PEFT's own files: no record, not an error
+    d = _saved(tmp_path)
+    w = d / "adapter_model.safetensors"
+    tensors = load_file(str(w))
+    for bad in ('{"quant_type": "int4", "dtype": "bfloat16"}', '{"quant_type": "nf4", "dtype": "bfloat16"}', "{x"):
+        save_file(tensors, str(w), metadata={"format": "pt", "qlora.base": bad})
+        with pytest.raises(InputError, match="qlora.base|records a base") as e:
+            read_adapter(d)
+        assert "\n" not in str(e.value)

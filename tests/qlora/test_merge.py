@@ -99,14 +99,14 @@ def trained(tmp_path_factory):
     return root, qmodel.eval()
 
 
-def _expected_weights(root, into):
+def _expected_weights(root, into, adapter="adapter", fmt=("nf4", 64, True)):
     """W0 (16-bit or NF4-dequantized) + s·B·A in fp32, rounded once to bf16: computed independently here."""
     from safetensors.torch import load_file
 
     from quant import dequantize_4bit, quantize_4bit
 
     base = load_file(str(root / "base" / "model.safetensors"))
-    ad = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+    ad = load_file(str(root / adapter / "adapter_model.safetensors"))
     out = {}
     for key, w in base.items():
         mod = key.removesuffix(".weight")
@@ -114,7 +114,7 @@ def _expected_weights(root, into):
         if a is None:
             continue
         if into == "dequantized":
-            w = dequantize_4bit(*quantize_4bit(w, "nf4", 64, True), torch.float32)
+            w = dequantize_4bit(*quantize_4bit(w, *fmt), torch.float32)
         b = ad[f"base_model.model.{mod}.lora_B.weight"]
         out[key] = (w.float() + 2.0 * (b.float() @ a.float())).to(torch.bfloat16)
     return out
@@ -189,6 +189,11 @@ def test_merge_into_prequantized_base_equals_merge_from_16bit(trained, tmp_path)
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "m4").model.layers[0].mlp.up_proj, nn.Linear)
     with pytest.raises(InputError, match="no original 16-bit weights"):
         merge_checkpoint(tmp_path / "q4", root / "adapter", tmp_path / "o", into="original")
+    res = merge_checkpoint(tmp_path / "q4", root / "adapter", tmp_path / "auto")  # auto: the only weights there
+    assert res.into == "dequantized" and "base checkpoint is 4-bit" in res.target.reason
+    fp4 = _adapter_on(root, "adapter-fp4-q", ("fp4", 64, True))
+    with pytest.raises(InputError, match="is nf4 with double_quant True.*an fp4 base"):
+        merge_checkpoint(tmp_path / "q4", fp4, tmp_path / "o")
 
 
 def test_qlora_merge_cli_combines_weighted_adapters(trained, tmp_path):
@@ -203,3 +208,104 @@ def test_qlora_merge_cli_combines_weighted_adapters(trained, tmp_path):
     for k in one:  # 1.5·ΔW − 0.5·ΔW = ΔW, up to float32 summation order
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6)
     assert two["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------- --into auto: the adapter's record decides
+
+
+def _adapter_on(root, name, fmt):
+    """An adapter trained (randomly) on the base in ``fmt`` (a 4-bit format, or None: the 16-bit base itself)."""
+    from quant import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16)
+    if fmt is not None:
+        quantize_model(model, *fmt)
+    apply_lora(model, "all-linear", rank=4, alpha=8.0)
+    randomize_adapters(model, seed=len(name))
+    save_adapter(model, root / name)
+    return root / name
+
+
+def _merged(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def _assert_weights(out, expected):
+    sd = _merged(out)
+    assert all(torch.equal(sd[k], w) for k, w in expected.items())
+
+
+def test_auto_merges_into_the_recorded_4bit_base_without_flags(trained, tmp_path, capsys):
+    root, _ = trained
+    capsys.readouterr()
+    assert cli_main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"),
+                     "--out", str(tmp_path / "nf4")]) == 0
+    out = capsys.readouterr().out
+    assert "merging into the dequantized nf4 base: the adapter was trained on it (adapter metadata)" in out
+    _assert_weights(tmp_path / "nf4", _expected_weights(root, "dequantized"))
+    fp4 = _adapter_on(root, "adapter-fp4", ("fp4", 128, False))
+    res = merge_checkpoint(root / "base", fp4, tmp_path / "fp4")  # the API defaults to auto too
+    assert res.into == "dequantized" and (res.target.quant_type, res.target.blocksize) == ("fp4", 128)
+    assert res.target.double_quant is False
+    _assert_weights(tmp_path / "fp4", _expected_weights(root, "dequantized", "adapter-fp4", ("fp4", 128, False)))
+
+
+def test_auto_merges_16bit_and_unrecorded_adapters_into_the_original_weights(trained, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    root, _ = trained
+    plain = _adapter_on(root, "adapter-16bit", None)
+    capsys.readouterr()
+    assert cli_main(["merge", "--base", str(root / "base"), "--adapter", str(plain), "--out", str(tmp_path / "a")]) == 0
+    assert "merging into the original 16-bit base: the adapter was trained on it (adapter metadata)" in (
+        capsys.readouterr().out
+    )
+    _assert_weights(tmp_path / "a", _expected_weights(root, "original", "adapter-16bit"))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.bfloat16),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+    )
+    peft_model.save_pretrained(str(root / "peft"))
+    res = merge_checkpoint(root / "base", root / "peft", tmp_path / "p")
+    assert res.into == "original" and "records no base" in res.target.reason
+    # no record, but a format given: the flags say which 4-bit base it was trained on
+    res = merge_checkpoint(root / "base", root / "peft", tmp_path / "p4", quant_type="fp4")
+    assert res.into == "dequantized" and res.target.quant_type == "fp4"
+
+
+def test_flags_that_contradict_the_record_are_refused(trained, tmp_path, capsys):
+    root, _ = trained
+    ad, base = str(root / "adapter"), str(root / "base")
+    capsys.readouterr()
+    rc = cli_main(["merge", "--base", base, "--adapter", ad, "--out", str(tmp_path / "o"), "--into", "dequantized",
+                   "--quant-type", "fp4"])
+    err = " ".join(capsys.readouterr().err.split())  # the CLI wraps its one paragraph
+    assert rc == 2 and "'fp4'" in err and "--quant-type" in err and "an nf4 base (blocksize 64" in err
+    for kw in (dict(blocksize=128), dict(double_quant=False)):
+        with pytest.raises(InputError, match="contradicts the adapter"):
+            merge_checkpoint(base, ad, tmp_path / "o", **kw)
+    merge_checkpoint(base, ad, tmp_path / "same", quant_type="nf4", blocksize=64)  # agreeing flags are fine
+    with pytest.raises(InputError, match="--quant-type 'none'.*'nf4' or 'fp4'.*--into original"):
+        merge_checkpoint(base, ad, tmp_path / "o", quant_type="none")
+    plain = _adapter_on(root, "adapter-16bit-b", None)
+    with pytest.raises(InputError, match="16-bit base.*--into dequantized"):
+        merge_checkpoint(base, plain, tmp_path / "o", quant_type="nf4")
+    res = merge_checkpoint(base, plain, tmp_path / "asked", into="dequantized")  # asked for explicitly: done
+    assert res.into == "dequantized" and "as asked" in res.target.reason and "16-bit" in res.target.reason
+    assert not (tmp_path / "o").exists()
+
+
+def test_combining_adapters_trained_on_different_bases_is_refused(trained, tmp_path, capsys):
+    root, _ = trained
+    plain = _adapter_on(root, "adapter-16bit-c", None)
+    capsys.readouterr()
+    rc = cli_main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--adapter", str(plain),
+                   "--out", str(tmp_path / "o")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "different bases" in err and "adapter-16bit-c" in err and "an nf4 base" in err
+    assert not (tmp_path / "o").exists()
+    rc = cli_main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--adapter",
+                   str(root / "adapter"), "--weights", "0.5", "0.5", "--out", str(tmp_path / "same")])
+    assert rc == 0 and "merging into the dequantized nf4 base" in capsys.readouterr().out

@@ -206,3 +206,17 @@ def test_gpu_recipe_headers_quote_the_planner():
             checked += 1
         assert p.fits and "Measured:" in header
     assert checked >= 5 * 4
+
+
+def test_a_16bit_base_recipe_is_planned_as_plain_lora(capsys):
+    """quant.quant_type: none reaches the planner (and back): the base linears are counted at 16 bits."""
+    from qlora.train.plan import plan_recipe, settings_from_recipe, settings_to_recipe
+    from qlora.train.recipe import recipe_from_dict
+
+    recipe = load_recipe(TINY, ["quant.quant_type=none"])
+    s = settings_from_recipe(recipe)
+    assert s.quant_type == "none" and settings_from_recipe(recipe_from_dict(settings_to_recipe(s))) == s
+    none, nf4 = plan_recipe(recipe).footprint, plan_recipe(load_recipe(TINY)).footprint
+    assert none.breakdown["base_weights_16bit"] == 2 * none.quantized_params and none.breakdown["nf4_weights"] == 0
+    assert none.tensor_peak_bytes > nf4.tensor_peak_bytes
+    assert _json(capsys, "--model", TINY, "--quant-type", "none")["quant_type"] == "none"

@@ -335,3 +335,27 @@ def test_checkpoint_with_another_optimizer_layout_is_refused_clearly(tmp_path):
     torch.save(st, path)
     with pytest.raises(InputError, match="earlier qlora or with other LoRA settings"):
         train(_recipe(tmp_path, "max_steps=4"), say=lambda m: None, progress=False)
+
+
+def test_a_16bit_base_trains_plain_lora_with_the_same_loop_and_files(tmp_path):
+    """quant.quant_type none: nn.Linear bases, the same loop; the loss falls and the adapter records its base."""
+    from torch import nn
+
+    from layers import LoRALinear
+    from qlora.adapters.files import load_adapter, read_adapter
+    from qlora.adapters.record import BaseRecord
+    from quant import NF4Linear, load_quantized_model
+
+    res = train(_recipe(tmp_path, "quant.quant_type=none", "lora.dropout=0.0"), say=lambda m: None, progress=False)
+    assert res.stopped == "done" and res.steps == 4
+    recs = _losses(tmp_path / "out")[1]
+    evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
+    assert evals[-1] < evals[0] - 0.1  # it learns (the nf4 run drops about 0.4 here)
+    out = tmp_path / "out"
+    adapter = read_adapter(out)
+    assert adapter.base == BaseRecord("none", "bfloat16")
+    base = load_quantized_model(adapter.base_model_name_or_path, quant_type="none")
+    report = load_adapter(base, out)
+    assert report.modules and not any(isinstance(m, NF4Linear) for m in base.modules())
+    q = base.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LoRALinear) and type(q.base_layer) is nn.Linear
