@@ -13,7 +13,9 @@ Trailing padding carries no loss and continues the last example's positions
 also make the memory planner's ``micro_batch x seq_len`` exact.
 
 Labels use -100 for tokens without loss: prompts and system/user turns by
-default (``train_on="completion"``), nothing with ``train_on="all"``.
+default (``train_on="completion"``), nothing with ``train_on="all"``. An
+assistant turn's targets end with the token generation stops at
+(:func:`qlora.generation.end_of_turn_ids`), so a trained model ends its turns.
 """
 
 from __future__ import annotations
@@ -25,23 +27,33 @@ from pathlib import Path
 
 import torch
 
+from qlora.generation import end_of_turn_ids, prompt_ids
 from qlora.train.loss import IGNORE
 from quant.errors import InputError, choices
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN_DATA = {"tiny-chat": ASSETS / "data" / "tiny-chat.jsonl", "tiny-text": ASSETS / "data" / "tiny-text.txt"}
+BUILTIN_DATA = {  # scripts/make_tiny_assets.py and scripts/make_task_data.py write these
+    "tiny-chat": ASSETS / "data" / "tiny-chat.jsonl", "tiny-text": ASSETS / "data" / "tiny-text.txt",
+    "people-json": ASSETS / "data" / "people-json.jsonl",
+    "people-json-eval": ASSETS / "data" / "people-json-eval.jsonl",
+}
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
 @dataclass
 class Example:
-    """One tokenized example: ``input_ids`` and ``labels`` (IGNORE where no loss), same length."""
+    """One tokenized example: ``input_ids`` and ``labels`` (IGNORE where no loss), same length.
+
+    ``row`` is the index of the source record in its dataset (set by :func:`tokenize_dataset`;
+    -1 for an example built by hand), so a held-out example can be traced back to its record.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    row: int = -1
 
 
 @dataclass
@@ -136,26 +148,34 @@ def detect_format(
     return fmt
 
 
-def _with_bos(tok, text: str) -> list[int]:
-    ids = tok(text, add_special_tokens=True)["input_ids"]
-    if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
-        ids = [tok.bos_token_id] + ids  # some tokenizers define a BOS but do not add it themselves
-    return ids
+def instruction_user_turn(instruction: str, extra: str) -> str:
+    """The user message an instruction record becomes under a chat template (``extra`` = its input field)."""
+    return instruction if not extra else f"{instruction}\n\n{extra}"
+
+
+def instruction_prompt_text(instruction: str, extra: str) -> str:
+    """The Alpaca-style prompt an instruction record becomes for a tokenizer without a chat template."""
+    return _ALPACA_PROMPT.format(instruction=instruction, input_block=f"### Input:\n{extra}\n\n" if extra else "")
 
 
 def _encode_text(tok, text: str) -> Example:
-    ids = _with_bos(tok, text)
+    ids = prompt_ids(tok, text, chat=False)
     if tok.eos_token_id is not None:
         ids = ids + [tok.eos_token_id]
     return Example(ids, list(ids))
 
 
-def _encode_chat(tok, messages: list[dict], train_on: str, where: str) -> Example:
+def _encode_chat(tok, messages: list[dict], train_on: str, where: str, eot: set[int]) -> Example:
     """Render with the tokenizer's chat template; mark assistant turns by character span.
 
     The spans come from rendering growing prefixes of the conversation, so any
     template that renders a conversation as the concatenation of its turns
-    works (Llama-3, Qwen2, Mistral, Gemma, Phi-3 templates all do).
+    works (Llama-3, Qwen2, Mistral, Gemma, Phi-3 templates all do). Each
+    assistant turn's targets end with its end-of-turn token (``eot``, see
+    :func:`qlora.generation.end_of_turn_ids`), the token generation stops at:
+    whitespace the template writes after it belongs to the next turn and is not
+    a target; a final assistant turn the template ends with no such token gets
+    the eos token appended, so the model still learns to stop.
     """
     if not isinstance(messages, list) or not messages or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
@@ -182,15 +202,25 @@ def _encode_chat(tok, messages: list[dict], train_on: str, where: str) -> Exampl
             )
         spans.append((start, stop))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    if train_on == "all":
-        return Example(ids, list(ids))
-    labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _) in zip(ids, enc["offset_mapping"])]
-    return Example(ids, labels)
+    ids, labels = list(enc["input_ids"]), [IGNORE] * len(enc["input_ids"])
+    append_eos = False
+    for a, b in spans:
+        turn = [k for k, (s, _) in enumerate(enc["offset_mapping"]) if a <= s < b]
+        ends = [k for k in turn if ids[k] in eot]
+        if ends and not tok.decode(ids[ends[-1] + 1 : turn[-1] + 1]).strip():
+            turn = [k for k in turn if k <= ends[-1]]
+        elif not ends and b == len(full) and messages[-1]["role"] == "assistant":
+            append_eos = tok.eos_token_id is not None
+        for k in turn:
+            labels[k] = ids[k]
+    if append_eos:
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+    return Example(ids, list(ids) if train_on == "all" else labels)
 
 
 def _encode_instruction(
-    tok, record: dict, instruction_field: str, input_field: str, output_field: str, train_on: str, where: str
+    tok, record: dict, instruction_field: str, input_field: str, output_field: str, train_on: str, where: str,
+    eot: set[int],
 ) -> Example:
     instr, out = record.get(instruction_field), record.get(output_field)
     for name, val in ((instruction_field, instr), (output_field, out)):
@@ -201,11 +231,9 @@ def _encode_instruction(
             )
     extra = record.get(input_field) or ""
     if tok.chat_template:
-        user = instr if not extra else f"{instr}\n\n{extra}"
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
-        return _encode_chat(tok, msgs, train_on, where)
-    prompt = _ALPACA_PROMPT.format(instruction=instr, input_block=f"### Input:\n{extra}\n\n" if extra else "")
-    p_ids = _with_bos(tok, prompt)
+        msgs = [{"role": "user", "content": instruction_user_turn(instr, extra)}, {"role": "assistant", "content": out}]
+        return _encode_chat(tok, msgs, train_on, where, eot)
+    p_ids = prompt_ids(tok, instruction_prompt_text(instr, extra), chat=False)
     o_ids = tok(out, add_special_tokens=False)["input_ids"] + (
         [tok.eos_token_id] if tok.eos_token_id is not None else []
     )
@@ -228,6 +256,8 @@ def tokenize_dataset(
 ) -> tuple[list[Example], DataStats]:
     """Tokenize every record; truncate to ``seq_len``; drop examples left without targets.
 
+    Each returned :class:`Example` carries ``row``, the index of its record in ``ds``.
+
     Raises:
         InputError: a bad record (names the file, row and field), or every
             example longer than ``seq_len``.
@@ -239,6 +269,7 @@ def tokenize_dataset(
             "use a tokenizer with one or convert the data to instruction records."
         )
     out, st = [], DataStats()
+    eot = set(end_of_turn_ids(tokenizer))
     for row, rec in enumerate(ds):
         where = f"{source}, row {row}"
         if fmt == "text":
@@ -249,13 +280,16 @@ def tokenize_dataset(
                 continue  # blank lines in .txt files carry nothing
             ex = _encode_text(tokenizer, text)
         elif fmt == "chat":
-            ex = _encode_chat(tokenizer, rec.get(messages_field), train_on, f"{where}, field '{messages_field}'")
+            ex = _encode_chat(tokenizer, rec.get(messages_field), train_on, f"{where}, field '{messages_field}'", eot)
         else:
-            ex = _encode_instruction(tokenizer, rec, instruction_field, input_field, output_field, train_on, where)
+            ex = _encode_instruction(
+                tokenizer, rec, instruction_field, input_field, output_field, train_on, where, eot
+            )
+        ex.row = row
         st.examples += 1
         if len(ex.input_ids) > seq_len:
             st.truncated += 1
-            ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+            ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len], row)
         # labels are shifted by one inside the loss: position 0 never counts
         if sum(lab != IGNORE for lab in ex.labels[1:]) == 0:
             st.dropped += 1

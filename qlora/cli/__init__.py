@@ -24,12 +24,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("qlora.cli.merge", "merge a LoRA adapter into its base: write a plain 16-bit checkpoint"),
     "train": ("qlora.cli.train", "fine-tune with a recipe (plans first; resumes automatically)"),
     "generate": ("qlora.cli.generate", "sample from the 4-bit base model with an adapter"),
+    "eval": ("qlora.cli.eval", "eval loss, perplexity and task accuracy of a base (+ adapter) on a data file"),
 }
 
 
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="qlora", description="QLoRA fine-tuning that fits: quantize, plan, train, merge, generate."
+        prog="qlora", description="QLoRA fine-tuning that fits: quantize, plan, train, merge, generate, eval."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log details (dtype and memory decisions)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,4 +1,9 @@
-"""``qlora generate --base MODEL_DIR [--adapter DIR] --prompt TEXT``: sample from the NF4 base + adapter."""
+"""``qlora generate --base MODEL [--adapter DIR] --prompt TEXT``: answer prompts with the NF4 base + adapter.
+
+Replies stop at the end of the assistant turn
+(:func:`qlora.generation.end_of_turn_ids`) and are streamed to stdout as
+they are produced unless ``--no-stream``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ def add_parser(sub, name: str, help_: str) -> None:
     p = sub.add_parser(
         name, help=help_,
         description="Generate text from the 4-bit base model, optionally with a trained adapter, using the "
-        "tokenizer's chat template when it has one.",
+        "tokenizer's chat template when it has one. Each reply stops at the end of the assistant's turn.",
     )
-    p.add_argument("--base", required=True, help="base model folder (16-bit or bnb-4bit) or builtin:tiny-llama")
+    p.add_argument("--base", required=True,
+                   help="base model: a folder (16-bit or bnb-4bit), a .gguf file, or builtin:tiny-llama")
     p.add_argument("--adapter", help="PEFT-format adapter folder (e.g. a training output_dir)")
     p.add_argument("--prompt", required=True, action="append", help="user message; repeat for several prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -17,15 +23,18 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print each reply when it is complete (all prompts in one batch) instead of token by token")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def run(args) -> int:
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, TextStreamer
 
     from qlora.adapters.files import load_adapter
     from qlora.builtin_models import resolve_model_dir
+    from qlora.generation import generate, prompt_ids
     from qlora.train.setup import resolve_device
     from quant import InputError
     from quant.loading import load_quantized_model
@@ -40,23 +49,16 @@ def run(args) -> int:
     model = load_quantized_model(model_dir, device)
     if args.adapter:
         load_adapter(model, args.adapter)
-    model.eval()
     torch.manual_seed(args.seed)
-    for prompt in args.prompt:
-        if tok.chat_template and not args.no_chat_template:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        else:
-            ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
-        sample = args.temperature > 0
-        with torch.no_grad():
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=sample,
-                temperature=args.temperature if sample else None, top_p=args.top_p if sample else None,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        print(f"> {prompt}\n{tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}\n", flush=True)
+    ids = [prompt_ids(tok, p, chat=not args.no_chat_template) for p in args.prompt]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.no_stream:
+        for prompt, reply in zip(args.prompt, generate(model, tok, ids, **kw)):
+            print(f"> {prompt}\n{reply.strip()}\n", flush=True)
+        return 0
+    for prompt, one in zip(args.prompt, ids):
+        print(f"> {prompt}", flush=True)
+        # the streamer prints decoded text as tokens arrive and ends the reply with a newline
+        generate(model, tok, [one], streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True), **kw)
+        print(flush=True)
     return 0

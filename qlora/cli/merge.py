@@ -21,7 +21,8 @@ def add_parser(sub, name: str, help_: str) -> None:
     )
     p.add_argument(
         "--base", required=True, metavar="MODEL_DIR",
-        help="base checkpoint folder (16-bit, or bnb 4-bit: merged into its dequantized weights)",
+        help="base checkpoint folder (16-bit, or bnb 4-bit: merged into its dequantized weights), "
+        "a .gguf file or builtin:NAME",
     )
     p.add_argument(
         "--adapter", required=True, action="append", metavar="ADAPTER_DIR",
@@ -63,6 +64,7 @@ def run(args) -> int:
     from qlora.adapters.merging import merge_checkpoint, merge_target
     from qlora.adapters.multi import combine_adapters
     from qlora.adapters.record import common_record
+    from qlora.builtin_models import resolve_model_dir
     from quant.errors import InputError
 
     adapters = args.adapter
@@ -78,11 +80,12 @@ def run(args) -> int:
         base = common_record([a.base for a in read], adapters)  # checked first: combining drops the records
         adapter = combine_adapters(read, args.weights or [1.0] * len(adapters))
         adapter.base = base
+    base_dir = str(resolve_model_dir(args.base))  # builtin:NAME and .gguf files become a local 16-bit folder
     dq = False if args.no_double_quant else None  # None: not given, the adapter's record decides
     fmt = dict(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=dq)
-    print(merge_target(args.base, adapter, args.into, **fmt).describe(), flush=True)  # before the slow part
+    print(merge_target(base_dir, adapter, args.into, **fmt).describe(), flush=True)  # before the slow part
     res = merge_checkpoint(
-        args.base, adapter, args.out, into=args.into, dtype=args.dtype, skip=args.skip, device=args.device, **fmt
+        base_dir, adapter, args.out, into=args.into, dtype=args.dtype, skip=args.skip, device=args.device, **fmt
     )
     dtype = str(res.dtype).removeprefix("torch.")
     tok = f"; tokenizer files: {', '.join(res.tokenizer_files)}" if res.tokenizer_files else ""

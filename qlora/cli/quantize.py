@@ -17,7 +17,7 @@ def add_parser(sub, name: str, help_: str) -> None:
         description="Quantize a local Hugging Face checkpoint (config.json + *.safetensors) to NF4/FP4 with "
         "double-quantized scales, in the transformers/bitsandbytes pre-quantized layout.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="16-bit checkpoint directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="16-bit checkpoint directory, a .gguf file, or builtin:NAME")
     p.add_argument(
         "--out", required=True, metavar="OUT_DIR", help="output directory (must be absent or empty unless --overwrite)",
     )
@@ -54,6 +54,7 @@ def add_parser(sub, name: str, help_: str) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from qlora.builtin_models import resolve_model_dir
     from quant import DEFAULT_SKIP, InputError, quantize_checkpoint
 
     try:
@@ -76,7 +77,7 @@ def run(args) -> int:
 
     try:
         report = quantize_checkpoint(
-            args.model_dir, args.out, quant_type=args.quant_type, blocksize=blocksize,
+            str(resolve_model_dir(args.model_dir)), args.out, quant_type=args.quant_type, blocksize=blocksize,
             double_quant=not args.no_double_quant, compute_dtype=args.compute_dtype,
             skip=tuple(DEFAULT_SKIP) + tuple(args.skip), dtype=args.dtype, device=args.device,
             max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=progress,

