@@ -147,3 +147,26 @@ def common_record(records: Sequence[BaseRecord | None], labels: Sequence[str]) -
     if unknown:
         log.info("%s record no base; taking %s's (%s)", ", ".join(unknown), first_label, first.describe())
     return first
+
+
+def serving_format(record: BaseRecord | None, quant_type: str | None = None) -> dict:
+    """How to load the base an adapter runs on: ``quant_type``/``blocksize``/``double_quant`` for the loader.
+
+    An explicit ``quant_type`` (a command-line flag) wins; else the adapter's
+    record, so an adapter runs on the base it was trained on (a 16-bit-trained
+    one on the 16-bit weights); else NF4, blocksize 64, double quant, qlora's default.
+    The choice and its reason are logged.
+    """
+    if quant_type is not None:
+        if record is not None and record.quant_type != quant_type:
+            log.warning("the adapter was trained on %s, but --quant-type %s was asked for: loading that instead",
+                        record.describe(), quant_type)
+        fmt, why = {"quant_type": quant_type}, "--quant-type"
+    elif record is not None:
+        fmt, why = {"quant_type": record.quant_type}, "the adapter's record of its training base"
+        if record.quantized:
+            fmt |= {"blocksize": record.blocksize, "double_quant": record.double_quant}
+    else:
+        fmt, why = {"quant_type": "nf4"}, "the default (no --quant-type, and the adapter records no base)"
+    log.info("base loaded as %s: %s", fmt, why)
+    return fmt

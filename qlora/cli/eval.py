@@ -35,8 +35,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--task", action=argparse.BooleanOptionalAction, default=None,
                    help="score greedy replies against the references (default: on for chat/instruction data)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="reply length limit for the task metric")
-    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "none"],
-                   help="how the base is loaded: 4-bit NF4 (default), FP4, or none (16-bit)")
+    p.add_argument("--quant-type", default=None, choices=["nf4", "fp4", "none"],
+                   help="how the base is loaded: 4-bit NF4, FP4, or none (16-bit); default: the base the adapter "
+                   "records it was trained on, else nf4")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -51,7 +52,8 @@ def _check(args) -> None:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from qlora.adapters.files import load_adapter
+    from qlora.adapters.files import load_adapter, read_adapter
+    from qlora.adapters.record import serving_format
     from qlora.builtin_models import resolve_model_dir
     from qlora.data import detect_format, load_records, pack_rows, tokenize_dataset
     from qlora.tasks import TASK_FORMATS, evaluate_task, task_examples
@@ -76,7 +78,8 @@ def run(args) -> int:
     task = fmt in TASK_FORMATS if args.task is None else args.task
     examples = task_examples(ds, fmt) if task else []
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = load_quantized_model(model_dir, device, quant_type=args.quant_type)
+    record = read_adapter(args.adapter).base if args.adapter else None
+    model = load_quantized_model(model_dir, device, **serving_format(record, args.quant_type))
     if args.adapter:
         load_adapter(model, args.adapter)
     seq_len = args.seq_len or int(getattr(model.config, "max_position_embeddings", 0) or 4096)

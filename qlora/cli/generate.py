@@ -25,6 +25,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--no-stream", action="store_true",
                    help="print each reply when it is complete (all prompts in one batch) instead of token by token")
+    p.add_argument("--quant-type", default=None, choices=["nf4", "fp4", "none"],
+                   help="how the base is loaded: 4-bit NF4, FP4, or none (16-bit); default: the base the adapter "
+                   "records it was trained on, else nf4")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
@@ -32,7 +35,8 @@ def run(args) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from qlora.adapters.files import load_adapter
+    from qlora.adapters.files import load_adapter, read_adapter
+    from qlora.adapters.record import serving_format
     from qlora.builtin_models import resolve_model_dir
     from qlora.generation import generate, prompt_ids
     from qlora.train.setup import resolve_device
@@ -46,7 +50,8 @@ def run(args) -> int:
     device = resolve_device(args.device)
     model_dir = resolve_model_dir(args.base)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = load_quantized_model(model_dir, device)
+    record = read_adapter(args.adapter).base if args.adapter else None
+    model = load_quantized_model(model_dir, device, **serving_format(record, args.quant_type))
     if args.adapter:
         load_adapter(model, args.adapter)
     torch.manual_seed(args.seed)

@@ -51,4 +51,17 @@ def run(args) -> int:
               f"again, raise max_steps or choose a new output_dir")
         return 0
     print(f"done: {result.steps} steps in {result.wall_s:.1f} s; metrics in {result.output_dir / 'metrics.jsonl'}")
+    print(_next_commands(recipe, result))
     return 0
+
+
+def _next_commands(recipe, result) -> str:
+    """What a user runs next: generate with the adapter (a held-out prompt when the run scored some), and eval."""
+    import shlex
+
+    prompt = result.task_scores[-1][1].samples[0][0] if result.task_scores else "Hello! Who are you?"
+    base, out = shlex.quote(recipe.model.path), shlex.quote(str(result.output_dir))
+    lines = [f"next: qlora generate --base {base} --adapter {out} --prompt {shlex.quote(prompt)}"]
+    data = recipe.data.eval_path or recipe.data.path
+    lines.append(f"      qlora eval --base {base} --adapter {out} --data {shlex.quote(data)}")
+    return "\n".join(lines)

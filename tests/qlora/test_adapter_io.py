@@ -309,3 +309,13 @@ def test_adapters_without_a_record_and_bad_records(tmp_path):
         with pytest.raises(InputError, match="qlora.base|records a base") as e:
             read_adapter(d)
         assert "\n" not in str(e.value)
+
+
+def test_serving_format_follows_the_adapters_record_unless_a_flag_says_otherwise():
+    from qlora.adapters.record import BaseRecord, serving_format
+
+    nf4 = BaseRecord("nf4", "bfloat16", 128, False)
+    assert serving_format(nf4) == {"quant_type": "nf4", "blocksize": 128, "double_quant": False}
+    assert serving_format(BaseRecord("none", "bfloat16")) == {"quant_type": "none"}  # a 16-bit-trained adapter
+    assert serving_format(None) == {"quant_type": "nf4"}  # PEFT's adapters record nothing: qlora's default
+    assert serving_format(nf4, "none") == {"quant_type": "none"}  # the flag wins (with a warning)
