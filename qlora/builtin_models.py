@@ -66,7 +66,8 @@ def resolve_model_dir(path: str) -> Path:
         p = Path(path).expanduser()
         if not p.is_dir():
             raise InputError(
-                f"Model path {path!r} is not a folder. Give a local Hugging Face checkpoint folder "
+                f"Model path {path!r} {'is not a folder' if p.exists() else 'does not exist'}. "
+                "Give a local Hugging Face checkpoint folder "
                 f"(config.json + *.safetensors), a .gguf file, or a built-in model ({_builtin_choices()}); "
                 "nothing is downloaded."
             )
