@@ -141,6 +141,50 @@ def _has_avx512bf16() -> bool:
     return bool(has_avx512bf16())
 
 
+def bnb_kernel_grad_check(model_dir: Path, seed: int = 0) -> dict:
+    """LoRA gradients of the PEFT stack after one eval-mode forward vs with bitsandbytes' CPU kernel off.
+
+    On an AVX512-BF16 CPU, bitsandbytes repacks a Linear4bit for its inference kernel at the first forward in
+    eval mode without grad, and from then on runs that kernel in training too. Same model, same batch, B set
+    to random values so every layer has a gradient: the gradient norm ratio per LoRA tensor tells whether
+    backward still flows through the frozen 4-bit weights.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    x = torch.randint(0, 40000, (2, 32), generator=torch.Generator().manual_seed(seed))
+    grads, losses = {}, {}
+    for mode in ("kernel off", "eval forward first"):
+        _seed(seed)
+        model = load_bnb(model_dir)
+        if mode == "kernel off":
+            set_bnb_cpu_kernel(model, False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                              task_type="CAUSAL_LM"))
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for n, prm in pm.named_parameters():
+                if "lora_B" in n:
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+        if mode != "kernel off":
+            pm.eval()
+            with torch.no_grad():
+                pm(input_ids=x)
+        pm.train()
+        with torch.autocast("cpu", dtype=BF16):
+            out = pm(input_ids=x, labels=x)
+        out.loss.backward()
+        losses[mode] = float(out.loss)
+        grads[mode] = {n: float(prm.grad.float().norm()) for n, prm in pm.named_parameters() if prm.requires_grad}
+        del pm, model
+    ref, got = grads["kernel off"], grads["eval forward first"]
+    ratio = {n: got[n] / ref[n] for n in ref if ref[n] > 0}
+    layer0 = [v for n, v in ratio.items() if ".layers.0." in n and "lora_A" in n]
+    return {"loss": losses, "lora_tensors": len(ratio),
+            "off_by_more_than_10pct": sum(abs(v - 1) > 0.1 for v in ratio.values()),
+            "min_grad_norm_ratio": min(ratio.values()), "layer0_lora_A_grad_norm_ratio_mean": sum(layer0) / len(layer0)}
+
+
 def compare_quantized(qmodel, bmodel) -> dict:
     """Every quantized linear of qlora vs bitsandbytes: packed codes, absmax, nested absmax/code, offset, format."""
     from quant.linear import NF4Linear
@@ -251,6 +295,9 @@ def run_ppl(model_dir: Path, window: int) -> dict:
             kernel, kernel_error = False, f"{type(e).__name__}: {e}"
             _say(f"bitsandbytes' CPU kernel failed on this model: {kernel_error}")
     del b
+    grad_check = bnb_kernel_grad_check(model_dir) if kernel else None
+    if grad_check:
+        _say(f"bitsandbytes CPU kernel, gradients after an eval forward: {grad_check}")
     score("qlora nf4", "qlora NF4 without double quant", load_qlora(model_dir, "nf4", False), "nf4")
     score("qlora fp4 + dq", "qlora FP4, double quant", load_qlora(model_dir, "fp4", True), "fp4dq")
     logit_match = {
@@ -265,7 +312,7 @@ def run_ppl(model_dir: Path, window: int) -> dict:
     return {
         "text": str(HELDOUT.relative_to(REPO)), "words": len(HELDOUT.read_text().split()), "tokens": len(ids),
         "window": window, "windows": len(logits["bf16"]), "bnb_cpu_kernel_used": kernel,
-        "bnb_cpu_kernel_error": kernel_error,
+        "bnb_cpu_kernel_error": kernel_error, "bnb_cpu_kernel_training_after_eval": grad_check,
         "rows": rows, "quantized_layers_match": match, "logits": logit_match,
         "weight_grid": q4_grid(model_dir, linears),
     }
@@ -326,8 +373,11 @@ def run_recipe(recipe, name: str) -> dict:
             "task_start": _score(start), "task_end": _score(end), **_metrics(res.output_dir)}
 
 
-def run_peft_stack(recipe, plan, data, name: str, schedule: str) -> dict:
-    """transformers + bitsandbytes 4-bit + PEFT, trained on the loop's rows with the same optimizer and loss."""
+def run_peft_stack(recipe, plan, data, name: str, schedule: str, start: dict | None = None) -> dict:
+    """transformers + bitsandbytes 4-bit + PEFT, trained on the loop's rows with the same optimizer and loss.
+
+    ``start``: the step-0 measurements of an identical build (same seed, B = 0), reused instead of re-measured.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import get_cosine_schedule_with_warmup
 
@@ -357,7 +407,7 @@ def run_peft_stack(recipe, plan, data, name: str, schedule: str) -> dict:
         sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=s.warmup_steps, num_training_steps=total)
     else:
         sched = build_scheduler(opt, total, s.warmup_steps, s.name, s.min_lr_ratio)
-    before = task_eval(inner, plan.tokenizer, data, recipe)
+    before = start or task_eval(inner, plan.tokenizer, data, recipe)
     _say(f"{name}: step 0 eval loss {before['eval_loss']:.4f}, exact {before['task']['exact']}/{before['task']['n']}")
     rows, n = data.rows, len(data.row_targets)
     micro, accum = recipe.micro_batch_size, plan.grad_accum
@@ -388,7 +438,7 @@ def run_peft_stack(recipe, plan, data, name: str, schedule: str) -> dict:
     return {"run": name, "steps": total, "seconds": round(time.perf_counter() - t0, 1), "schedule": schedule,
             "eval_loss_start": before["eval_loss"], "eval_loss_end": after["eval_loss"],
             "task_start": before["task"], "task_end": after["task"], "train_loss": losses, "lr": lrs,
-            "grad_norm": gnorms, "params_by_dtype": dtypes}
+            "grad_norm": gnorms, "params_by_dtype": dtypes, "start_reused": start is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,6 +464,8 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 def run_merge(recipe, plan, data, adapter: Path, work: Path, trained_end: dict) -> dict:
     from qlora.adapters.merging import AUTO_INTO_4BIT, merge_checkpoint
+    from qlora.train.loop import evaluate
+    from qlora.train.loss import CHUNK_TOKENS
 
     rows = data.eval_rows
     # the position t that predicts label t+1: where the eval loss reads the logits
@@ -433,7 +485,10 @@ def run_merge(recipe, plan, data, adapter: Path, work: Path, trained_end: dict) 
         model = build()
         lg = eval_logits(model, rows, recipe.micro_batch_size)
         row = {"model": tag, "what": what}
-        if tag != "base":
+        if tag == "i":  # the trained model itself: its task score is the run's; the eval loss checks it is
+            row.update(eval_loss=evaluate(model, rows, recipe.micro_batch_size, CHUNK_TOKENS, BF16,
+                                          torch.device("cpu")), task=trained_end["task_end"], task_from_run=True)
+        elif tag != "base":
             row.update(task_eval(model, plan.tokenizer, data, recipe))
         if ref is None:
             ref = lg
@@ -449,8 +504,7 @@ def run_merge(recipe, plan, data, adapter: Path, work: Path, trained_end: dict) 
     better = "dequantized" if ii < iii else "original"
     return {"adapter_from": "task run (a) QLoRA", "rows": out, "AUTO_INTO_4BIT_now": AUTO_INTO_4BIT,
             "closer_to_trained": better, "rel_rms_ratio_original_over_dequantized": iii / ii,
-            "trained_run_end_matches_i": (trained_end["eval_loss_end"], trained_end["task_end"]["exact"]) ==
-            (by["i"]["eval_loss"], by["i"]["task"]["exact"])}
+            "i_eval_loss_equals_trained_run": by["i"]["eval_loss"] == trained_end["eval_loss_end"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,6 +550,13 @@ def markdown(res: dict) -> str:
             lines.append(f"bitsandbytes' default AVX512-BF16 CPU kernel vs qlora: identical "
                          f"{lg['bnb_kernel_vs_qlora_identical']} (max abs diff {lg['bnb_kernel_vs_qlora_max_abs']:.3g}"
                          "): same weights, another matmul kernel and rounding.")
+        gc = p.get("bnb_cpu_kernel_training_after_eval")
+        if gc:
+            lines.append(f"\nPEFT stack, training after one eval-mode forward (bitsandbytes' CPU kernel then stays "
+                         f"on): {gc['off_by_more_than_10pct']}/{gc['lora_tensors']} LoRA gradients differ by more "
+                         f"than 10% from the kernel-off ones (smallest norm ratio {gc['min_grad_norm_ratio']:.2g}; "
+                         f"layer 0 lora_A mean {gc['layer0_lora_A_grad_norm_ratio_mean']:.2g}); loss "
+                         + " vs ".join(f"{v:.4f} ({k})" for k, v in gc["loss"].items()) + ".")
     t = res.get("task")
     if t:
         lines += ["", "## 2. The task (people-json)", "", t["setup"], "",
@@ -527,8 +588,9 @@ def markdown(res: dict) -> str:
             lines.append(f"| ({r['model']}) {r['what']} | {loss} | {_pct(r.get('task'))} | {logit} |")
         lines += ["", f"Closer to the trained model: **--into {mg['closer_to_trained']}** (relative RMS of original / "
                   f"dequantized = {mg['rel_rms_ratio_original_over_dequantized']:.1f}x). AUTO_INTO_4BIT is "
-                  f"{mg['AUTO_INTO_4BIT_now']!r}. (i) reproduces the training run's own end-of-run numbers: "
-                  f"{mg['trained_run_end_matches_i']}."]
+                  f"{mg['AUTO_INTO_4BIT_now']!r}. (i) is run (a)'s adapter reloaded on a fresh NF4 base: its eval loss "
+                  f"equals the run's own end-of-run value bit for bit: {mg['i_eval_loss_equals_trained_run']}, so "
+                  "its task score is the run's."]
     return "\n".join(lines) + "\n"
 
 
@@ -577,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             over = [f"output_dir={work / 'qlora'}"] + ([f"max_steps={steps}"] if steps else [])
+            # eval at the start and the end only, as for (c): evaluation changes nothing in training
+            over.append(f"eval_steps={steps or load_recipe(RECIPE).max_steps}")
             if args.quick:
                 over.append("task.examples=8")
             recipe = load_recipe(RECIPE, over)
@@ -589,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
             data = load_data(recipe.data, plan.tokenizer, plan.seq_len, recipe.seed)
             runs.append(run_peft_stack(recipe, plan, data, "(c) transformers + bnb + PEFT", "transformers"))
             if not args.no_control:
-                runs.append(run_peft_stack(recipe, plan, data, "(d) = (c) with qlora's warmup", "qlora"))
+                c = runs[-1]
+                start = {"eval_loss": c["eval_loss_start"], "task": c["task_start"]}  # B = 0: the same model
+                runs.append(run_peft_stack(recipe, plan, data, "(d) = (c) with qlora's warmup", "qlora", start))
             o, s = recipe.optimizer, recipe.schedule
             res["task"] = {
                 "recipe": str(RECIPE.relative_to(REPO)), "overrides": over[1:],
