@@ -1,6 +1,6 @@
 """Quality of the 4-bit path on a real model: perplexity, the people-json task, and merging (issue 11, section 4).
 
-    .venv/bin/python bench/quality.py            # ~10 min on 2 cores; writes bench/results/quality-cpu.{json,md}
+    .venv/bin/python bench/quality.py            # 42 min on a busy shared 2-core CPU; bench/results/quality-cpu.*
     .venv/bin/python bench/quality.py --quick    # 3 steps, 8 task prompts: checks that it runs (results in /tmp)
     .venv/bin/python bench/quality.py --parts ppl --model builtin:tiny-llama --out /tmp/q.json   # seconds
 
