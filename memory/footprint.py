@@ -42,7 +42,7 @@ from quant.errors import InputError, choices
 from quant.loading import NO_QUANT
 
 from .catalog import DEFAULT_MODEL
-from .probe import TAGS
+from .probe import TAGS, probe_window
 from .profile import body_profile, hf_head_segment
 from .settings import ATTN, Settings, with_changes
 from .spec import ModelSpec, build_config, causal_lm_class, load_spec
@@ -290,7 +290,7 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
 
     profile = body_profile(
         spec, shorts, s.dropout, s.dora, s.adapter_dtype, attn, checkpointing, device, s.quant_type, s.blocksize,
-        s.double_quant,
+        s.double_quant, probe_window(spec, seq_len),
     )
     if s.loss == "hf":
         head = hf_head_segment(spec, batch, seq_len, attn, device)

@@ -88,10 +88,28 @@ def probe_layer_types(spec: ModelSpec) -> tuple[str, ...]:
     return tuple(types)
 
 
+_PROBE_WINDOW = 4  # below every probe sequence length (memory.profile uses 8 to 40)
+
+
+def probe_window(spec: ModelSpec, seq_len: int) -> int | None:
+    """The sliding window a dry run for ``seq_len`` uses: None (the config's) or :data:`_PROBE_WINDOW`.
+
+    Dry runs use short sequences (8-40 tokens), always inside a real window
+    (512-4096), where a sliding-window mask equals the causal one and
+    transformers skips building it. Past the window the mask must exist
+    (b x 1 x s x s), so a plan for ``seq_len`` beyond the window is fitted from
+    dry runs with a window shorter than every probe sequence.
+    """
+    window = spec.config.get("sliding_window")
+    if not window or spec.config.get("use_sliding_window") is False or seq_len <= window:
+        return None
+    return _PROBE_WINDOW
+
+
 def probe_model(
     spec: ModelSpec, num_layers: int, targets: tuple[str, ...], rank: int, dropout: float, dora: bool,
     adapter_dtype: str, attn: str, checkpointing: bool, device: str, quant_type: str, blocksize: int,
-    double_quant: bool, tracker: LiveTensorTracker,
+    double_quant: bool, tracker: LiveTensorTracker, window: int | None = None,
 ) -> nn.Module:
     """The probe model on meta: 4-bit linears, LoRA (or DoRA) on ``targets``, everything else frozen.
 
@@ -99,8 +117,11 @@ def probe_model(
     :class:`~memory.kernels.ProbeNF4Linear` reporting to ``tracker`` (with ``quant_type="none"`` they
     stay the model's frozen bf16 ``nn.Linear``, as the loader leaves them); in-layer ``targets``
     (``self_attn.q_proj``) are wrapped in the real ``layers.LoRALinear`` / ``layers.DoRALinear``.
+    ``window`` replaces the config's ``sliding_window`` (:func:`probe_window`).
     """
     facts = spec.config
+    if window is not None:
+        facts["sliding_window"] = window
     types = probe_layer_types(spec)[:num_layers] if num_layers else ()
     if num_layers and ("layer_types" in facts or len(set(spec.layer_types)) > 1):
         facts["layer_types"] = list(types)
@@ -174,6 +195,7 @@ def body_run(
     spec: ModelSpec, batch: int, seq: int, rank: int, targets: tuple[str, ...], dropout: float = 0.0,
     dora: bool = False, adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True,
     device: str = "cuda", quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+    window: int | None = None,
 ) -> Timeline:
     """Forward and backward of the decoder stack (``1 + p`` layers) on meta.
 
@@ -186,6 +208,7 @@ def body_run(
         checkpointing: transformers' activation checkpointing per layer.
         device: ``'cuda'`` or ``'cpu'``: which device's kernels to allocate like.
         quant_type, blocksize, double_quant: the 4-bit format, or ``quant_type="none"``: 16-bit linears.
+        window: the sliding window to run with instead of the config's (:func:`probe_window`).
 
     Returns:
         The :class:`Timeline`. Weights and LoRA parameters exist before the
@@ -196,7 +219,7 @@ def body_run(
     tracker = LiveTensorTracker("meta", record=True)
     model = probe_model(
         spec, len(probe_layer_types(spec)), targets, rank, dropout, dora, adapter_dtype, attn, checkpointing,
-        device, quant_type, blocksize, double_quant, tracker,
+        device, quant_type, blocksize, double_quant, tracker, window,
     )
     layers = _decoder_layers(model)
     handles = []

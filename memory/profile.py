@@ -248,7 +248,7 @@ class StepProfile:
 def body_profile(
     spec: ModelSpec, targets: tuple[str, ...], dropout: float = 0.0, dora: bool = False,
     adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True, device: str = "cuda",
-    quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+    quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, window: int | None = None,
 ) -> StepProfile:
     """The decoder stack's fitted profile (cached per model and settings).
 
@@ -260,7 +260,7 @@ def body_profile(
     def run(b, s, r):
         return body_run(
             spec, b, s, r, targets, dropout, dora, adapter_dtype, attn, checkpointing, device,
-            quant_type, blocksize, double_quant,
+            quant_type, blocksize, double_quant, window,
         )
 
     fitted = fit(run, (_BODY_MIN, _ALL), uses_rank=True)
