@@ -37,7 +37,7 @@ from qlora.train.optim import build_optimizer
 from qlora.train.setup import enable_checkpointing
 from quant import quantize_model
 from quant.errors import InputError, choices
-from quant.loading import NO_QUANT
+from quant.formats import NO_QUANT
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def random_qlora_model(
     Raises:
         InputError: bad config, targets, rank or dtype.
     """
-    from memory.spec import build_config, causal_lm_class
+    from memory.meta import build_config, causal_lm_class
 
     torch.manual_seed(seed)
     cfg = build_config(config)

@@ -36,22 +36,18 @@ import logging
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from quant import bits_per_param
 from quant.dtypes import ITEMSIZE
 from quant.errors import InputError, choices
-from quant.loading import NO_QUANT
+from quant.formats import NO_QUANT, bits_per_param, check_args, nested_table_bytes, weight_bytes
 
 from .catalog import DEFAULT_MODEL
-from .probe import TAGS, probe_window
-from .profile import body_profile, hf_head_segment
+from .profile import TAGS, body_profile, hf_head_segment
 from .settings import ATTN, Settings, with_changes
-from .spec import ModelSpec, build_config, causal_lm_class, load_spec
+from .spec import ModelSpec, load_spec
 from .targets import resolve_targets
 from .terms import (
     chunked_loss_segment,
     lora_tensors,
-    nested_table_bytes,
-    nf4_bytes,
     optimizer_shared_bytes,
     optimizer_state_bytes,
     optimizer_step_temporaries,
@@ -147,21 +143,14 @@ def resolve_attn(spec: ModelSpec, attn: str) -> str:
     """
     if attn not in ATTN:
         raise InputError(f"Unknown attention implementation {attn!r}; valid choices are {choices(ATTN)}.")
-    cls = _model_class(spec)
-    has_sdpa = bool(getattr(cls, "_supports_sdpa", False))
     if attn == "auto":
-        return "sdpa" if has_sdpa else "eager"
-    if attn == "sdpa" and not has_sdpa:
+        return "sdpa" if spec.supports_sdpa else "eager"
+    if attn == "sdpa" and not spec.supports_sdpa:
         raise InputError(
-            f"{spec.name} ({cls.__name__}) has no sdpa attention in the installed transformers; "
+            f"{spec.name} ({spec.lm_class}) has no sdpa attention in the installed transformers; "
             "use attn 'eager' or 'auto'."
         )
     return attn
-
-
-@functools.lru_cache(maxsize=64)
-def _model_class(spec: ModelSpec):
-    return causal_lm_class(build_config(spec.config))
 
 
 def _spec(model: str | ModelSpec) -> ModelSpec:
@@ -185,8 +174,8 @@ def weight_terms(
     if quant_type == NO_QUANT:
         dense = 2 * sum(lin.numel for lin in quantized)
     else:
-        fmt = (quant_type, blocksize, double_quant)
-        nf4 = sum(nf4_bytes(lin.in_features, lin.out_features, *fmt) for lin in quantized)
+        check_args(quant_type, blocksize)
+        nf4 = sum(weight_bytes(lin.in_features, lin.out_features, blocksize, double_quant) for lin in quantized)
         nf4 += nested_table_bytes(len(quantized), double_quant, device)
     g = spec.frozen_16bit
     return {
@@ -290,12 +279,12 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
 
     profile = body_profile(
         spec, shorts, s.dropout, s.dora, s.adapter_dtype, attn, checkpointing, device, s.quant_type, s.blocksize,
-        s.double_quant, probe_window(spec, seq_len),
+        s.double_quant, _probe_window(spec, seq_len),
     )
     if s.loss == "hf":
         head = hf_head_segment(spec, batch, seq_len, attn, device)
     else:
-        softcap = spec.config.get("final_logit_softcapping") is not None
+        softcap = _facts(spec).get("final_logit_softcapping") is not None
         head = chunked_loss_segment(batch, seq_len, spec.hidden_size, spec.vocab_size, s.loss_chunk_tokens, softcap)
     peaks = profile.phases(batch, seq_len, rank, spec.layer_types, head)
 
@@ -335,9 +324,27 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _facts(spec: ModelSpec) -> dict:
+    return spec.config  # parsed once per spec, not per estimate (read-only here)
+
+
+def _probe_window(spec: ModelSpec, seq_len: int) -> int | None:
+    """The sliding window the dry runs use (``memory.probe.probe_window``); None without one.
+
+    Importing the probe costs torch's import (~2.5 s), so models without a
+    sliding window never do.
+    """
+    if not _facts(spec).get("sliding_window"):
+        return None
+    from .probe import probe_window
+
+    return probe_window(spec, seq_len)
+
+
 def _terms(vec) -> dict[str, int]:
     out: dict[str, int] = {}
-    for tag, value in zip(TAGS, vec.tolist()):
+    for tag, value in zip(TAGS, vec):
         term = _TAG_TERM[tag]
-        out[term] = out.get(term, 0) + int(round(value))
+        out[term] = out.get(term, 0) + value
     return out

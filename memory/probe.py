@@ -44,19 +44,18 @@ from torch import nn
 from layers import DoRALinear, LoRALinear
 from quant.dtypes import DTYPES
 from quant.errors import InputError
-from quant.loading import NO_QUANT
+from quant.formats import NO_QUANT
 from quant.model import linear_names, skipped_names
 
 from .kernels import ProbeNF4Linear, device_dropout, device_sdpa
-from .spec import ModelSpec, layers_prefix, meta_model
+from .meta import layers_prefix, meta_model
+from .profile import TAGS
+from .spec import ModelSpec
 from .tracker import LiveTensorTracker, storage_key
 
 log = logging.getLogger(__name__)
 
-# Tags: what a live storage was allocated for. "seed" is the gradient that
-# flows backward between the head and the layers; "grad" are LoRA parameter
-# gradients; "dequant" the dense weights the 4-bit layers rebuild.
-TAGS = ("inputs", "pre", "fwd", "head", "seed", "bwd", "dequant", "grad")
+# TAGS (memory.profile): what a live storage was allocated for.
 
 
 @dataclass

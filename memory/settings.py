@@ -23,7 +23,7 @@ from typing import Any
 
 from quant.dtypes import ITEMSIZE
 from quant.errors import InputError, choices
-from quant.loading import check_base_format
+from quant.formats import check_base_format
 
 from .terms import OPTIMIZERS
 

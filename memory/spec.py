@@ -13,23 +13,24 @@ a model folder holding one. Recipes are the trainer's (``qlora``), so they are
 planned on its side: ``qlora plan --model RECIPE.yaml`` or
 ``qlora.train.plan.plan_recipe``.
 
-Building a spec for Llama-3.1-70B (80 layers) takes about 0.4 s on a laptop
-CPU; results are cached per config, so repeated plans pay it once.
+Building a spec (:mod:`memory.meta`) imports torch and transformers and takes
+about 5 s on a 2-core machine; specs are therefore kept on disk
+(:mod:`memory.cache`, shipped for the catalog), and reading one back is
+about a millisecond, with no torch import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from quant.errors import InputError
 
+from .cache import cached
 from .catalog import DEFAULT_MODEL, catalog_config, known_models, resolve_name
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class ModelSpec:
         layer_types: attention type per decoder layer (``full_attention``,
             ``sliding_attention``); all ``full_attention`` if the config has none.
         total_params: all parameters, tied ones once (the published size).
+        lm_class: the transformers class (``LlamaForCausalLM``).
+        supports_sdpa: that class has an sdpa attention path in the installed transformers.
     """
 
     name: str
@@ -94,6 +97,8 @@ class ModelSpec:
     tied_embeddings: bool
     layer_types: tuple[str, ...]
     total_params: int
+    lm_class: str
+    supports_sdpa: bool
 
     @property
     def config(self) -> dict:
@@ -128,179 +133,30 @@ class ModelSpec:
         return tuple(seen)
 
 
-# ---------------------------------------------------------------------------- config -> model
+    def to_dict(self) -> dict:
+        """JSON-able fields (:meth:`from_dict` inverts it; the on-disk cache stores this)."""
+        out = dataclasses.asdict(self)
+        out["linears"] = [dataclasses.astuple(lin) for lin in self.linears]
+        return out
 
-
-def build_config(facts: dict):
-    """A transformers ``PretrainedConfig`` from config.json facts.
-
-    Raises:
-        InputError: missing or unknown ``model_type``, or facts the config
-            class rejects.
-    """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    facts = dict(facts)
-    model_type = facts.pop("model_type", None)
-    if not model_type:
-        raise InputError("The config has no 'model_type'; a Hugging Face config.json names its architecture there.")
-    if model_type not in CONFIG_MAPPING:
-        raise InputError(
-            f"model_type {model_type!r} is unknown to the installed transformers; it cannot be instantiated, "
-            "so its shapes cannot be derived. Use a causal LM architecture transformers ships "
-            "(llama, mistral, qwen2, qwen3, gemma2, phi3...)."
-        )
-    for key in ("auto_map", "quantization_config", "_name_or_path", "architectures", "torch_dtype", "dtype"):
-        facts.pop(key, None)
-    try:
-        return CONFIG_MAPPING[model_type](**facts)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"The {model_type!r} config is invalid for the installed transformers: {e}") from None
-
-
-def causal_lm_class(config):
-    """The ``*ForCausalLM`` class for ``config``.
-
-    Raises:
-        InputError: the architecture is not a causal language model.
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = config.model_type
-    cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    # Encoders with an optional LM head (BertLMHeadModel...) and GPT-2-style
-    # Conv1D models are in that mapping too; the decoder-only LMs qlora
-    # trains are the ``*ForCausalLM`` classes.
-    if cls_name is None or not cls_name.endswith("ForCausalLM") or getattr(config, "is_encoder_decoder", False):
-        what = f"transformers class {cls_name}" if cls_name else "transformers has no causal-LM class for it"
-        raise InputError(
-            f"The config describes a {model_type!r} model, which is not a decoder-only causal language model "
-            f"({what}). qlora fine-tunes decoder-only causal LMs such as llama, mistral, qwen2, qwen3, gemma2 or phi3."
-        )
-    return AutoModelForCausalLM._model_mapping[type(config)]
-
-
-def meta_model(facts: dict, num_layers: int | None = None, attn_implementation: str = "eager") -> nn.Module:
-    """Instantiate the causal LM for ``facts`` on the meta device, in bf16.
-
-    Args:
-        facts: config.json facts.
-        num_layers: build only this many decoder layers (per-layer config
-            lists such as ``layer_types`` are cut to match).
-        attn_implementation: ``'sdpa'`` or ``'eager'`` (shapes do not depend
-            on it; every architecture supports ``'eager'``).
-
-    Raises:
-        InputError: as :func:`build_config` and :func:`causal_lm_class`;
-            an attention implementation the architecture does not support.
-    """
-    facts = dict(facts)
-    if num_layers is not None:
-        facts["num_hidden_layers"] = num_layers
-        if isinstance(facts.get("layer_types"), list):
-            facts["layer_types"] = facts["layer_types"][:num_layers]
-    config = build_config(facts)
-    if num_layers is not None and isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:num_layers]
-    cls = causal_lm_class(config)
-    try:
-        with torch.device("meta"):
-            return cls._from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation)
-    except ValueError as e:  # e.g. Gemma-2 has no sdpa path in transformers 5 (logit soft-capping)
-        raise InputError(
-            f"{cls.__name__} cannot use attn_implementation={attn_implementation!r} in the installed "
-            f"transformers: {str(e).splitlines()[0]}"
-        ) from None
-
-
-# ---------------------------------------------------------------------------- model -> spec
-
-
-def _layer_of(name: str, layers_prefix: str) -> tuple[int | None, str]:
-    if name.startswith(layers_prefix):
-        idx, _, rest = name[len(layers_prefix):].partition(".")
-        if idx.isdigit():
-            return int(idx), rest
-    return None, name
-
-
-def layers_prefix(model: nn.Module) -> str:
-    """Qualified prefix of the decoder-layer ModuleList (``model.layers.``)."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and (best is None or len(mod) > best[1]):
-            best = (name, len(mod))
-    if best is None:
-        raise InputError("The model has no stack of decoder layers (no nn.ModuleList); it is not a decoder-only LM.")
-    return best[0] + "."
-
-
-def spec_from_model(model: nn.Module, name: str, facts: dict) -> ModelSpec:
-    """Read the shapes of an instantiated (meta or real) causal LM."""
-    from quant.model import linear_names, skipped_names
-
-    prefix = layers_prefix(model)
-    keep16 = skipped_names(model)
-    modules = dict(model.named_modules())
-    linears = []
-    for lname in linear_names(model):
-        mod = modules[lname]
-        layer, short = _layer_of(lname, prefix)
-        linears.append(
-            LinearInfo(
-                lname, short, layer, mod.in_features, mod.out_features, mod.bias is not None, lname not in keep16
-            )
-        )
-    quantized_weights = {id(modules[lin.name].weight) for lin in linears if lin.quantized}
-    quantized_biases = {id(modules[lin.name].bias) for lin in linears if lin.quantized and lin.bias}
-    head = model.get_output_embeddings()
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups = {"embeddings": 0, "lm_head": 0, "norms": 0, "linear biases": 0, "other": 0}
-    owner = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
-    total = 0
-    for _pname, p in model.named_parameters():  # named_parameters yields a tied weight once
-        n = p.numel()
-        total += n
-        if id(p) in quantized_weights:
-            continue
-        if id(p) in quantized_biases:
-            groups["linear biases"] += n
-        elif id(p) in embeddings:
-            groups["embeddings"] += n
-        elif head is not None and p is head.weight:
-            groups["lm_head"] += n
-        elif "norm" in owner.get(id(p), "").lower():
-            groups["norms"] += n
-        else:
-            groups["other"] += n
-    buffer_bytes = sum(b.numel() * b.element_size() for _n, b in model.named_buffers())
-    tied = head is not None and any(head.weight is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
-    n_layers = model.config.num_hidden_layers
-    types = getattr(model.config, "layer_types", None)
-    listed = isinstance(types, (list, tuple)) and len(types) == n_layers
-    layer_types = tuple(types) if listed else ("full_attention",) * n_layers
-    return ModelSpec(
-        name=name,
-        model_type=model.config.model_type,
-        config_json=json.dumps(facts, sort_keys=True),
-        num_layers=n_layers,
-        hidden_size=model.config.hidden_size,
-        vocab_size=model.config.vocab_size,
-        linears=tuple(linears),
-        frozen_16bit=groups,
-        buffer_bytes=buffer_bytes,
-        tied_embeddings=tied,
-        layer_types=layer_types,
-        total_params=total,
-    )
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        """Inverse of :meth:`to_dict`."""
+        fields = dict(data)
+        fields["linears"] = tuple(LinearInfo(*row) for row in data["linears"])
+        fields["layer_types"] = tuple(data["layer_types"])
+        return cls(**fields)
 
 
 @functools.lru_cache(maxsize=64)
 def _spec_cached(name: str, config_json: str) -> ModelSpec:
-    facts = json.loads(config_json)
-    model = meta_model(facts)
-    return spec_from_model(model, name, facts)
+    def build() -> dict:
+        from .meta import build_spec  # torch + transformers: only when no cache has the spec
+
+        return build_spec(json.loads(config_json), name).to_dict()
+
+    data = cached("spec", {"config": config_json}, build, shipped_as=name if name in known_models() else None)
+    return ModelSpec.from_dict(dict(data, name=name))
 
 
 def spec_from_config(facts: dict, name: str = "custom") -> ModelSpec:

@@ -3,9 +3,9 @@
 Everything here is arithmetic on exact module shapes (a :class:`ModelSpec`)
 and on the storage layouts of the libraries that hold the tensors:
 
-* 4-bit weights: the byte sizes of ``quant.NF4Linear``'s own buffers,
-  read off a meta-device instance of each distinct shape (so the layout
-  cannot drift from quant's);
+* 4-bit weights: the byte sizes of ``quant.NF4Linear``'s own buffers
+  (:func:`quant.formats.weight_bytes`, which a test checks against a
+  meta-device instance of the layer, so the layout cannot drift from quant's);
 * optimizer state: ``torch.optim.AdamW`` keeps ``exp_avg``/``exp_avg_sq`` in
   the parameter dtype plus a 0-d float32 ``step`` (on the host for CUDA
   parameters); bitsandbytes 8-bit AdamW keeps two uint8 states plus a
@@ -19,43 +19,12 @@ and on the storage layouts of the libraries that hold the tensors:
 
 from __future__ import annotations
 
-import functools
-
-import torch
-
-from quant import NF4Linear
-
-from .probe import TAGS
-from .profile import Segment
+from .profile import TAGS, Segment, Vec
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
 _PAGED_MIN = 100_000  # bitsandbytes pages a state tensor only from this many elements
 _MIN_8BIT = 4096  # bitsandbytes keeps 32-bit state below this many elements
 _BLOCK_8BIT = 256  # bitsandbytes blockwise 8-bit optimizer state block
-
-
-@functools.lru_cache(maxsize=256)
-def nf4_bytes(in_features: int, out_features: int, quant_type: str, blocksize: int, double_quant: bool) -> int:
-    """Bytes of one ``NF4Linear``'s 4-bit weight: codes, scales, its 16-entry code table.
-
-    Excludes the bias (16-bit, counted with the frozen parameters) and the
-    256-entry nested code table, which quantization may share between
-    layers (:func:`nested_table_bytes`).
-    """
-    layer = NF4Linear(in_features, out_features, False, quant_type, blocksize, double_quant, device="meta")
-    skip = ("bias", "nested_quant_map")
-    return sum(b.numel() * b.element_size() for name, b in layer.named_buffers() if name not in skip)
-
-
-def nested_table_bytes(n_quantized: int, double_quant: bool, device: str) -> int:
-    """The double-quantization code tables (256 float32 each).
-
-    ``quant`` takes the table from one cached CPU tensor: on CPU every layer
-    references that one tensor; on CUDA each layer gets its own copy.
-    """
-    if not double_quant or n_quantized == 0:
-        return 0
-    return 256 * 4 * (1 if device == "cpu" else n_quantized)
 
 
 DORA_MAGNITUDE_ITEMSIZE = 4  # qlora keeps DoRA magnitudes in float32 (layers.dora.DoRALinear)
@@ -125,11 +94,8 @@ def optimizer_step_temporaries(tensors: list[tuple[int, int]], optimizer: str, d
     return 2 * max(n * size for n, size in tensors)
 
 
-def _vec(**by_tag: int) -> torch.Tensor:
-    v = torch.zeros(len(TAGS), dtype=torch.float64)
-    for tag, n in by_tag.items():
-        v[TAGS.index(tag)] = float(n)
-    return v
+def _vec(**by_tag: int) -> Vec:
+    return [by_tag.get(tag, 0) for tag in TAGS]
 
 
 def chunked_loss_segment(

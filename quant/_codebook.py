@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from .formats import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES  # noqa: F401  (re-exported)
+
 # NormalFloat4: 16 quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero
 # (QLoRA paper, section 3). Index order equals value order.
 NF4_CODE: tuple[float, ...] = (
@@ -40,9 +42,6 @@ FP4_CODE: tuple[float, ...] = tuple(m / 12.0 for m in _FP4_MAGNITUDES) + tuple(
     -m / 12.0 for m in _FP4_MAGNITUDES
 )
 
-QUANT_TYPES = ("nf4", "fp4")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256  # second-level (double quantization) block size, fixed by the format
 
 
 @functools.cache

@@ -19,9 +19,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._codebook import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code4, dynamic_code, midpoints4
+from ._codebook import NESTED_BLOCKSIZE, code4, dynamic_code, midpoints4
 from .dtypes import FLOAT_DTYPES
-from .errors import InputError, choices
+from .errors import InputError
+from .formats import bits_per_param, check_args  # noqa: F401  (bits_per_param re-exported)
 
 # Elements per chunk. 4M float32 temporaries cost ~16 MiB per live buffer:
 # big enough to amortize kernel launches, small next to any real weight.
@@ -73,14 +74,6 @@ class QuantState4bit:
             nested_absmax=mv(self.nested_absmax),
             nested_code=mv(self.nested_code),
         )
-
-
-def check_args(quant_type: str, blocksize: int) -> None:
-    """Raise ``InputError`` unless (quant_type, blocksize) is a supported pair."""
-    if quant_type not in QUANT_TYPES:
-        raise InputError(f"Unsupported quant type {quant_type!r}; valid choices are {choices(QUANT_TYPES)}.")
-    if blocksize not in BLOCKSIZES:
-        raise InputError(f"Unsupported blocksize {blocksize!r}; valid choices are {choices(BLOCKSIZES)}.")
 
 
 def _check_tensor(x: torch.Tensor) -> None:
@@ -312,19 +305,3 @@ def dequantize_4bit(
         vals = torch.nn.functional.pad(vals, (0, pad)).view(nb, bs) * scale.unsqueeze(1)
         out[start:stop] = vals.view(-1)[: stop - start]
     return out.view(state.shape)
-
-
-def bits_per_param(quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> float:
-    """Storage cost of one quantized weight element, in bits.
-
-    4 bits of code, plus the first-level scale shared by ``blocksize``
-    elements (32-bit, or 8-bit with double quantization), plus the 32-bit
-    second-level scale shared by ``blocksize * 256`` elements.
-
-    >>> round(bits_per_param("nf4", 64, True), 3)
-    4.127
-    """
-    check_args(quant_type, blocksize)
-    if not double_quant:
-        return 4 + 32 / blocksize
-    return 4 + 8 / blocksize + 32 / (blocksize * NESTED_BLOCKSIZE)

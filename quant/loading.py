@@ -25,36 +25,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._codebook import QUANT_TYPES
-from .blockwise import QuantState4bit, check_args, quantize_4bit
+from .blockwise import QuantState4bit, quantize_4bit
 from .checkpoint import BNB_SUFFIXES, Checkpoint
 from .dtypes import FLOAT_DTYPES, parse_dtype
-from .errors import InputError, choices
+from .errors import InputError
+from .formats import NO_QUANT, check_base_format
 from .linear import NF4Linear
 from .model import DEFAULT_SKIP, linear_names, skipped_names
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, current key)
-NO_QUANT = "none"  # the quant_type of a 16-bit base: no linear is quantized (plain LoRA)
-BASE_QUANT_TYPES = QUANT_TYPES + (NO_QUANT,)
-
-
-def check_base_format(quant_type: str, blocksize: int) -> None:
-    """Check the base's format: ``nf4``/``fp4`` with a supported blocksize, or ``none`` (blocksize unused).
-
-    Raises:
-        InputError: an unknown quant type (naming ``nf4``, ``fp4`` and ``none``) or,
-            for a 4-bit format, an unsupported blocksize.
-    """
-    if quant_type == NO_QUANT:
-        return
-    if quant_type not in QUANT_TYPES:
-        raise InputError(
-            f"Unsupported quant type {quant_type!r}; valid choices are {choices(BASE_QUANT_TYPES)} "
-            f"({NO_QUANT!r}: a 16-bit base, plain LoRA)."
-        )
-    check_args(quant_type, blocksize)
 
 
 def load_config(ckpt: Checkpoint):

@@ -28,8 +28,8 @@ from torch import nn
 from layers.base import base_dtype
 from qlora.lora.surgery import lora_modules
 from quant.errors import InputError, choices
+from quant.formats import BASE_QUANT_TYPES, NO_QUANT
 from quant.linear import NF4Linear
-from quant.loading import BASE_QUANT_TYPES, NO_QUANT
 
 log = logging.getLogger(__name__)
 

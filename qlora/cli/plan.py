@@ -107,7 +107,7 @@ def _model_arg(model: str | None) -> str:
         import memory
 
         return memory.DEFAULT_MODEL
-    from qlora.train.plan import model_source
+    from qlora.builtin_models import model_source
 
     return model_source(model)
 

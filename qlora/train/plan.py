@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 import memory
-from qlora.builtin_models import BUILTIN_MODELS, resolve_model_dir
-from qlora.gguf import find_gguf
+from qlora.builtin_models import model_source, resolve_model_dir
 from qlora.train.loss import CHUNK_TOKENS
 from qlora.train.recipe import Recipe
 from qlora.train.setup import autocast_dtype_for
@@ -148,31 +147,6 @@ def settings_to_recipe(settings: memory.Settings, base: dict | None = None) -> d
 
 
 # ---------------------------------------------------------------------------- planning
-
-
-def model_source(path: str) -> str:
-    """What :func:`memory.plan` reads a model's shapes from, without writing or reading weights.
-
-    ``builtin:NAME`` -> the folder qlora ships with that model's config.json
-    (:data:`qlora.builtin_models.BUILTIN_MODELS`); a ``.gguf`` file (or a folder
-    holding one) -> its converted folder (converted once and cached: a GGUF's
-    config lives inside the file); anything else as given: a local model folder
-    or config.json, a catalog name, or a placeholder such as
-    ``/path/to/Meta-Llama-3.1-8B`` whose name is a catalog model.
-
-    Raises:
-        InputError: an unknown built-in name, or a GGUF file that cannot be converted.
-    """
-    if not path.startswith("builtin:"):
-        p = Path(path).expanduser()
-        if p.exists() and find_gguf(p) is not None:
-            return str(resolve_model_dir(path))
-        return path
-    name = path.removeprefix("builtin:")
-    if name not in BUILTIN_MODELS:
-        valid = choices(["builtin:" + k for k in sorted(BUILTIN_MODELS)])
-        raise InputError(f"Unknown built-in model {path!r}; valid choices are {valid}.")
-    return str(BUILTIN_MODELS[name])
 
 
 def planning_model(recipe: Recipe) -> str:

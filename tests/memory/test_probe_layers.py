@@ -20,8 +20,8 @@ from arch_configs import ARCHS
 import memory
 from layers import AdapterLinear, DoRALinear, LoRALinear
 from memory.kernels import ProbeNF4Linear
+from memory.meta import meta_model
 from memory.probe import TAGS, body_run, probe_layer_types, probe_model
-from memory.spec import meta_model
 from memory.targets import resolve_targets
 from memory.tracker import LiveTensorTracker
 from qlora.lora.targets import resolve_targets as qlora_resolve

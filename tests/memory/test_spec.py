@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import memory
 from memory.footprint import weight_terms
-from memory.spec import build_config
+from memory.meta import build_config
 from quant import NF4Linear, bits_per_param, quantize_model
 from quant.errors import InputError
 

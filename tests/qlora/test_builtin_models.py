@@ -53,7 +53,7 @@ def test_gguf_paths_are_converted_into_a_cache_folder_named_for_the_file(cache, 
 
 def test_smollm2_is_planned_from_its_shipped_config_without_weights(cache):
     import memory
-    from qlora.train.plan import model_source
+    from qlora.builtin_models import model_source
 
     src = model_source("builtin:smollm2-135m")
     spec = memory.load_spec(src)
