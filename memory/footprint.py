@@ -41,6 +41,7 @@ from quant.errors import InputError, choices
 from quant.formats import NO_QUANT, bits_per_param, check_args, nested_table_bytes, weight_bytes
 
 from .catalog import DEFAULT_MODEL
+from .host import HostMemory, host_memory
 from .profile import TAGS, body_profile, hf_head_segment
 from .settings import ATTN, Settings, with_changes
 from .spec import ModelSpec, load_spec
@@ -89,6 +90,8 @@ class Footprint:
         tensor_peak_bytes: what ``torch.cuda.max_memory_allocated`` should read.
         host_bytes: paged optimizer state living in host-backed unified memory,
             plus offloaded layer inputs in pinned host memory.
+        host: the whole host side (:class:`memory.host.HostMemory`): those two, the
+            process and the loader's transient; ``host.total_bytes`` is what RAM must hold.
         cuda_context_bytes, allocator_reserve_bytes: on top of the tensor peak
             on a GPU (0 for ``device='cpu'``).
         quantized_params, lora_params: element counts; ``quantized_params`` are the
@@ -124,6 +127,7 @@ class Footprint:
     nf4_bits_per_param: float
     offload_activations: bool = False
     quant_type: str = "nf4"
+    host: HostMemory | None = None
 
     @property
     def device_total_bytes(self) -> int:
@@ -291,7 +295,7 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
     candidates: dict[str, dict[str, int]] = {}
     for phase in ("forward", "loss", "backward"):
         candidates[phase] = dict(persistent, **_terms(getattr(peaks, phase)))
-    offloaded = 0
+    offloaded = pinned = 0
     if s.offload_activations and checkpointing and device == "cuda":
         # qlora.train.offload keeps two layers' inputs on the device (the one being
         # recomputed and the one being prefetched); the rest (bf16 hidden
@@ -301,7 +305,7 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
         for phase in ("forward", "loss", "backward"):
             kept = candidates[phase].get("saved_activations", 0)
             candidates[phase]["saved_activations"] = max(0, kept - offloaded)
-        state_host += len(spec.layer_types) * per_layer
+        pinned = len(spec.layer_types) * per_layer
     candidates["optimizer"] = dict(persistent, **_terms(peaks.after), optimizer_step=step_tmp)
     phases = {p: sum(v.values()) for p, v in candidates.items()}
     peak_phase = max(phases, key=phases.get)
@@ -314,13 +318,14 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
         gradient_checkpointing=checkpointing, attn=attn, loss=s.loss,
         loss_chunk_tokens=s.loss_chunk_tokens if s.loss == "chunked" else None,
         breakdown=breakdown, phases=phases, peak_phase=peak_phase, tensor_peak_bytes=tensor_peak,
-        host_bytes=state_host, cuda_context_bytes=s.cuda_context_bytes if on_gpu else 0,
+        host_bytes=state_host + pinned, cuda_context_bytes=s.cuda_context_bytes if on_gpu else 0,
         allocator_reserve_bytes=int(s.allocator_reserve * tensor_peak) if on_gpu else 0,
         quantized_params=spec.quantized_params, lora_params=lora_elements,
         nf4_bits_per_param=(
             16.0 if s.quant_type == NO_QUANT else bits_per_param(s.quant_type, s.blocksize, s.double_quant)
         ),
         offload_activations=bool(offloaded), quant_type=s.quant_type,
+        host=host_memory(spec, device, pinned, state_host, tensor_peak),
     )
 
 

@@ -97,7 +97,10 @@ _UNITS = {
     "m": MIB, "mb": MIB, "mib": MIB,
     "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# A size outside this range is a typo, not a GPU: the smallest card qlora can train on holds the CUDA
+# context (~0.5 GiB) and a model; the largest single GPU today has 288 GB (B300, MI355X).
+GPU_SIZE_RANGE = (1 * GIB, 1 << 40)
 
 
 def known_gpus() -> list[str]:
@@ -119,6 +122,28 @@ def catalog_gpu(name: str) -> GPU:
     return GPU(key, _mib(mib), label, f"{label} card; the driver reports {mib:,} MiB")
 
 
+def parse_size(spec: str, what: str = "--gpu", help_: str = "") -> int:
+    """Bytes of a size such as ``24GB``, ``80G`` or ``16000MiB`` (``GB``/``G``/``GiB`` = 2**30, see the module).
+
+    Raises:
+        InputError: not a number with a unit, an unknown unit, no unit, zero or negative.
+    """
+    help_ = help_ or "Write a number with a unit: GB, GiB, G, MB, MiB, M, TB, TiB or T (e.g. '24GB', '16000MiB')."
+    m = _SIZE.match(spec) if isinstance(spec, str) else None
+    if m is None:
+        raise InputError(f"{what} {spec!r} is not a size. {help_}")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit not in _UNITS:
+        raise InputError(f"{what} {spec!r} has an unknown unit {m.group(2)!r}. {help_}")
+    if value <= 0:
+        raise InputError(f"{what} {spec!r} is {'zero' if value == 0 else 'negative'}; give a positive size. {help_}")
+    if _UNITS[unit] is None:
+        raise InputError(
+            f"{what} {spec!r} has no unit; write e.g. '{m.group(1)}GB' (GiB) or '{m.group(1)}MiB'. {help_}"
+        )
+    return int(value * _UNITS[unit])
+
+
 def parse_gpu(spec: str) -> GPU:
     """A :class:`GPU` from a catalog name or a size such as ``24GB``.
 
@@ -127,25 +152,20 @@ def parse_gpu(spec: str) -> GPU:
 
     Raises:
         InputError: unknown name, unknown unit (``24XB``), no unit, or a
-            size that is zero.
+            size that is not positive or outside :data:`GPU_SIZE_RANGE`.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"--gpu needs a GPU name or a memory size, got {spec!r}. " + _help())
-    m = _SIZE.match(spec)
-    if m is None:
+    if _SIZE.match(spec) is None:
         return catalog_gpu(spec)
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit not in _UNITS:
-        raise InputError(f"GPU size {spec!r} has an unknown unit {m.group(2)!r}. " + _help())
-    scale = _UNITS[unit]
-    if scale is None:
+    total = parse_size(spec, "GPU size", _help())
+    lo, hi = GPU_SIZE_RANGE
+    if not lo <= total <= hi:
         raise InputError(
-            f"GPU size {spec!r} has no unit; write e.g. '{m.group(1)}GB' (GiB) or '{m.group(1)}MiB'. " + _help()
+            f"GPU size {spec!r} ({total / GIB:,.2f} GiB) is not the memory of one GPU: give a size from "
+            f"{lo / GIB:.0f} GiB to {hi / GIB:,.0f} GiB (per GPU), e.g. '24GB', or a GPU name: {choices(known_gpus())}."
         )
-    total = int(value * scale)
-    if total <= 0:
-        raise InputError(f"GPU size {spec!r} is zero; give a positive size such as '24GB'.")
-    binary = unit in ("gib", "mib", "tib")
+    binary = _SIZE.match(spec).group(2).lower() in ("gib", "mib", "tib")
     note = (
         f"{spec.strip()} read as {total / GIB:.2f} GiB"
         + ("" if binary else " (GPU vendors' 'GB' are GiB: a 24 GB card has 24 GiB)")

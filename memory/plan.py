@@ -14,6 +14,12 @@ Search, with every other setting fixed:
   the effective batch and lowered to a divisor of it, so that
   ``micro_batch_size * gradient_accumulation_steps == effective_batch_size``.
 
+With ``ram`` (a size, or ``"auto"``: what this machine has available now),
+the host side must fit too (:mod:`memory.host`: pinned offload buffers,
+paged optimizer state, the loader's transient, the process), within the
+same margin; a plan whose host side does not fit says so and suggests
+changes that free host memory.
+
 Peak memory grows monotonically with batch, sequence and rank, so each
 search is a binary search over cached activation profiles: milliseconds.
 
@@ -36,7 +42,8 @@ from quant.errors import InputError
 
 from .catalog import DEFAULT_MODEL
 from .footprint import Footprint, estimate
-from .gpus import GPU, catalog_gpu, known_gpus, parse_gpu
+from .gpus import GPU, catalog_gpu, known_gpus, parse_gpu, parse_size
+from .host import available_ram
 from .settings import MARGIN, PLAN_DEFAULTS, Settings, flag_name, with_changes
 from .spec import ModelSpec, load_spec
 
@@ -86,6 +93,8 @@ class Plan:
         settings: the resolved settings: ``auto`` values and ``attn`` replaced
             by what was chosen, ``effective_batch_size`` as run
             (``memory.estimate(model, plan.settings) == plan.footprint``).
+        host_budget_bytes: the RAM the host side was checked against (None: not checked).
+        host_fits: whether the host side fits it (None: not checked); ``fits`` includes it.
     """
 
     fits: bool
@@ -101,6 +110,8 @@ class Plan:
     suggestions: tuple[Suggestion, ...]
     notes: tuple[str, ...]
     settings: Settings
+    host_budget_bytes: int | None = None
+    host_fits: bool | None = None
 
     @property
     def budget_bytes(self) -> int:
@@ -134,7 +145,10 @@ def _largest(lo: int, hi: int, ok) -> int | None:
     return lo
 
 
-def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Settings | None = None, **changes) -> Plan:
+def plan(
+    gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Settings | None = None, *,
+    ram: int | str | None = None, **changes,
+) -> Plan:
     """Choose settings that fit ``gpu`` (see the module docstring).
 
     Example::
@@ -151,6 +165,8 @@ def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Setti
             ``margin`` the fraction of the GPU kept free (``device='cpu'``
             plans a CPU run: no CUDA context or reserve). Default
             ``memory.Settings(micro_batch_size="auto")``.
+        ram: host memory to fit as well: bytes, a size (``64GB``) or ``"auto"``
+            (this machine's available RAM, from psutil); None checks no host limit.
         **changes: fields of :class:`memory.Settings` to change.
 
     Returns:
@@ -165,6 +181,11 @@ def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Setti
     auto_seq, auto_batch, auto_rank = base.seq_len == "auto", base.micro_batch_size == "auto", base.rank == "auto"
     margin, effective = base.margin, base.effective_batch_size
     usable = int(gpu.total_bytes * (1 - margin))
+    ram_bytes = _ram_bytes(ram)
+    ram_usable = None if ram_bytes is None else int(ram_bytes * (1 - margin))
+
+    def ok(fp: Footprint) -> bool:
+        return _fits(fp, usable) and (ram_usable is None or fp.host.total_bytes <= ram_usable)
 
     def est(s: int, b: int, r: int, **over) -> Footprint:
         return estimate(spec, dataclasses.replace(base, seq_len=s, micro_batch_size=b, rank=r, **over))
@@ -175,7 +196,7 @@ def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Setti
     b_fixed = 1 if auto_batch else base.micro_batch_size
     # 1. sequence length
     if auto_seq:
-        steps = _largest(1, max(1, s_cap // SEQ_STEP), lambda k: _fits(est(k * SEQ_STEP, b_fixed, r0), usable))
+        steps = _largest(1, max(1, s_cap // SEQ_STEP), lambda k: ok(est(k * SEQ_STEP, b_fixed, r0)))
         seq = (steps or 1) * SEQ_STEP
         if steps is not None:
             notes.append(f"seq_len auto: the longest multiple of {SEQ_STEP} that fits is {seq}")
@@ -183,7 +204,7 @@ def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Setti
         seq = base.seq_len
     # 2. rank
     if auto_rank:
-        fitting = [r for r in RANKS if _fits(est(seq, b_fixed, r), usable)]
+        fitting = [r for r in RANKS if ok(est(seq, b_fixed, r))]
         r = fitting[-1] if fitting else RANKS[0]
         if fitting:
             notes.append(f"rank auto: {r} is the largest of {', '.join(map(str, RANKS))} that fits")
@@ -191,7 +212,7 @@ def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Setti
         r = base.rank
     # 3. micro-batch
     if auto_batch:
-        b_max = _largest(1, effective, lambda b: _fits(est(seq, b, r), usable)) or 0
+        b_max = _largest(1, effective, lambda b: ok(est(seq, b, r))) or 0
         b = max(d for d in range(1, max(b_max, 1) + 1) if effective % d == 0)
         if b_max and b != b_max:
             notes.append(
@@ -199,31 +220,54 @@ def plan(gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Setti
             )
     else:
         b = base.micro_batch_size
-        b_max = b if _fits(est(seq, b, r), usable) else 0
+        b_max = b if ok(est(seq, b, r)) else 0
     accum = -(-effective // b)
     fp = est(seq, b, r)
-    fits = _fits(fp, usable)
-    if fp.host_bytes:
-        what = [w for w, on in (("paged optimizer state (unified memory)", fp.optimizer.startswith("paged")),
-                                ("offloaded layer inputs (pinned)", fp.offload_activations)) if on]
-        notes.append(f"host memory, not on the GPU: {fp.host_bytes / 2**30:.2f} GiB of {' and '.join(what)}")
+    host_fits = None if ram_usable is None else fp.host.total_bytes <= ram_usable
+    fits = _fits(fp, usable) and host_fits is not False
+    host_line = f"host memory: {fp.host.describe()}"
+    if ram_bytes is not None:
+        verdict = "fits" if host_fits else "does NOT fit"
+        host_line += f"; {verdict} in {ram_usable / 2**30:.2f} GiB usable of {ram_bytes / 2**30:.2f} GiB RAM"
+    notes.append(host_line)
     if base.attn == "auto" and fp.attn == "eager":
         notes.append("attention: eager (this architecture has no sdpa path in transformers; eager keeps s x s scores)")
     suggestions: tuple[Suggestion, ...] = ()
     if not fits:
-        suggestions = tuple(_suggest(est, seq, b, r, base, usable, auto_seq))
+        suggestions = tuple(_suggest(est, ok, seq, b, r, base, auto_seq, ram_usable))
     resolved = dataclasses.replace(
         base, seq_len=seq, micro_batch_size=b, rank=r, effective_batch_size=b * accum, attn=fp.attn
     )
     return Plan(
         fits=fits, gpu=gpu, margin=margin, footprint=fp, micro_batch_size=b, gradient_accumulation_steps=accum,
         effective_batch_size=b * accum, rank=r, seq_len=seq, max_micro_batch_size=b_max,
-        suggestions=suggestions, notes=tuple(notes), settings=resolved,
+        suggestions=suggestions, notes=tuple(notes), settings=resolved, host_budget_bytes=ram_bytes,
+        host_fits=host_fits,
     )
 
 
-def _suggest(est, seq: int, b: int, r: int, base: Settings, usable: int, auto_seq: bool) -> list[Suggestion]:
-    """Changes that would make the run fit, cheapest first (see the module docstring)."""
+def _ram_bytes(ram: int | str | None) -> int | None:
+    """``plan``'s ``ram`` argument in bytes (None: no host check).
+
+    Raises:
+        InputError: not a positive size or ``"auto"``.
+    """
+    if ram is None:
+        return None
+    if isinstance(ram, str) and ram.strip().lower() == "auto":
+        return available_ram()
+    if isinstance(ram, int) and not isinstance(ram, bool):
+        if ram <= 0:
+            raise InputError(f"ram must be a positive number of bytes, a size such as '64GB' or 'auto'; got {ram}.")
+        return ram
+    return parse_size(ram, "--ram")
+
+
+def _suggest(est, ok, seq: int, b: int, r: int, base: Settings, auto_seq: bool, ram: int | None) -> list[Suggestion]:
+    """Changes that would make the run fit, cheapest first (see the module docstring).
+
+    ``ok(footprint)`` says whether a prediction fits (device and, with ``ram``, host).
+    """
     out: list[Suggestion] = []
 
     def add(change: str, **over):
@@ -239,9 +283,15 @@ def _suggest(est, seq: int, b: int, r: int, base: Settings, usable: int, auto_se
             settings["rank"] = rr
         if bb != b:
             settings["micro_batch_size"] = bb
-        out.append(Suggestion(change, settings, fp, _fits(fp, usable)))
+        out.append(Suggestion(change, settings, fp, ok(fp)))
 
     cheap = {}
+    asked = est(seq, b, r)
+    if ram is not None and asked.host.total_bytes > ram:  # host-side levers first: they cost no device memory
+        if base.offload_activations:
+            add("keep layer inputs on the GPU (offload_activations off)", offload_activations=False)
+        if base.optimizer.startswith("paged"):
+            add("keep the optimizer state on the GPU (--optimizer adamw_8bit)", optimizer="adamw_8bit")
     if base.optimizer != "paged_adamw_8bit":
         cheap["optimizer"] = "paged_adamw_8bit"
         add(f"use the 8-bit paged optimizer ({flag_name('optimizer')} paged_adamw_8bit)", optimizer="paged_adamw_8bit")
@@ -260,16 +310,20 @@ def _suggest(est, seq: int, b: int, r: int, base: Settings, usable: int, auto_se
     if r > RANKS[0]:
         add(f"use a smaller rank ({flag_name('rank')} {RANKS[0]})", rank=RANKS[0])
     if not auto_seq:
-        steps = _largest(1, max(1, (seq - 1) // SEQ_STEP), lambda k: _fits(est(k * SEQ_STEP, b, r), usable))
+        steps = _largest(1, max(1, (seq - 1) // SEQ_STEP), lambda k: ok(est(k * SEQ_STEP, b, r)))
         if steps is not None:
             add(f"use a shorter sequence ({flag_name('seq_len')} {steps * SEQ_STEP})", seq_len=steps * SEQ_STEP)
     if len(cheap) > 1:
         add("combine: " + ", ".join(f"{k}={v}" for k, v in cheap.items()), **cheap)
     fitting = [sg for sg in out if sg.fits]
+    if ram is not None and asked.host.total_bytes > ram:
+        need = asked.host.total_bytes / (1 - base.margin)
+        change = f"use a machine with at least {need / 2**30:.1f} GiB of free RAM"
+        fitting.append(Suggestion(change, {"ram": int(need)}, asked, True))
+        return fitting
     if base.device != "cuda":  # a CPU run's budget is host memory: no GPU to upgrade to
         return fitting
     # the smallest catalog GPU that takes the run as asked
-    asked = est(seq, b, r)
     for name in known_gpus():  # smallest first
         g = catalog_gpu(name)
         if asked.device_total_bytes <= g.total_bytes * (1 - base.margin):

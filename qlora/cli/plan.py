@@ -35,6 +35,9 @@ def add_parser(sub, name: str, help_: str) -> None:
     p.add_argument("--gpu", default=None, metavar="SPEC",
                    help="GPU name (rtx4090, a100-80gb, h100, ...) or size (24GB, 80G, 16000MiB); required unless "
                    "--model is a recipe (then: the recipe's gpu, else this machine's memory)")
+    p.add_argument("--ram", default=None, metavar="SIZE|auto",
+                   help="host memory the run must also fit: a size (64GB) or auto (this machine's available RAM); "
+                   "default: not checked, except for a recipe planned for this machine (auto)")
     p.add_argument("--model", default=None, metavar="NAME_OR_DIR",
                    help="catalog name, config.json, model folder, recipe YAML or builtin:NAME (default llama-3.1-8b)")
     for f in dataclasses.fields(memory.Settings):
@@ -130,6 +133,13 @@ def plan_dict(p, alpha: float) -> dict:
         "cuda_context_bytes": fp.cuda_context_bytes,
         "allocator_reserve_bytes": fp.allocator_reserve_bytes,
         "host_bytes": fp.host_bytes,
+        "host": {
+            "total_bytes": fp.host.total_bytes, "process_bytes": fp.host.process,
+            "loader_peak_bytes": fp.host.loader_peak, "pinned_offload_bytes": fp.host.pinned_offload,
+            "paged_optimizer_state_bytes": fp.host.paged_optimizer_state,
+            "device_tensors_bytes": fp.host.device_tensors,
+            "budget_bytes": p.host_budget_bytes, "fits": p.host_fits,
+        },
         "peak_phase": fp.peak_phase,
         "phases": fp.phases,
         "breakdown": fp.breakdown,
@@ -198,7 +208,22 @@ def render(p, alpha: float, console, notes: bool = True) -> None:
     t.add_row("[bold]tensor peak[/] (torch.cuda.max_memory_allocated)", f"[bold]{_gib(fp.tensor_peak_bytes)}[/]")
     t.add_row("CUDA context (not seen by torch.cuda.*)", _gib(fp.cuda_context_bytes))
     t.add_row("allocator cache + fragmentation (reserve)", _gib(fp.allocator_reserve_bytes))
-    t.add_row("[bold]device total[/]", f"[bold]{_gib(fp.device_total_bytes)}[/]")
+    t.add_row("[bold]device total[/] (what the card must have)", f"[bold]{_gib(fp.device_total_bytes)}[/]")
+    h = fp.host
+    t.add_section()
+    t.add_row("host: process (interpreter, torch, CUDA libraries)", _gib(h.process))
+    t.add_row("host: loader transient (largest tensor x 2)", _gib(h.loader_peak))
+    for label, value in (("host: pinned offload buffers", h.pinned_offload),
+                         ("host: paged optimizer state", h.paged_optimizer_state),
+                         ("host: CPU step tensors", h.device_tensors)):
+        if value:
+            t.add_row(label, _gib(value))
+    verdict = ""
+    if p.host_budget_bytes is not None:
+        verdict = (" [green]fits[/]" if p.host_fits else " [bold red]does not fit[/]") + \
+            f" in {_gib(p.host_budget_bytes)} GiB"
+    t.add_row(f"[bold]host total[/] (process + the larger of loading, training){verdict}",
+              f"[bold]{_gib(h.total_bytes)}[/]")
     console.print(t)
     console.print("phases (tensor GiB): " + ", ".join(f"{k} {_gib(v)}" for k, v in fp.phases.items()))
     for note in p.notes if notes else ():
@@ -274,7 +299,7 @@ def run(args) -> int:
             "e.g. --gpu 24GB or --gpu rtx4090. Only with a recipe (--model RECIPE.yaml) may it be left out: "
             "the recipe's own gpu key, else this machine's memory, is the budget then."
         )
-    p = memory.plan(args.gpu, _model_arg(args.model), **changes)
+    p = memory.plan(args.gpu, _model_arg(args.model), ram=args.ram, **changes)
     alpha = _number(args.alpha, "--alpha") if args.alpha is not None else 2.0 * p.rank
     _show(p, alpha, args.json)
     if args.out:
@@ -290,7 +315,7 @@ def _run_recipe(args, changes: dict) -> int:
     from qlora.train.recipe import load_recipe, recipe_to_dict
 
     recipe = load_recipe(args.model)
-    p = plan_recipe(recipe, gpu=args.gpu, **changes)
+    p = plan_recipe(recipe, gpu=args.gpu, ram=args.ram, **changes)
     alpha = _number(args.alpha, "--alpha") if args.alpha is not None else recipe.lora.alpha
     if args.json:
         _show(p, alpha, True)

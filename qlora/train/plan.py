@@ -202,6 +202,7 @@ def plan_recipe(
     device: str | torch.device | None = None,
     *,
     gpu: str | None = None,
+    ram: int | str | None = None,
     **changes,
 ) -> memory.Plan:
     """:func:`memory.plan` for ``recipe``'s settings: the one way a recipe is planned.
@@ -216,6 +217,9 @@ def plan_recipe(
             name); default :func:`planning_model`.
         device: the run's device; default :func:`planning_device`.
         gpu: the budget; default the recipe's ``gpu``, else the device's own memory.
+        ram: the host memory to fit too (:func:`memory.plan`); default ``"auto"`` (this
+            machine's available RAM) when planning a CUDA run for this machine's own GPU,
+            else not checked (a CPU run's budget is the RAM already).
         **changes: :class:`memory.Settings` fields that override the recipe's.
 
     Raises:
@@ -228,7 +232,11 @@ def plan_recipe(
         raise InputError(f"Unknown device {str(device)!r}; valid choices are {valid}.")
     device = planning_device(recipe, gpu) if device is None else torch.device(device)
     settings = settings_from_recipe(recipe, device).changed(**changes)
-    return memory.plan(gpu or _budget(recipe, device), planning_model(recipe) if model is None else model, settings)
+    if ram is None and device.type == "cuda" and not (gpu or recipe.gpu):
+        ram = "auto"  # planning for this machine: its GPU and its RAM
+    return memory.plan(
+        gpu or _budget(recipe, device), planning_model(recipe) if model is None else model, settings, ram=ram
+    )
 
 
 def model_label(recipe: Recipe) -> str:

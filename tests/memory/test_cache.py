@@ -153,3 +153,18 @@ def test_a_cached_catalog_plan_imports_neither_torch_nor_transformers():
         "assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_qlora_plan_with_an_unwritable_cache_warns_once_and_answers(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg = memory.load_spec("smollm2-135m").config
+    cfg["num_hidden_layers"] = 2
+    (model / "config.json").write_text(json.dumps(cfg))
+    env = dict(__import__("os").environ, QLORA_CACHE=str(blocker / "cache"))
+    out = subprocess.run([sys.executable, "-m", "qlora.cli", "plan", "--gpu", "24GB", "--model", str(model)],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "fits" in out.stdout
+    assert out.stderr.count("cannot write the planner cache") == 1, out.stderr

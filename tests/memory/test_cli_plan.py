@@ -94,7 +94,7 @@ def test_setting_flags_are_generated_from_memory_settings():
     assert {"seq_len", "micro_batch_size", "rank", "optimizer", "loss", "loss_chunk_tokens", "device"} <= set(flags)
     for name, flag in flags.items():
         assert by_dest[name].option_strings == [flag.name] and flag.help in by_dest[name].help
-    assert set(by_dest) - set(flags) == {"help", "gpu", "model", "alpha", "json", "out"}  # nothing written twice
+    assert set(by_dest) - set(flags) == {"help", "gpu", "model", "ram", "alpha", "json", "out"}  # nothing written twice
 
 
 def test_flags_reach_the_plan(capsys):

@@ -9,7 +9,7 @@ from quant.errors import InputError
 @pytest.mark.parametrize(
     "spec, total",
     [("24GB", 24 * GIB), ("24GiB", 24 * GIB), ("80G", 80 * GIB), ("16000MiB", 16000 * MIB),
-     ("1.5TB", int(1.5 * (1 << 40))), ("40 gb", 40 * GIB)],
+     ("0.5TB", int(0.5 * (1 << 40))), ("40 gb", 40 * GIB)],
 )
 def test_sizes_are_binary(spec, total):
     assert parse_gpu(spec).total_bytes == total
@@ -41,3 +41,13 @@ def test_bad_specs_raise_input_error_listing_choices(bad):
     assert repr(bad) in msg or bad.strip() in msg
     if bad not in ("0GB",):
         assert "rtx4090" in msg and "GiB" in msg
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("0", "is zero"), ("-5", "is negative"), ("-3GB", "is negative"), ("0.5GB", "from 1 GiB to 1,024 GiB"),
+    ("1000000GB", "is not the memory of one GPU"), ("2TB", "per GPU"),
+])
+def test_absurd_sizes_say_what_is_wrong(bad, says):
+    with pytest.raises(InputError, match=says) as e:
+        parse_gpu(bad)
+    assert repr(bad) in str(e.value) and "rtx4090" in str(e.value)

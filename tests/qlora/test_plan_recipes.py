@@ -81,7 +81,8 @@ def test_builtin_recipe_with_gpu_flag_is_planned_from_its_config_without_weights
     assert d == _expected_json(load_recipe(TINY), gpu="24GB")
     assert d["fits"] and d["gpu"]["name"] == "24GB" and d["seq_len"] == 256 and d["dropout"] == 0.05
     assert d["cuda_context_bytes"] > 0  # --gpu names a GPU: planned as a CUDA run
-    assert not (tmp_path / "cache").exists()  # no weights materialized to plan
+    cached = {p.name for p in (tmp_path / "cache").iterdir()} if (tmp_path / "cache").exists() else set()
+    assert cached <= {"planner"}  # no weights materialized to plan (the planner may cache its profiles)
 
 
 def test_recipe_without_gpu_is_budgeted_like_qlora_train(capsys):
