@@ -4,10 +4,12 @@ Deriving a spec imports torch and transformers (about 5 s on a 2-core
 machine) and fitting a profile dry-runs the model 6-15 times (2-15 s more);
 evaluating either is microseconds. So both are stored as JSON, once:
 
-* **shipped** in ``memory/profiles/<model>.json`` for every catalog model,
-  at the settings ``qlora plan`` uses by default (``scripts/make_profiles.py``
-  writes them; a test checks they equal a fresh build), so the first plan of
-  a catalog model is as fast as a cached one;
+* **shipped** in ``memory/profiles/`` for every catalog model at the
+  settings ``qlora plan`` uses by default, and for every recipe in
+  ``recipes/`` (``scripts/make_profiles.py`` writes them, with an index from
+  key to file; a test checks they equal a fresh build), so the first plan of
+  a catalog model, and the first ``qlora train`` of a recipe, is as fast as a
+  cached one;
 * **cached** under ``$QLORA_CACHE/planner/`` (default ``~/.cache/qlora``)
   for anything else, the first time it is built.
 
@@ -100,11 +102,20 @@ def key_of(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-@functools.lru_cache(maxsize=64)
-def _shipped(model: str) -> dict[str, Any]:
-    path = SHIPPED_DIR / f"{model}.json"
+@functools.cache
+def _shipped_index() -> dict[str, str]:
+    """key -> the shipped file holding it (``memory/profiles/index.json``)."""
     try:
-        return json.loads(path.read_text()).get("entries", {})
+        index = json.loads((SHIPPED_DIR / "index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _shipped(name: str) -> dict[str, Any]:
+    try:
+        return json.loads((SHIPPED_DIR / name).read_text()).get("entries", {})
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -136,19 +147,19 @@ def _write(path: Path, parts: dict[str, Any], value: Any) -> None:
             )
 
 
-def cached(kind: str, parts: dict[str, Any], build: Callable[[], Any], shipped_as: str | None = None) -> Any:
+def cached(kind: str, parts: dict[str, Any], build: Callable[[], Any]) -> Any:
     """The value of the entry ``(kind, parts)``: shipped, cached on disk, or built now and cached.
 
     Args:
         kind: ``"spec"`` or ``"profile"`` (part of the key and of the file name).
         parts: JSON-able facts the value depends on (the code versions are added here).
         build: makes the value (JSON-able) when no valid entry exists.
-        shipped_as: the catalog name whose shipped file may hold the entry.
     """
     full = key_parts(kind, **parts)
     key = key_of(full)
-    if shipped_as is not None:
-        entry = _shipped(shipped_as).get(key)
+    shipped = _shipped_index().get(key)
+    if shipped is not None:
+        entry = _shipped(shipped).get(key)
         if isinstance(entry, dict) and entry.get("parts") == full and "value" in entry:
             return entry["value"]
     path = cache_root() / "planner" / f"{kind}-{key}.json"

@@ -204,7 +204,7 @@ def body_profile(
              "blocksize", "double_quant", "window")
     parts = {"model": spec.config_json, "run": "body", **dict(zip(names, args))}
     parts["targets"] = list(targets)
-    data = cached("profile", parts, build, shipped_as=spec.name)
+    data = cached("profile", parts, build)
     return StepProfile(Fitted(data["groups"]), tuple(data["probe_types"]))
 
 
@@ -218,7 +218,7 @@ def hf_head_profile(spec: ModelSpec, attn: str = "sdpa", device: str = "cuda") -
         return fit_head(spec, attn, device)
 
     parts = {"model": spec.config_json, "run": "head", "attn": attn, "device": device}
-    return Fitted(cached("profile", parts, build, shipped_as=spec.name)["groups"])
+    return Fitted(cached("profile", parts, build)["groups"])
 
 
 def hf_head_segment(spec: ModelSpec, b: int, s: int, attn: str = "sdpa", device: str = "cuda") -> Segment:

@@ -155,7 +155,7 @@ def _spec_cached(name: str, config_json: str) -> ModelSpec:
 
         return build_spec(json.loads(config_json), name).to_dict()
 
-    data = cached("spec", {"config": config_json}, build, shipped_as=name if name in known_models() else None)
+    data = cached("spec", {"config": config_json}, build)
     return ModelSpec.from_dict(dict(data, name=name))
 
 

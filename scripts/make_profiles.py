@@ -1,16 +1,19 @@
-"""Write memory/profiles/<model>.json: the spec and activation profiles of every catalog model, shipped.
+"""Write memory/profiles/: the specs and activation profiles shipped with qlora, and their index.
 
-    .venv/bin/python scripts/make_profiles.py            # every catalog model (about 3 minutes on 2 cores)
-    .venv/bin/python scripts/make_profiles.py qwen3-8b   # some
+    .venv/bin/python scripts/make_profiles.py            # everything (about 3 minutes on 2 cores)
+    .venv/bin/python scripts/make_profiles.py qwen3-8b   # some catalog models (or recipes/NAME.yaml)
 
-Each file holds the entries :mod:`memory.cache` would write for the model at
-the settings ``qlora plan`` uses by default (all linears, rank-independent,
-sdpa where the model has it, checkpointing, NF4 + double quantization, on
-CUDA), once inside and, for a sliding-window model, once beyond the window.
-They are built here exactly as a plan builds them (into an empty temporary
-cache), so their keys are the ones a plan looks up. Rerun after changing the
-probe, the layers, the 4-bit layout or the installed torch/transformers:
-tests/memory/test_cache.py fails until the shipped entries match the code.
+``<model>.json`` holds the entries :mod:`memory.cache` would write for a
+catalog model at the settings ``qlora plan`` uses by default (all linears,
+rank-independent, sdpa where the model has it, checkpointing, NF4 + double
+quantization, on CUDA), once inside and, for a sliding-window model, once
+beyond the window. ``recipe-<name>.json`` holds what planning a recipe in
+``recipes/`` needs, so the first ``qlora train`` of it plans at cached
+speed. ``index.json`` maps every key to its file. Entries are built exactly
+as a plan builds them (into an empty temporary cache), so their keys are the
+ones a plan looks up. Rerun after changing the probe, the layers, the 4-bit
+layout or the installed torch/transformers: tests/memory/test_cache.py fails
+until the shipped entries match the code.
 """
 
 from __future__ import annotations
@@ -26,18 +29,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _shipped_entries(name: str) -> dict:
-    """Build ``name``'s default-plan entries into an empty cache and return them by key."""
-    import memory
+def _fresh_caches(tmp: str) -> None:
     from memory import cache, profile, spec
 
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ[cache.CACHE_ENV] = tmp
-        cache._shipped.cache_clear()
-        spec._spec_cached.cache_clear()
-        profile.body_profile.cache_clear()
-        from memory.fit import NotPolynomial
+    os.environ[cache.CACHE_ENV] = tmp
+    for c in (cache._shipped_index, cache._shipped, spec._spec_cached, profile.body_profile, profile.hf_head_profile):
+        c.cache_clear()
 
+
+def _collect(tmp: str) -> dict:
+    return {p.stem.partition("-")[2]: json.loads(p.read_text()) for p in sorted((Path(tmp) / "planner").glob("*.json"))}
+
+
+def _model_entries(name: str) -> dict:
+    """Build catalog model ``name``'s default-plan entries into an empty cache and return them by key."""
+    import memory
+    from memory.fit import NotPolynomial
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _fresh_caches(tmp)
         model = memory.load_spec(name)
         shapes = [memory.Settings()]
         window = model.config.get("sliding_window")
@@ -48,11 +58,28 @@ def _shipped_entries(name: str) -> dict:
                 memory.estimate(model, settings)
             except NotPolynomial as e:  # reported, not shipped: such a plan fails the same way
                 print(f"{name} at seq {settings.seq_len}: no profile ({e})", file=sys.stderr)
-        entries = {}
-        for path in sorted((Path(tmp) / "planner").glob("*.json")):
-            key = path.stem.partition("-")[2]
-            entries[key] = json.loads(path.read_text())
-    return entries
+        return _collect(tmp)
+
+
+def _recipe_entries(path: Path) -> dict:
+    """What planning ``path`` as ``qlora train`` does here builds (its device: the recipe's, CUDA with a gpu)."""
+    from qlora.train.plan import plan_recipe
+    from qlora.train.recipe import load_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _fresh_caches(tmp)
+        plan_recipe(load_recipe(path))  # the device qlora train would plan for on this machine
+        return _collect(tmp)
+
+
+def _write(name: str, entries: dict, start: float) -> None:
+    from memory.cache import SHIPPED_DIR
+    from quant.files import write_text_atomic
+
+    target = SHIPPED_DIR / name
+    write_text_atomic(target, json.dumps({"entries": entries}, separators=(",", ":")) + "\n")
+    kb = target.stat().st_size / 1024
+    print(f"{name}: {len(entries)} entries, {kb:.0f} KiB, {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def main(names: list[str]) -> int:
@@ -60,16 +87,21 @@ def main(names: list[str]) -> int:
     from memory.cache import SHIPPED_DIR
     from quant.files import write_text_atomic
 
-    names = names or memory.known_models()
+    recipes = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "recipes").glob("*.yaml"))]
+    names = names or memory.known_models() + recipes
     SHIPPED_DIR.mkdir(exist_ok=True)
     for name in names:
         start = time.perf_counter()
-        target = SHIPPED_DIR / f"{name}.json"
-        target.unlink(missing_ok=True)  # build, never read back, the entries being replaced
-        entries = _shipped_entries(name)
-        write_text_atomic(target, json.dumps({"model": name, "entries": entries}, separators=(",", ":")) + "\n")
-        kb = target.stat().st_size / 1024
-        print(f"{name}: {len(entries)} entries, {kb:.0f} KiB, {time.perf_counter() - start:.1f} s", flush=True)
+        if name.endswith((".yaml", ".yml")):
+            _write(f"recipe-{Path(name).stem}.json", _recipe_entries(ROOT / name), start)
+        else:
+            _write(f"{name}.json", _model_entries(name), start)
+    index = {}
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        if path.name != "index.json":
+            index.update((key, path.name) for key in json.loads(path.read_text())["entries"])
+    write_text_atomic(SHIPPED_DIR / "index.json", json.dumps(index, indent=0, sort_keys=True) + "\n")
+    print(f"index.json: {len(index)} keys")
     return 0
 
 

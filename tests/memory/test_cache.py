@@ -19,7 +19,7 @@ from memory.settings import PLAN_DEFAULTS
 def fresh(tmp_path, monkeypatch):
     """An empty user cache and empty in-process caches (restored afterwards)."""
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
-    caches = (spec._spec_cached, profile.body_profile, profile.hf_head_profile, cache._shipped)
+    caches = (spec._spec_cached, profile.body_profile, profile.hf_head_profile, cache._shipped, cache._shipped_index)
     for c in caches:
         c.cache_clear()
     cache._warned.clear()
@@ -51,6 +51,23 @@ def test_every_catalog_model_is_shipped_for_the_default_plan(fresh, monkeypatch)
             stale.append(name)
     assert not stale, f"shipped profiles missing or stale for {stale}: run scripts/make_profiles.py"
     assert not fresh.exists()  # nothing was built, so nothing was written
+
+
+def test_every_recipe_plans_from_the_shipped_profiles(fresh, monkeypatch):
+    # what `qlora train RECIPE` pays to plan at its start: a read, never a dry run
+    from pathlib import Path
+
+    from qlora.train.plan import plan_recipe
+    from qlora.train.recipe import load_recipe
+
+    monkeypatch.setattr(meta, "build_spec", _no_build)
+    monkeypatch.setattr(fit, "fit_body", _no_build)
+    monkeypatch.setattr(fit, "fit_head", _no_build)
+    recipes = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        plan_recipe(load_recipe(path))
+    assert not fresh.exists()
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma-2-2b"])
