@@ -16,8 +16,8 @@ come from eager attention and masks).
 :func:`prune` then drops every event that can never be a peak: all features
 are at least 1 for any real shape, so an event whose coefficients another
 event of the same stretch matches or exceeds, term by term, is below it at
-every shape. That keeps the stored profile small (a few hundred of ~1,500
-events for Llama) and its evaluation fast, and changes no answer (a test
+every shape. That keeps the stored profile small (89 of Llama-3.1-8B's
+1,530 events) and its evaluation fast, and changes no answer (a test
 compares pruned and unpruned profiles).
 
 Costs: a body profile takes 6 dry runs of a 2-3 layer model (15 when eager
