@@ -127,6 +127,32 @@ def _gemma2(hidden, inter, layers, heads, kv, head_dim, query_scalar):
     }
 
 
+def _gemma3_text(hidden, inter, layers, heads, kv, sliding_window, max_pos):
+    return {
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": 256,
+        "vocab_size": 262144,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,  # full-attention layers
+        "rope_local_base_freq": 10000.0,  # sliding layers
+        "rope_scaling": None,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": sliding_window,
+        "sliding_window_pattern": 6,  # 5 sliding layers, then 1 full
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+    }
+
+
 def _phi3(max_pos, sliding_window):
     return {
         "model_type": "phi3",
@@ -148,7 +174,8 @@ def _phi3(max_pos, sliding_window):
     }
 
 
-def _mistral(hidden, inter, layers, heads, kv, vocab, head_dim=None, max_pos=32768):
+def _mistral(hidden, inter, layers, heads, kv, vocab, head_dim=None, max_pos=32768, sliding_window=None,
+             rope_theta=1000000.0):
     d = {
         "model_type": "mistral",
         "hidden_size": hidden,
@@ -161,8 +188,8 @@ def _mistral(hidden, inter, layers, heads, kv, vocab, head_dim=None, max_pos=327
         "hidden_act": "silu",
         "max_position_embeddings": max_pos,
         "rms_norm_eps": 1e-5,
-        "rope_theta": 1000000.0,
-        "sliding_window": None,
+        "rope_theta": rope_theta,
+        "sliding_window": sliding_window,
     }
     if head_dim is not None:
         d["head_dim"] = head_dim
@@ -176,6 +203,9 @@ _MODELS: dict[str, tuple[dict, str]] = {
     "llama-3.1-8b": (_llama(4096, 14336, 32, 32, 8, False, 8.0), "meta-llama/Llama-3.1-8B"),
     "llama-3.1-70b": (_llama(8192, 28672, 80, 64, 8, False, 8.0), "meta-llama/Llama-3.1-70B"),
     "llama-3.3-70b": (_llama(8192, 28672, 80, 64, 8, False, 8.0), "meta-llama/Llama-3.3-70B-Instruct"),
+    "mistral-7b-v0.1": (
+        _mistral(4096, 14336, 32, 32, 8, 32000, sliding_window=4096, rope_theta=10000.0), "mistralai/Mistral-7B-v0.1"
+    ),
     "mistral-7b-v0.3": (_mistral(4096, 14336, 32, 32, 8, 32768), "mistralai/Mistral-7B-v0.3"),
     "mistral-nemo-12b": (
         _mistral(5120, 14336, 40, 32, 8, 131072, head_dim=128, max_pos=1024000),
@@ -197,6 +227,8 @@ _MODELS: dict[str, tuple[dict, str]] = {
     "gemma-2-2b": (_gemma2(2304, 9216, 26, 8, 4, 256, 256), "google/gemma-2-2b"),
     "gemma-2-9b": (_gemma2(3584, 14336, 42, 16, 8, 256, 256), "google/gemma-2-9b"),
     "gemma-2-27b": (_gemma2(4608, 36864, 46, 32, 16, 128, 144), "google/gemma-2-27b"),
+    # The text-only Gemma-3 (Gemma3ForCausalLM); 4B and larger are image-text models (Gemma3ForConditionalGeneration).
+    "gemma-3-1b": (_gemma3_text(1152, 6912, 26, 4, 1, 512, 32768), "google/gemma-3-1b-pt"),
     "phi-3-mini-4k": (_phi3(4096, 2047), "microsoft/Phi-3-mini-4k-instruct"),
     "phi-3.5-mini": (_phi3(131072, 262144), "microsoft/Phi-3.5-mini-instruct"),
     "tinyllama-1.1b": (
@@ -221,7 +253,7 @@ _MODELS: dict[str, tuple[dict, str]] = {
     ),
 }
 
-_SUFFIXES = ("-instruct", "-it", "-chat", "-base")
+_SUFFIXES = ("-instruct", "-it", "-pt", "-chat", "-base")
 
 
 def known_models() -> list[str]:

@@ -42,7 +42,7 @@ from quant.formats import NO_QUANT, bits_per_param, check_args, nested_table_byt
 
 from .catalog import DEFAULT_MODEL
 from .host import HostMemory, host_memory
-from .profile import TAGS, body_profile, hf_head_segment
+from .profile import TAGS, body_profile, hf_head_segment, probe_window
 from .settings import ATTN, Settings, with_changes
 from .spec import ModelSpec, load_spec
 from .targets import resolve_targets
@@ -283,7 +283,7 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
 
     profile = body_profile(
         spec, shorts, s.dropout, s.dora, s.adapter_dtype, attn, checkpointing, device, s.quant_type, s.blocksize,
-        s.double_quant, _probe_window(spec, seq_len),
+        s.double_quant, probe_window(spec, seq_len),
     )
     if s.loss == "hf":
         head = hf_head_segment(spec, batch, seq_len, attn, device)
@@ -332,19 +332,6 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
 @functools.lru_cache(maxsize=256)
 def _facts(spec: ModelSpec) -> dict:
     return spec.config  # parsed once per spec, not per estimate (read-only here)
-
-
-def _probe_window(spec: ModelSpec, seq_len: int) -> int | None:
-    """The sliding window the dry runs use (``memory.probe.probe_window``); None without one.
-
-    Importing the probe costs torch's import (~2.5 s), so models without a
-    sliding window never do.
-    """
-    if not _facts(spec).get("sliding_window"):
-        return None
-    from .probe import probe_window
-
-    return probe_window(spec, seq_len)
 
 
 def _terms(vec) -> dict[str, int]:

@@ -111,8 +111,15 @@ def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 def _cpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """What ``F.scaled_dot_product_attention`` runs on CPU: the fused flash kernel for CPU.
 
-    It takes grouped k/v directly and keeps out plus an fp32 log-sum-exp.
+    It takes grouped k/v directly and keeps out plus an fp32 log-sum-exp. A boolean mask
+    (sliding-window attention past its window) is first turned into an additive one in the
+    query's dtype, shaped like the mask after its broadcast (``b x 1 x s x s``; torch's
+    ``convert_boolean_attn_mask``), and that copy is what the kernel saves for backward.
     """
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.where(
+            attn_mask, 0.0, torch.scalar_tensor(-math.inf, dtype=query.dtype, device=query.device)
+        )
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, dropout_p, bool(is_causal), attn_mask=attn_mask, scale=scale
     )[0]

@@ -185,7 +185,26 @@ def spec_from_model(model: nn.Module, name: str, facts: dict) -> ModelSpec:
         total_params=total,
         lm_class=cls.__name__,
         supports_sdpa=bool(getattr(cls, "_supports_sdpa", False)),
+        sliding_window=_sliding_window(model.config),
     )
+
+
+def _sliding_window(config) -> int | None:
+    """The sliding window some layer of the model attends within, or None.
+
+    The config class's default when config.json omits it (Mistral, Gemma:
+    4096); None when Qwen2/Qwen3's ``use_sliding_window`` is off. A config class
+    that declares ``layer_types`` applies the window only to its
+    ``sliding_attention`` layers; one that does not (Mistral, Phi-3) to every layer.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    declares_types = any("layer_types" in getattr(k, "__annotations__", {}) for k in type(config).__mro__)
+    types = getattr(config, "layer_types", None)
+    if declares_types and isinstance(types, (list, tuple)) and "sliding_attention" not in types:
+        return None
+    return window
 
 
 def build_spec(facts: dict, name: str) -> ModelSpec:

@@ -49,7 +49,7 @@ from quant.model import linear_names, skipped_names
 
 from .kernels import ProbeNF4Linear, device_dropout, device_sdpa
 from .meta import layers_prefix, meta_model
-from .profile import TAGS
+from .profile import TAGS, probe_window  # noqa: F401  (probe_window: what a dry run for a length uses)
 from .spec import ModelSpec
 from .tracker import LiveTensorTracker, storage_key
 
@@ -85,24 +85,6 @@ def probe_layer_types(spec: ModelSpec) -> tuple[str, ...]:
     if len(types) == 1:  # a one-layer model: still probe a "later" layer so the fit has its shape
         types.append(spec.layer_types[0])
     return tuple(types)
-
-
-_PROBE_WINDOW = 4  # below every probe sequence length (memory.profile uses 8 to 40)
-
-
-def probe_window(spec: ModelSpec, seq_len: int) -> int | None:
-    """The sliding window a dry run for ``seq_len`` uses: None (the config's) or :data:`_PROBE_WINDOW`.
-
-    Dry runs use short sequences (8-40 tokens), always inside a real window
-    (512-4096), where a sliding-window mask equals the causal one and
-    transformers skips building it. Past the window the mask must exist
-    (b x 1 x s x s), so a plan for ``seq_len`` beyond the window is fitted from
-    dry runs with a window shorter than every probe sequence.
-    """
-    window = spec.config.get("sliding_window")
-    if not window or spec.config.get("use_sliding_window") is False or seq_len <= window:
-        return None
-    return _PROBE_WINDOW
 
 
 def probe_model(

@@ -32,6 +32,36 @@ TAGS = ("inputs", "pre", "fwd", "head", "seed", "bwd", "dequant", "grad")
 Vec = list[int]  # bytes per tag, in the order of TAGS
 
 
+PROBE_WINDOW = 4  # below every probe sequence length (memory.fit uses 32 to 160)
+
+
+def probe_window(spec: ModelSpec, seq_len: int) -> int | None:
+    """The sliding window a dry run for ``seq_len`` uses: None (the config's) or :data:`PROBE_WINDOW`.
+
+    transformers (``masking_utils``) builds a sliding-window layer's mask for
+    sdpa only when the sequence reaches the window (``kv_length >=
+    sliding_window``: at or past it; below it the mask is the causal one and
+    sdpa runs with ``is_causal``). The mask is a ``1 x 1 x s x s`` bool tensor
+    (expanded to ``b x 1 x s x s``); sdpa then turns it into an additive
+    ``b x 1 x s x s`` mask in the query's dtype, which the attention kernel
+    keeps for backward, and repeats grouped k/v for every query head. Its
+    size does not depend on the window, only on whether it exists. Eager
+    attention builds a ``b x 1 x s x s`` float mask in the model dtype for
+    every layer type at any length, so the window changes nothing there.
+
+    Dry runs use short sequences (32-160 tokens), always inside a real window
+    (512-4096), so a plan for ``seq_len >= window`` is fitted from dry runs with
+    a window shorter than every probe sequence. The window is the one the
+    model uses (:attr:`ModelSpec.sliding_window`, read from the transformers
+    config by :mod:`memory.meta`: the class default when config.json omits it,
+    None when no layer slides).
+    """
+    window = spec.sliding_window
+    if window is None or seq_len < window:
+        return None
+    return PROBE_WINDOW
+
+
 def features(b: int, s: int, r: int) -> list[int]:
     """The feature row for batch ``b``, sequence ``s``, rank ``r`` (order of :data:`FEATURES`)."""
     return [1, b, s, b * s, b * s * r, r, b * s * s, s * s]

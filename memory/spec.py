@@ -83,6 +83,7 @@ class ModelSpec:
         total_params: all parameters, tied ones once (the published size).
         lm_class: the transformers class (``LlamaForCausalLM``).
         supports_sdpa: that class has an sdpa attention path in the installed transformers.
+        sliding_window: the window some layer attends within (sliding-window attention), or None.
     """
 
     name: str
@@ -99,6 +100,7 @@ class ModelSpec:
     total_params: int
     lm_class: str
     supports_sdpa: bool
+    sliding_window: int | None
 
     @property
     def config(self) -> dict:
