@@ -185,3 +185,8 @@ def test_qlora_plan_with_an_unwritable_cache_warns_once_and_answers(tmp_path):
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "fits" in out.stdout
     assert out.stderr.count("cannot write the planner cache") == 1, out.stderr
+
+
+def test_probe_sequences_stay_within_max_probe_seq():
+    assert max(s for _, s, _ in fit._CANDIDATES) == profile.MAX_PROBE_SEQ
+    assert min(s for _, s, _ in fit._CANDIDATES) > profile.PROBE_WINDOW

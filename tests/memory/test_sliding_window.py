@@ -18,7 +18,7 @@ from arch_configs import ARCHS, BASE
 from memcheck import check
 
 import memory
-from memory import fit
+from memory import fit, profile
 from memory.meta import build_config
 from memory.probe import body_run
 from memory.profile import PROBE_WINDOW as _PROBE_WINDOW
@@ -43,18 +43,19 @@ def _windows(facts, seqs):
 
 
 W = _PROBE_WINDOW
+IN = profile._NO_WINDOW  # inside a window shorter than the probe sequences: dry-run with none at all
 
 
 @pytest.mark.parametrize("facts", [MISTRAL, QWEN2, GEMMA3, PHI3], ids=["mistral", "qwen2", "gemma3", "phi3"])
 def test_the_mask_regime_starts_at_the_window(facts):
-    assert _windows(facts, [8, 63, 64, 65, 4096]) == [None, None, W, W, W]
+    assert _windows(facts, [8, 63, 64, 65, 4096]) == [IN, IN, W, W, W]
 
 
 def test_gemma2_alternating_layers_past_its_window():
     # ARCHS["gemma2"]: window 16, layers sliding/full/sliding (eager only: the mask exists at every length,
     # so the probe window changes nothing there, see below)
     assert _spec(ARCHS["gemma2"]).layer_types == ("sliding_attention", "full_attention", "sliding_attention")
-    assert _windows(ARCHS["gemma2"], [15, 16, 48]) == [None, W, W]
+    assert _windows(ARCHS["gemma2"], [15, 16, 48]) == [IN, W, W]
 
 
 def test_no_window_or_no_sliding_layer_means_no_sliding_mask():
