@@ -68,6 +68,14 @@ def probe_window(spec: ModelSpec, seq_len: int) -> int | None:
     return None if window > MAX_PROBE_SEQ else _NO_WINDOW
 
 
+def _rng_untouched():
+    """Dry runs must not move torch's random stream: a trainer's data order and init would then
+    depend on whether its plan was cached."""
+    import torch
+
+    return torch.random.fork_rng(devices=[])
+
+
 def features(b: int, s: int, r: int) -> list[int]:
     """The feature row for batch ``b``, sequence ``s``, rank ``r`` (order of :data:`FEATURES`)."""
     return [1, b, s, b * s, b * s * r, r, b * s * s, s * s]
@@ -234,7 +242,8 @@ def body_profile(
         from .fit import fit_body  # torch + the dry runs: only when no cache has this profile
 
         log.info("fitting the activation profile of %s (%s); it is cached afterwards", spec.name, attn)
-        return fit_body(spec, *args)
+        with _rng_untouched():
+            return fit_body(spec, *args)
 
     names = ("targets", "dropout", "dora", "adapter_dtype", "attn", "checkpointing", "device", "quant_type",
              "blocksize", "double_quant", "window")
@@ -251,7 +260,8 @@ def hf_head_profile(spec: ModelSpec, attn: str = "sdpa", device: str = "cuda") -
     def build() -> dict:
         from .fit import fit_head
 
-        return fit_head(spec, attn, device)
+        with _rng_untouched():
+            return fit_head(spec, attn, device)
 
     parts = {"model": spec.config_json, "run": "head", "attn": attn, "device": device}
     return Fitted(cached("profile", parts, build)["groups"])

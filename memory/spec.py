@@ -153,9 +153,12 @@ class ModelSpec:
 @functools.lru_cache(maxsize=64)
 def _spec_cached(name: str, config_json: str) -> ModelSpec:
     def build() -> dict:
+        import torch
+
         from .meta import build_spec  # torch + transformers: only when no cache has the spec
 
-        return build_spec(json.loads(config_json), name).to_dict()
+        with torch.random.fork_rng(devices=[]):  # planning never moves the trainer's random stream
+            return build_spec(json.loads(config_json), name).to_dict()
 
     data = cached("spec", {"config": config_json}, build)
     return ModelSpec.from_dict(dict(data, name=name))

@@ -64,8 +64,15 @@ def test_tiny_recipe_trains_and_writes_everything(tmp_path):
 # step 2 by 6.8e-3 and step 4 by 1.3e-2, no dropout moves step 4 by 3.0e-3, warmup 4 instead of 5 by 1.7e-2.
 # Re-pinned when an assistant turn's targets came to stop at its end-of-turn token (the newline the template
 # writes after it is no longer a target): that moved step 1 by 1.4e-2 and step 4 by 7.0e-2.
-PINNED_TRAIN = {1: 6.9688, 2: 6.9535, 3: 6.7905, 4: 6.7552}
-PINNED_EVAL = {0: 6.9758, 2: 6.7969, 4: 6.6564}
+# A CPU without avx512_bf16 runs bf16 matmuls through other kernels (15 vs ~300 GFLOP/s here) and rounds
+# differently: up to 3.5e-3 at step 3, measured on such an AMD EPYC. Each kind of CPU has its own pins.
+_BF16_CPU = "avx512_bf16" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+if _BF16_CPU:
+    PINNED_TRAIN = {1: 6.9688, 2: 6.9535, 3: 6.7905, 4: 6.7552}
+    PINNED_EVAL = {0: 6.9758, 2: 6.7969, 4: 6.6564}
+else:
+    PINNED_TRAIN = {1: 6.9701, 2: 6.9524, 3: 6.7940, 4: 6.7531}
+    PINNED_EVAL = {0: 6.9758, 2: 6.8007, 4: 6.6564}
 PINNED_ATOL = 1e-3
 
 
