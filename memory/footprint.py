@@ -88,10 +88,9 @@ class Footprint:
         phases: phase -> tensor bytes at that phase's worst moment.
         peak_phase: the phase holding the peak.
         tensor_peak_bytes: what ``torch.cuda.max_memory_allocated`` should read.
-        host_bytes: paged optimizer state living in host-backed unified memory,
-            plus offloaded layer inputs in pinned host memory.
-        host: the whole host side (:class:`memory.host.HostMemory`): those two, the
-            process and the loader's transient; ``host.total_bytes`` is what RAM must hold.
+        host: the host side (:class:`memory.host.HostMemory`): paged optimizer
+            state, offloaded layer inputs in pinned memory, the process and the
+            loader's transient; ``host.total_bytes`` is what RAM must hold.
         cuda_context_bytes, allocator_reserve_bytes: on top of the tensor peak
             on a GPU (0 for ``device='cpu'``).
         quantized_params, lora_params: element counts; ``quantized_params`` are the
@@ -119,15 +118,19 @@ class Footprint:
     phases: dict[str, int]
     peak_phase: str
     tensor_peak_bytes: int
-    host_bytes: int
     cuda_context_bytes: int
     allocator_reserve_bytes: int
     quantized_params: int
     lora_params: int
     nf4_bits_per_param: float
+    host: HostMemory
     offload_activations: bool = False
     quant_type: str = "nf4"
-    host: HostMemory | None = None
+
+    @property
+    def host_bytes(self) -> int:
+        """Paged optimizer state (host-backed unified memory) plus offloaded layer inputs (pinned)."""
+        return self.host.paged_optimizer_state + self.host.pinned_offload
 
     @property
     def device_total_bytes(self) -> int:
@@ -318,7 +321,7 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
         gradient_checkpointing=checkpointing, attn=attn, loss=s.loss,
         loss_chunk_tokens=s.loss_chunk_tokens if s.loss == "chunked" else None,
         breakdown=breakdown, phases=phases, peak_phase=peak_phase, tensor_peak_bytes=tensor_peak,
-        host_bytes=state_host + pinned, cuda_context_bytes=s.cuda_context_bytes if on_gpu else 0,
+        cuda_context_bytes=s.cuda_context_bytes if on_gpu else 0,
         allocator_reserve_bytes=int(s.allocator_reserve * tensor_peak) if on_gpu else 0,
         quantized_params=spec.quantized_params, lora_params=lora_elements,
         nf4_bits_per_param=(

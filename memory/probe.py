@@ -49,7 +49,7 @@ from quant.model import linear_names, skipped_names
 
 from .kernels import ProbeNF4Linear, device_dropout, device_sdpa
 from .meta import layers_prefix, meta_model
-from .profile import TAGS, probe_window  # noqa: F401  (probe_window: what a dry run for a length uses)
+from .profile import TAGS
 from .spec import ModelSpec
 from .tracker import LiveTensorTracker, storage_key
 

@@ -229,7 +229,7 @@ def body_profile(
     """The decoder stack's profile: shipped, cached on disk, or fitted now (:func:`memory.fit.fit_body`).
 
     ``window`` is the sliding window the dry runs use instead of the config's
-    (``memory.probe.probe_window``).
+    (:func:`probe_window`).
 
     Raises:
         InputError: the model cannot be built with these settings.
