@@ -18,6 +18,7 @@ until the shipped entries match the code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -63,12 +64,17 @@ def _model_entries(name: str) -> dict:
 
 def _recipe_entries(path: Path) -> dict:
     """What planning ``path`` as ``qlora train`` does here builds (its device: the recipe's, CUDA with a gpu)."""
-    from qlora.train.plan import plan_recipe
+    from qlora.train.plan import plan_recipe, planning_device
     from qlora.train.recipe import load_recipe
 
+    recipe = load_recipe(path)
     with tempfile.TemporaryDirectory() as tmp:
         _fresh_caches(tmp)
-        plan_recipe(load_recipe(path))  # the device qlora train would plan for on this machine
+        plan_recipe(recipe)  # the device qlora train would plan for on this machine
+        if recipe.lora.dtype == "auto" and planning_device(recipe).type == "cpu":
+            # on a CPU auto means bf16 or float32, by the CPU (qlora.train.precision): ship both
+            for dtype in ("bfloat16", "float32"):
+                plan_recipe(dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, dtype=dtype)))
         return _collect(tmp)
 
 

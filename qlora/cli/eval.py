@@ -59,7 +59,8 @@ def run(args) -> int:
     from qlora.tasks import TASK_FORMATS, evaluate_task, task_examples
     from qlora.train.loop import evaluate
     from qlora.train.loss import CHUNK_TOKENS
-    from qlora.train.setup import autocast_dtype_for, resolve_device, row_targets
+    from qlora.train.precision import autocast_dtype_for
+    from qlora.train.setup import resolve_device, row_targets
     from quant.loading import load_quantized_model
 
     _check(args)

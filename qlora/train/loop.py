@@ -34,6 +34,7 @@ from qlora.train.loss import CHUNK_TOKENS, causal_lm_loss, targets_per_row
 from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
 from qlora.train.optim import build_optimizer, build_scheduler
 from qlora.train.plan import RunPlan, plan_run
+from qlora.train.precision import resolve_dtypes
 from qlora.train.recipe import Recipe, recipe_to_dict
 from qlora.train.setup import RunData, build_model, diagnostics_fn, load_data, param_groups, resolve_device, row_targets
 from quant.errors import InputError
@@ -125,7 +126,8 @@ def forward_loss(model, batch: dict, chunk_tokens: int | None, autocast_dtype: t
     a host sync on a GPU.
     """
     device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type, dtype=autocast_dtype):
+    # float32 "autocast" is no autocast (CPU autocast refuses it with a warning)
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
         if chunk_tokens is None:
             n = _targets(batch["labels"]) if n_targets is None else n_targets
             out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
@@ -191,6 +193,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
         InputError: see :func:`train`.
     """
     device = resolve_device(recipe.device)
+    recipe = resolve_dtypes(recipe, device, say)  # auto dtypes become names: the plan, the model and recipe.yaml agree
     out = Path(recipe.output_dir)
     torch.manual_seed(recipe.seed)
     plan = plan_run(recipe, device)  # before any weights are read
@@ -317,7 +320,8 @@ def _task_record(run: _Run, step: int, result: TrainResult, say: Callable[[str],
     if not t.examples or not run.data.eval_tasks:
         return {}
     was_training = run.model.training
-    with torch.autocast(run.device.type, dtype=run.plan.autocast_dtype):
+    dtype = run.plan.autocast_dtype
+    with torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32):
         score = evaluate_task(run.model, run.plan.tokenizer, run.data.eval_tasks[: t.examples], t.max_new_tokens,
                               t.batch_size)
     run.model.train(was_training)

@@ -20,8 +20,8 @@ import torch
 import memory
 from qlora.builtin_models import model_source, resolve_model_dir
 from qlora.train.loss import CHUNK_TOKENS
+from qlora.train.precision import auto_dtype, autocast_dtype_for
 from qlora.train.recipe import Recipe
-from qlora.train.setup import autocast_dtype_for
 from quant.errors import InputError, choices
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         targets=lora.targets,
         dropout=lora.dropout,
         dora=lora.variant == "dora",
-        adapter_dtype=lora.dtype,
+        adapter_dtype=auto_dtype(device) if lora.dtype == "auto" else lora.dtype,
         optimizer=recipe.optimizer.name,
         gradient_checkpointing=recipe.gradient_checkpointing,
         attn=_ATTN[recipe.model.attn_implementation],
@@ -294,5 +294,13 @@ def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
         micro_batch_size=p.micro_batch_size, grad_accum=p.gradient_accumulation_steps, rank=p.rank,
         predicted_peak_bytes=fp.tensor_peak_bytes, budget_bytes=p.gpu.total_bytes,
         autocast_dtype=autocast_dtype_for(device, recipe.quant.compute_dtype),
-        summary=plan_summary(p, model_label(recipe)),
+        summary=plan_summary(p, model_label(recipe)) + _float32_note(recipe),
     )
+
+
+def _float32_note(recipe: Recipe) -> str:
+    """The planner's activation terms are measured in bf16: say so when this run computes in float32."""
+    if "float32" not in (recipe.model.dtype, recipe.quant.compute_dtype):
+        return ""
+    return ("\n  note: float32 compute (model.dtype / quant.compute_dtype): the planner models bf16 activations "
+            "and weights, so this run holds up to twice the predicted activation memory")

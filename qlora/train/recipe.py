@@ -53,7 +53,8 @@ Positive = Annotated[StrictInt, Field(gt=0)]
 NonNegative = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[Float, Field(gt=0)]
 Fraction = Annotated[Float, Field(ge=0, lt=1)]  # [0, 1)
-Dtype16 = Literal["bfloat16", "float16", "float32"]
+# auto: bfloat16 where the device multiplies it natively, else float32 (qlora.train.precision)
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 _SECTION = ConfigDict(extra="forbid")  # an unknown key is an error, never silently ignored
 
 
@@ -61,7 +62,7 @@ _SECTION = ConfigDict(extra="forbid")  # an unknown key is an error, never silen
 class ModelConfig:
     __pydantic_config__ = _SECTION
     path: Str = "builtin:tiny-llama"  # local HF dir, a pre-quantized bnb-4bit dir, or builtin:tiny-llama
-    dtype: Dtype16 = "bfloat16"  # non-quantized params (embeddings, norms, head)
+    dtype: Dtype = "auto"  # non-quantized params (embeddings, norms, head)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
@@ -71,7 +72,7 @@ class QuantConfig:
     quant_type: Literal["nf4", "fp4", "none"] = "nf4"  # none: a 16-bit base, plain LoRA (the baseline)
     blocksize: Int = 64  # one of quant.BLOCKSIZES (checked in _check: quant imports torch)
     double_quant: Bool = True
-    compute_dtype: Dtype16 = "bfloat16"
+    compute_dtype: Dtype = "auto"
 
 
 @dataclass
@@ -84,7 +85,7 @@ class LoraConfig:
     variant: Literal["lora", "dora"] = "lora"
     use_rslora: Bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     freeze_A: Bool = False  # LoRA-FA
     loraplus_ratio: Union[PositiveFloat, None] = None  # LoRA+: lr(B) = ratio * lr
     rank_pattern: dict[Str, Int] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Setting up a run: the device, the autocast dtype, the data rows, the trainable model, its optimizer groups.
+"""Setting up a run: the device, the data rows, the trainable model, its optimizer groups.
 
 Every builder here takes flat, typed arguments or one of the recipe's small
 section dataclasses (:class:`DataConfig`, :class:`QuantConfig`,
@@ -23,8 +23,8 @@ from qlora.lora.param_groups import lora_param_groups
 from qlora.lora.surgery import apply_lora, lora_modules
 from qlora.tasks import TaskExample, task_examples
 from qlora.train.loss import targets_per_row
+from qlora.train.precision import torch_dtype
 from qlora.train.recipe import DataConfig, LoraConfig, OptimizerConfig, QuantConfig
-from quant.dtypes import DTYPES
 from quant.errors import InputError
 from quant.loading import load_quantized_model
 
@@ -43,15 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("The recipe asks for device 'cuda' but torch sees no CUDA GPU here; set device: cpu or auto.")
     return torch.device(name)
-
-
-def autocast_dtype_for(device: torch.device, compute: str) -> torch.dtype:
-    """bf16 autocast where supported; fp16 (with a loss scaler) on GPUs without bf16."""
-    want = DTYPES[compute]
-    if device.type == "cuda" and want == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        log.warning("this GPU has no bf16: using fp16 autocast with a gradient scaler instead")
-        return torch.float16
-    return want
 
 
 @dataclass(frozen=True)
@@ -121,7 +112,7 @@ def build_model(
     device: torch.device,
     quant: QuantConfig,
     lora: LoraConfig,
-    model_dtype: str = "bfloat16",
+    model_dtype: str = "auto",
     gradient_checkpointing: bool = True,
     offload_activations: bool = False,
     resume_adapter: Path | None = None,
@@ -134,7 +125,8 @@ def build_model(
         quant: how the base is quantized (``quant_type``, ``blocksize``, ``double_quant``, ``compute_dtype``).
         lora: the adapter to add; ``lora.rank`` must be resolved (an int, as :func:`qlora.train.plan.plan_run`
             returns it), not ``auto``.
-        model_dtype: dtype name of the non-quantized parameters (embeddings, norms, head).
+        model_dtype: dtype name of the non-quantized parameters (embeddings, norms, head); ``auto`` and the
+            sections' ``auto`` dtypes mean :func:`qlora.train.precision.auto_dtype` on ``device``.
         gradient_checkpointing, offload_activations: see :func:`enable_checkpointing`.
         resume_adapter: read the adapter weights from this PEFT folder instead of initializing them.
         attn_implementation: transformers' attention (recipe ``model.attn_implementation``); None: its default.
@@ -149,10 +141,11 @@ def build_model(
     """
     if not isinstance(lora.rank, int):
         raise InputError(f"build_model needs a resolved LoRA rank, got {lora.rank!r}; plan the run first (qlora plan).")
-    dtype = DTYPES[model_dtype]
+    dtype, adapter_dtype = torch_dtype(model_dtype, device), torch_dtype(lora.dtype, device)
     log.info("non-quantized parameters (embeddings, norms, head) stay %s: recipe model.dtype", dtype)
     model = load_quantized_model(
-        model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant, DTYPES[quant.compute_dtype],
+        model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant,
+        torch_dtype(quant.compute_dtype, device),
         dtype=dtype, attn_implementation=attn_implementation,
     )
     if attn_implementation is not None:
@@ -160,10 +153,10 @@ def build_model(
     model.config.use_cache = False  # no KV cache in training: keeps packed-sequence masking on (see qlora.data)
     apply_lora(
         model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.variant == "dora",
-        lora.init, DTYPES[lora.dtype], lora.rank_pattern or None, lora.alpha_pattern or None, lora.freeze_A,
+        lora.init, adapter_dtype, lora.rank_pattern or None, lora.alpha_pattern or None, lora.freeze_A,
     )
     if resume_adapter is not None:
-        load_adapter(model, resume_adapter, dtype=DTYPES[lora.dtype], trainable=True)
+        load_adapter(model, resume_adapter, dtype=adapter_dtype, trainable=True)
         if lora.freeze_A:  # install made fresh trainable factors: LoRA-FA freezes A again
             for _, m in lora_modules(model):
                 m.freeze_A()

@@ -1,0 +1,101 @@
+"""Which floating-point dtypes a run computes in, and why.
+
+A recipe's three dtype keys (``model.dtype``, ``quant.compute_dtype``,
+``lora.dtype``) default to ``auto``: bfloat16 where the device multiplies
+bf16 natively, float32 where it does not. The choice is a speed decision,
+not a taste: a CPU without avx512_bf16 or AMX runs torch's bf16 matmul on a
+fallback kernel that converts element by element, measured at 15 GFLOP/s
+against 114 for float32 on an AMD EPYC of that kind (and 3 against 134 here
+with oneDNN switched off), so a bf16 fine-tune there is ~8x slower than the
+same run in float32. float32 on a CPU costs memory the planner does not
+model (it plans bf16 activations), which a CPU run's RAM budget can spare.
+
+An explicit ``bfloat16`` is honoured and warned about on such a CPU; every
+resolution is logged with its reason. :func:`resolve_dtypes` is the one
+place ``auto`` becomes a dtype, for ``qlora train`` and for the planner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from qlora.train.recipe import Recipe
+from quant.dtypes import DTYPES
+
+log = logging.getLogger(__name__)
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls on ``device`` run on native kernels (as fast as float32 or faster).
+
+    CUDA: :func:`torch.cuda.is_bf16_supported`. CPU: oneDNN enabled and the
+    CPU has avx512_bf16 or AMX tiles, the case in which torch routes bf16
+    matmuls to oneDNN's native kernels instead of its element-wise fallback.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind != "cpu" or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    cpu = torch.cpu  # private probes, present since torch 2.1; a torch without them counts as no native bf16
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
+
+
+def auto_dtype(device: torch.device | str) -> str:
+    """What ``auto`` means on ``device``: ``bfloat16`` where it is native (every CUDA GPU: the
+    fp16 fallback of GPUs without bf16 is :func:`autocast_dtype_for`'s), else ``float32``."""
+    return "bfloat16" if torch.device(device).type == "cuda" or native_bf16(device) else "float32"
+
+
+def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """A recipe dtype value (a name or ``auto``) as the ``torch.dtype`` it means on ``device``."""
+    return DTYPES[auto_dtype(device) if name == "auto" else name]
+
+
+def resolve_dtypes(recipe: Recipe, device: torch.device | str, say=log.info) -> Recipe:
+    """``recipe`` with every ``auto`` dtype key resolved for ``device``; each choice logged once.
+
+    Args:
+        recipe: a validated recipe (not modified).
+        device: the device the run computes on.
+        say: where the one-line decision goes (``qlora train`` prints it).
+
+    Returns:
+        A recipe whose ``model.dtype``, ``quant.compute_dtype`` and ``lora.dtype`` are dtype names.
+    """
+    device = torch.device(device)
+    values = {"model.dtype": recipe.model.dtype, "quant.compute_dtype": recipe.quant.compute_dtype,
+              "lora.dtype": recipe.lora.dtype}
+    auto = auto_dtype(device)
+    slow = device.type == "cpu" and not native_bf16(device)
+    why = ("this CPU has no native bf16 matmul (no avx512_bf16 or AMX, or oneDNN off), where bf16 runs ~8x slower "
+           "than float32" if slow else f"{device.type} computes bf16 natively")
+    if any(v == "auto" for v in values.values()):
+        say(f"dtypes: {', '.join(k for k, v in values.items() if v == 'auto')} auto -> {auto}: {why}")
+    if slow and "bfloat16" in values.values():
+        log.warning("the recipe asks for bfloat16 (%s) on a CPU without native bf16 matmul: expect ~8x slower "
+                    "steps than with auto or float32", ", ".join(k for k, v in values.items() if v == "bfloat16"))
+    if "auto" not in values.values():
+        return recipe
+    pick = {k: auto if v == "auto" else v for k, v in values.items()}
+    return dataclasses.replace(
+        recipe,
+        model=dataclasses.replace(recipe.model, dtype=pick["model.dtype"]),
+        quant=dataclasses.replace(recipe.quant, compute_dtype=pick["quant.compute_dtype"]),
+        lora=dataclasses.replace(recipe.lora, dtype=pick["lora.dtype"]),
+    )
+
+
+def autocast_dtype_for(device: torch.device, compute: str) -> torch.dtype:
+    """The autocast dtype for compute dtype ``compute`` (a name or ``auto``) on ``device``.
+
+    bf16 where asked; fp16 (the loop adds a gradient scaler) on a GPU without bf16.
+    """
+    want = torch_dtype(compute, device)
+    if device.type == "cuda" and want == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bf16: using fp16 autocast with a gradient scaler instead")
+        return torch.float16
+    return want
