@@ -53,7 +53,7 @@ SIZE=${SIZE:-full}
 case $SIZE in full) budget_default=560 ;; tiny) budget_default=300 ;; *) echo "SIZE must be full or tiny" >&2; exit 2 ;; esac
 BUDGET_S=${BUDGET_S:-$budget_default}
 PARTS=${PARTS:-tests train grid8b speed maxctx grid7b quantspeed}
-MAXCTX_STACKS=${MAXCTX_STACKS:-qlora-offload}
+MAXCTX_STACKS=${MAXCTX_STACKS:-qlora-long}
 OUT=${OUT:-bench/results/_scratch/gpu-session-$SIZE}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -228,9 +228,9 @@ part_speed() {
 }
 
 part_maxctx() {
-  # by default qlora-offload alone: the levers of recipes/llama-3.1-8b-long-context-24gb.yaml, whose planned
-  # 63,488 tokens at 24 GB is the claim to check; under the 24 GiB per-process cap train_stacks sets
-  local args=(--mode max-context --stacks "$MAXCTX_STACKS" --cap-gib 24 --start-seq 32768 --resolution 4096 --steps 2)
+  # by default qlora-long alone: the levers of recipes/llama-3.1-8b-100k-24gb.yaml (offload + tiled MLP), whose
+  # planned 100,096 tokens at 24 GB is the claim to check; under the 24 GiB per-process cap train_stacks sets
+  local args=(--mode max-context --stacks "$MAXCTX_STACKS" --cap-gib 24 --start-seq 65536 --resolution 8192 --steps 2)
   [ "$SIZE" = tiny ] && args=(--tiny --mode max-context --stacks "$MAXCTX_STACKS" --cap-gib 0.01 --start-seq 1024 \
                               --resolution 1024 --steps 2)
   tmo "$1" "$py" bench/train.py "${args[@]}" "${opt_flags[@]}" --checkpoint-dir "$ckpt" \

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import memory
+from layers.tiled_mlp import tile_mlps
 from memory.tracker import LiveTensorTracker
 from qlora.lora.surgery import apply_lora, lora_parameters
 from qlora.train.loop import accumulate_gradients
@@ -59,13 +60,15 @@ def random_qlora_model(
     blocksize: int = 64,
     double_quant: bool = True,
     seed: int = 0,
+    mlp_tile_tokens: int | None = None,
 ) -> nn.Module:
     """A trainable QLoRA model with random weights, built from config.json facts.
 
     The 16-bit model is created on ``device`` (bf16), its linears are
     quantized one at a time (the 16-bit copy of each is freed as it goes;
     ``quant_type="none"`` keeps them 16-bit),
-    LoRA wraps ``targets``, and every decoder layer is checkpointed.
+    LoRA wraps ``targets``, and every decoder layer is checkpointed; with
+    ``mlp_tile_tokens`` every MLP runs in tiles of that many tokens (the trainer's call).
 
     Raises:
         InputError: bad config, targets, rank or dtype.
@@ -83,6 +86,8 @@ def random_qlora_model(
     apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype)
     if gradient_checkpointing:
         enable_checkpointing(model)  # the trainer's call: non-reentrant, one checkpoint per layer
+    if mlp_tile_tokens:
+        tile_mlps(model, mlp_tile_tokens)
     model.train()
     return model
 
@@ -233,6 +238,7 @@ def check(
     device: str = "cpu",
     name: str = "custom",
     quant_type: str = "nf4",
+    mlp_tile_tokens: int | None = None,
 ) -> Check:
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
 
@@ -244,12 +250,12 @@ def check(
         seq_len=seq, micro_batch_size=batch, rank=rank, targets=targets, dropout=dropout, dora=dora,
         adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
         attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
-        quant_type=quant_type,
+        quant_type=quant_type, tiled_mlp=mlp_tile_tokens is not None, mlp_tile_tokens=mlp_tile_tokens or 4096,
     )
     fp = memory.estimate(spec, settings)
     model = random_qlora_model(
         config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn,
-        quant_type,
+        quant_type, mlp_tile_tokens=mlp_tile_tokens,
     )
     opt = make_optimizer(model, optimizer)
     m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None)

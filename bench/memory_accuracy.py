@@ -92,6 +92,13 @@ CPU_GRID = [
     ("tiny-qwen2-sw", dict(batch=2, seq=256, rank=8, attn="eager")),
     ("tiny-phi3-sw", dict(batch=2, seq=256, rank=8)),
     ("tiny-phi3-sw", dict(batch=2, seq=256, rank=8, attn="eager")),
+    # long sequence with the long-context levers (docs/long-context.md): chunked loss, then the tiled MLP too
+    ("tiny-llama", dict(batch=1, seq=4096, rank=8, loss="chunked", chunk_tokens=512)),
+    ("tiny-llama", dict(batch=1, seq=4096, rank=8, loss="chunked", chunk_tokens=512, mlp_tile_tokens=512)),
+    ("tiny-qwen2", dict(batch=2, seq=2048, rank=16, dropout=0.05, loss="chunked", chunk_tokens=512,
+                        mlp_tile_tokens=256)),
+    ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024)),
+    ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024, mlp_tile_tokens=512)),
 ]
 
 CUDA_GRID = [

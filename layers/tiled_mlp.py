@@ -20,8 +20,6 @@ recompute. Outputs equal the untiled MLP's up to float summation order
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -36,7 +34,9 @@ def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
 
 
 def _autocast(state: tuple[str, torch.dtype] | None):
-    return contextlib.nullcontext() if state is None else torch.autocast(state[0], dtype=state[1])
+    if state is None:  # autocast was off: a context that changes nothing (cpu's off; valid on every machine)
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(state[0], dtype=state[1])
 
 
 def _rng_state(device: torch.device) -> tuple:

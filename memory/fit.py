@@ -5,7 +5,8 @@ Every tensor a step allocates has a size that is a product of the batch
 dimensions (plus a few ``s + 1``-style sums, e.g. the padded labels). The
 live bytes after each event of a dry run (:mod:`memory.probe`) are
 therefore an exact polynomial with integer coefficients in the features
-``1, b, s, b*s, b*s*r, r, b*s^2, s^2`` (:data:`memory.profile.FEATURES`).
+``1, b, s, b*s, b*s*r, r, b*s^2, s^2``, and with a tiled MLP ``t, t*r`` for
+its tile of ``t`` tokens (:data:`memory.profile.FEATURES`).
 :func:`fit` runs the probe at a handful of small shapes, solves for every
 event's coefficients and requires the solution to reproduce one more shape
 *exactly*. Batch 1 is fitted on its own when it runs different ops (a
@@ -35,15 +36,17 @@ from .probe import Timeline, body_run, head_run, probe_layer_types
 from .profile import FEATURES, features
 from .spec import ModelSpec
 
-BODY_MIN = (0, 2, 3, 4, 5)  # 1, s, b*s, b*s*r, r: enough unless attention builds s x s tensors
+BODY_MIN = (0, 2, 3, 4, 5, 8, 9)  # 1, s, b*s, b*s*r, r, t, t*r: enough unless attention builds s x s tensors
 HEAD_MIN = (0, 1, 2, 3)  # 1, b, s, b*s
 ALL = tuple(range(len(FEATURES)))
 # Small shapes (on meta the cost of a dry run does not depend on them). Sequences are multiples of 32:
 # CUDA's memory-efficient attention (sdpa with a mask: sliding windows) pads its log-sum-exp to one,
 # which no polynomial in s follows; the planner's error at other lengths is < 32*b*heads*4 bytes.
+# Tiles: two of them must fit in the shortest probe (b*s = 32): a tiled dry run runs two (layers.tiled_mlp).
 _CANDIDATES = tuple(
     (b, s, r) for s in (32, 64, 96, 160) for r in (1, 2, 3, 5) for b in (1, 2, 3, 4)
 )
+_TILES = (4, 8, 16)
 
 
 class NotPolynomial(RuntimeError):
@@ -54,8 +57,14 @@ def _rows(points, cols) -> torch.Tensor:
     return torch.tensor([[features(*p)[c] for c in cols] for p in points], dtype=torch.float64)
 
 
-def _candidates(b_min: int, b_max: int | None, uses_rank: bool) -> list[tuple[int, int, int]]:
-    return [p for p in _CANDIDATES if p[0] >= b_min and (b_max is None or p[0] <= b_max) and (uses_rank or p[2] == 1)]
+Point = tuple[int, int, int, int]  # (b, s, r, t)
+
+
+def _candidates(b_min: int, b_max: int | None, uses_rank: bool, tiled: bool = False) -> list[Point]:
+    return [
+        (b, s, r, t) for b, s, r in _CANDIDATES for t in (_TILES if tiled else (0,))
+        if b >= b_min and (b_max is None or b <= b_max) and (uses_rank or r == 1)
+    ]
 
 
 def _independent(cols: Sequence[int], cands) -> list[int]:
@@ -68,11 +77,10 @@ def _independent(cols: Sequence[int], cands) -> list[int]:
     return keep
 
 
-def _choose_points(cols: Sequence[int], b_min: int, b_max: int | None, uses_rank: bool) -> list[tuple[int, int, int]]:
+def _choose_points(cols: Sequence[int], cands: list[Point]) -> list[Point]:
     """Points whose feature rows reach full column rank, plus one extra to check the fit."""
-    cands = _candidates(b_min, b_max, uses_rank)
     target = int(torch.linalg.matrix_rank(_rows(cands, cols)))
-    chosen: list[tuple[int, int, int]] = []
+    chosen: list[Point] = []
     rank = 0
     for p in cands:
         if rank == target:
@@ -85,9 +93,11 @@ def _choose_points(cols: Sequence[int], b_min: int, b_max: int | None, uses_rank
     return chosen + [extra]
 
 
-def _fit_group(run: Callable, cols: Sequence[int], b_min: int, b_max: int | None, uses_rank: bool) -> dict:
-    cols = _independent(cols, _candidates(b_min, b_max, uses_rank))
-    points = _choose_points(cols, b_min, b_max, uses_rank)
+def _fit_group(run: Callable, cols: Sequence[int], b_min: int, b_max: int | None, uses_rank: bool,
+               tiled: bool) -> dict:
+    cands = _candidates(b_min, b_max, uses_rank, tiled)
+    cols = _independent(cols, cands)  # untiled: t and t*r are 0 and drop out here
+    points = _choose_points(cols, cands)
     timelines: list[Timeline] = [run(*p) for p in points]
     if len({t.live.shape[0] for t in timelines}) != 1 or any(t.markers != timelines[0].markers for t in timelines):
         raise NotPolynomial("the op sequence changes with the shape")
@@ -103,8 +113,10 @@ def _fit_group(run: Callable, cols: Sequence[int], b_min: int, b_max: int | None
             "coef": coef.reshape(e, t, len(FEATURES)).to(torch.int64).tolist()}
 
 
-def fit(run: Callable, feature_sets: Sequence[Sequence[int]], uses_rank: bool) -> list[dict]:
-    """Fit ``run(b, s, r) -> Timeline`` exactly; see the module docstring for the fallbacks.
+def fit(run: Callable, feature_sets: Sequence[Sequence[int]], uses_rank: bool, tiled: bool = False) -> list[dict]:
+    """Fit ``run(b, s, r, t) -> Timeline`` exactly; see the module docstring for the fallbacks.
+
+    ``tiled``: the run has MLP tiles of ``t`` tokens, varied over the dry runs (else ``t`` is 0).
 
     Dry runs are memoized per shape, so a fallback reuses the runs it can.
     Whether ``b = 1`` needs its own fit is decided up front from two runs
@@ -118,20 +130,20 @@ def fit(run: Callable, feature_sets: Sequence[Sequence[int]], uses_rank: bool) -
     Raises:
         NotPolynomial: no feature set reproduces the runs exactly.
     """
-    memo: dict[tuple[int, int, int], Timeline] = {}
+    memo: dict[Point, Timeline] = {}
 
-    def cached(b: int, s: int, r: int) -> Timeline:
-        if (b, s, r) not in memo:
-            memo[(b, s, r)] = run(b, s, r)
-        return memo[(b, s, r)]
+    def cached(*point: int) -> Timeline:
+        if point not in memo:
+            memo[point] = run(*point)
+        return memo[point]
 
-    probe_s = _CANDIDATES[0][1]
-    split = cached(1, probe_s, 1).live.shape[0] != cached(2, probe_s, 1).live.shape[0]
+    probe_s, probe_t = _CANDIDATES[0][1], _TILES[0] if tiled else 0
+    split = cached(1, probe_s, 1, probe_t).live.shape[0] != cached(2, probe_s, 1, probe_t).live.shape[0]
     ranges = ((1, 1), (2, None)) if split else ((1, None),)
     errors = []
     for cols in feature_sets:
         try:
-            return [_fit_group(cached, cols, lo, hi, uses_rank) for lo, hi in ranges]
+            return [_fit_group(cached, cols, lo, hi, uses_rank, tiled) for lo, hi in ranges]
         except NotPolynomial as e:
             errors.append(f"{[FEATURES[c] for c in cols]}: {e}")
     raise NotPolynomial("; ".join(errors))
@@ -173,6 +185,7 @@ def prune(group: dict) -> dict:
 def fit_body(
     spec: ModelSpec, targets: tuple[str, ...], dropout: float, dora: bool, adapter_dtype: str, attn: str,
     checkpointing: bool, device: str, quant_type: str, blocksize: int, double_quant: bool, window: int | None,
+    tiled_mlp: bool = False,
 ) -> dict:
     """The decoder stack's profile as stored (:class:`memory.profile.StepProfile` reads it).
 
@@ -181,17 +194,17 @@ def fit_body(
         NotPolynomial: the stack's code branches on shapes in a way the fit cannot follow.
     """
 
-    def run(b, s, r):
+    def run(b, s, r, t):
         return body_run(
             spec, b, s, r, targets, dropout, dora, adapter_dtype, attn, checkpointing, device,
-            quant_type, blocksize, double_quant, window,
+            quant_type, blocksize, double_quant, window, mlp_tile_tokens=t or None,
         )
 
-    groups = fit(run, (BODY_MIN, ALL), uses_rank=True)
+    groups = fit(run, (BODY_MIN, ALL), uses_rank=True, tiled=tiled_mlp)
     return {"probe_types": list(probe_layer_types(spec)), "groups": [prune(g) for g in groups]}
 
 
 def fit_head(spec: ModelSpec, attn: str, device: str) -> dict:
     """transformers' head + causal-LM loss, as stored (one segment: the whole run)."""
-    groups = fit(lambda b, s, r: head_run(spec, b, s, attn, device), (HEAD_MIN, ALL), uses_rank=False)
+    groups = fit(lambda b, s, r, t: head_run(spec, b, s, attn, device), (HEAD_MIN, ALL), uses_rank=False)
     return {"groups": [prune(g) for g in groups]}

@@ -179,6 +179,8 @@ def plan(
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
     base = with_changes(settings, changes, PLAN_DEFAULTS)
     auto_seq, auto_batch, auto_rank = base.seq_len == "auto", base.micro_batch_size == "auto", base.rank == "auto"
+    if base.tiled_mlp == "auto":
+        return _tiling_chosen(gpu, spec, base, ram, auto_seq)
     margin, effective = base.margin, base.effective_batch_size
     usable = int(gpu.total_bytes * (1 - margin))
     ram_bytes = _ram_bytes(ram)
@@ -246,6 +248,20 @@ def plan(
     )
 
 
+def _tiling_chosen(gpu: GPU, spec: ModelSpec, base: Settings, ram, auto_seq: bool) -> Plan:
+    """``tiled_mlp="auto"``: the untiled plan when it fits (tiling costs one more MLP forward per step);
+    the tiled one when only it fits, or when ``seq_len="auto"`` reaches further with it."""
+    off = plan(gpu, spec, dataclasses.replace(base, tiled_mlp=False), ram=ram)
+    if off.fits and not auto_seq:
+        return off
+    on = plan(gpu, spec, dataclasses.replace(base, tiled_mlp=True), ram=ram)
+    if on.fits and (not off.fits or on.seq_len > off.seq_len):
+        why = f"seq_len {on.seq_len} instead of {off.seq_len}" if off.fits else "the plan fits only with it"
+        note = f"tiled MLP auto: on, {base.mlp_tile_tokens} tokens per tile ({why})"
+        return dataclasses.replace(on, notes=on.notes + (note,))
+    return off
+
+
 def _ram_bytes(ram: int | str | None) -> int | None:
     """``plan``'s ``ram`` argument in bytes (None: no host check).
 
@@ -298,6 +314,9 @@ def _suggest(est, ok, seq: int, b: int, r: int, base: Settings, auto_seq: bool, 
     if not base.gradient_checkpointing:
         cheap["gradient_checkpointing"] = True
         add("turn gradient checkpointing on", gradient_checkpointing=True)
+    if base.tiled_mlp is False:  # "auto" was tried both ways already (_tiling_chosen); not in "combine": at short
+        # sequences tiling costs memory (the T x h output and input-gradient buffers), it pays only at long ones
+        add(f"run the MLP in tiles of {base.mlp_tile_tokens} tokens ({flag_name('tiled_mlp')} on)", tiled_mlp=True)
     if base.loss == "hf":
         cheap["loss"] = "chunked"
         add(f"compute the loss in chunks of {base.loss_chunk_tokens} tokens ({flag_name('loss_chunk_tokens')})",

@@ -24,7 +24,8 @@ from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("1", "b", "s", "b*s", "b*s*r", "r", "b*s^2", "s^2")
+# t: tokens per MLP tile (layers.tiled_mlp), 0 for an untiled MLP; its intermediates exist one tile at a time
+FEATURES = ("1", "b", "s", "b*s", "b*s*r", "r", "b*s^2", "s^2", "t", "t*r")
 # Tags: what a live storage was allocated for. "seed" is the gradient that
 # flows backward between the head and the layers; "grad" are LoRA parameter
 # gradients; "dequant" the dense weights the 4-bit layers rebuild.
@@ -76,9 +77,9 @@ def _rng_untouched():
     return torch.random.fork_rng(devices=[])
 
 
-def features(b: int, s: int, r: int) -> list[int]:
-    """The feature row for batch ``b``, sequence ``s``, rank ``r`` (order of :data:`FEATURES`)."""
-    return [1, b, s, b * s, b * s * r, r, b * s * s, s * s]
+def features(b: int, s: int, r: int, t: int = 0) -> list[int]:
+    """The feature row for batch ``b``, sequence ``s``, rank ``r``, MLP tile ``t`` (order of :data:`FEATURES`)."""
+    return [1, b, s, b * s, b * s * r, r, b * s * s, s * s, t, t * r]
 
 
 def _dot(row: Sequence[int], phi: Sequence[int]) -> int:
@@ -98,9 +99,9 @@ class Fitted:
             for g in groups
         ]
 
-    def at(self, b: int, s: int, r: int) -> _Live:
-        """The run at shape (b, s, r)."""
-        phi = features(b, s, r)
+    def at(self, b: int, s: int, r: int, t: int = 0) -> _Live:
+        """The run at shape (b, s, r) with MLP tiles of ``t`` tokens (0: untiled)."""
+        phi = features(b, s, r, t)
         for b_min, b_max, markers, coef, totals in self.groups:
             if b >= b_min and (b_max is None or b <= b_max):
                 return _Live(phi, markers, coef, [_dot(t, phi) for t in totals])
@@ -180,15 +181,17 @@ class StepProfile:
         self.body = body
         self.probe_types = probe_types
 
-    def phases(self, b: int, s: int, r: int, layer_types: Sequence[str], head: Segment) -> PhasePeaks:
+    def phases(self, b: int, s: int, r: int, layer_types: Sequence[str], head: Segment, t: int = 0) -> PhasePeaks:
         """Join the body at (b, s, r) with ``head`` for a model with ``len(layer_types)`` layers.
 
         Args:
+            t: tokens per MLP tile for a tiled profile (:func:`body_profile` with ``tiled_mlp``);
+                at most ``b * s`` (one tile).
             head: the loss's peak and net effect relative to the moment the
                 stack's output exists; its delta must include the gradient it
                 hands back (tag ``seed``).
         """
-        live = self.body.at(b, s, r)
+        live = self.body.at(b, s, r, t)
         m = live.markers
         n_probe = len(self.probe_types)
         f_end = [m[f"F{i + 1}"] for i in range(n_probe - 1)] + [m["E"]]
@@ -225,18 +228,20 @@ def body_profile(
     spec: ModelSpec, targets: tuple[str, ...], dropout: float = 0.0, dora: bool = False,
     adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True, device: str = "cuda",
     quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, window: int | None = None,
+    tiled_mlp: bool = False,
 ) -> StepProfile:
     """The decoder stack's profile: shipped, cached on disk, or fitted now (:func:`memory.fit.fit_body`).
 
     ``window`` is the sliding window the dry runs use instead of the config's
-    (:func:`probe_window`).
+    (:func:`probe_window`). ``tiled_mlp``: every layer's MLP runs in tiles
+    (:mod:`layers.tiled_mlp`); the profile is then read at a tile size ``t``.
 
     Raises:
         InputError: the model cannot be built with these settings.
         NotPolynomial: the stack's code branches on shapes in a way the fit cannot follow.
     """
     args = (targets, dropout, dora, adapter_dtype, attn, checkpointing, device, quant_type, blocksize, double_quant,
-            window)
+            window, tiled_mlp)
 
     def build() -> dict:
         from .fit import fit_body  # torch + the dry runs: only when no cache has this profile
@@ -246,7 +251,7 @@ def body_profile(
             return fit_body(spec, *args)
 
     names = ("targets", "dropout", "dora", "adapter_dtype", "attn", "checkpointing", "device", "quant_type",
-             "blocksize", "double_quant", "window")
+             "blocksize", "double_quant", "window", "tiled_mlp")
     parts = {"model": spec.config_json, "run": "body", **dict(zip(names, args))}
     parts["targets"] = list(targets)
     data = cached("profile", parts, build)

@@ -70,6 +70,16 @@ def _int_or_auto(text: str) -> int | str:
     return "auto" if text == "auto" else int(text)
 
 
+_SWITCH = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+
+
+def _switch(text: str) -> bool | str:
+    try:
+        return _SWITCH[text.strip().lower()]
+    except KeyError:
+        raise ValueError(text) from None  # the CLI reports `expects`
+
+
 def _targets(values: list[str]) -> str | tuple[str, ...]:
     return values[0] if len(values) == 1 else tuple(values)
 
@@ -99,6 +109,11 @@ class Settings:
         loss: ``chunked`` (qlora's loss, ``loss_chunk_tokens`` rows per chunk;
             the trainer's default) or ``hf`` (transformers' loss on full fp32 logits).
         offload_activations: checkpointed layer inputs wait in pinned host memory.
+        tiled_mlp: every layer's MLP runs over the tokens in tiles of ``mlp_tile_tokens``
+            (``layers.tiled_mlp``): True, False, or ``"auto"``: :func:`memory.plan` turns it
+            on only when that is what makes the plan fit or lets ``seq_len="auto"`` reach further;
+            :func:`memory.estimate` reads ``"auto"`` as off (it has no budget to decide against).
+        mlp_tile_tokens: tokens per MLP tile (batch and sequence together).
         quant_type, blocksize, double_quant: the 4-bit format of the base linears
             (``nf4``/``fp4``), or ``quant_type="none"``: a 16-bit base (plain LoRA; the
             other two are then unused).
@@ -140,6 +155,11 @@ class Settings:
     offload_activations: bool = field(default=False, metadata=_opt(
         "--offload-activations", "checkpointed layer inputs wait in pinned host memory (recipe offload_activations: "
         "true)", const=True))
+    tiled_mlp: bool | str = field(default="auto", metadata=_opt(
+        "--tiled-mlp", "run each MLP over the tokens in tiles (auto: only when that is what fits or lets "
+        "--seq-len auto go further)", "auto|on|off", _switch, "auto, on or off"))
+    mlp_tile_tokens: int = field(default=4096, metadata=_opt(
+        "--mlp-tile-tokens", "tokens per MLP tile with --tiled-mlp", "N", int, "a positive integer"))
     quant_type: str = field(default="nf4", metadata=_opt(
         "--quant-type", "base format: nf4 or fp4 (4-bit), or none (a 16-bit base: plain LoRA)", "TYPE", str))
     blocksize: int = field(default=64, metadata=_opt(
@@ -159,6 +179,9 @@ class Settings:
                 _int(getattr(self, name), name, minimum, " or 'auto'")
         _int(self.effective_batch_size, "effective_batch_size")
         _int(self.loss_chunk_tokens, "loss_chunk_tokens")
+        _int(self.mlp_tile_tokens, "mlp_tile_tokens")
+        if not (isinstance(self.tiled_mlp, bool) or self.tiled_mlp == "auto"):
+            raise InputError(f"tiled_mlp must be True, False or 'auto', got {self.tiled_mlp!r}.")
         _int(self.cuda_context_bytes, "cuda_context_bytes", 0)
         object.__setattr__(self, "targets", _check_targets(self.targets))
         object.__setattr__(self, "dropout", _fraction(self.dropout, "LoRA dropout must be a number in [0, 1)", 1.0))

@@ -159,6 +159,8 @@ def plan_dict(p, alpha: float) -> dict:
         "attn": fp.attn,
         "loss": fp.loss,
         "loss_chunk_tokens": fp.loss_chunk_tokens,
+        "offload_activations": fp.offload_activations,
+        "mlp_tile_tokens": fp.mlp_tile_tokens,
         "quant_type": fp.quant_type,
         "quantized_params": fp.quantized_params,
         "nf4_bits_per_param": fp.nf4_bits_per_param,
@@ -194,6 +196,8 @@ def render(p, alpha: float, console, notes: bool = True) -> None:
         f"{' (DoRA)' if fp.dora else ''} | {fp.adapter_dtype} adapters | {fp.optimizer} | checkpointing "
         f"{'on' if fp.gradient_checkpointing else 'off'} | attention {fp.attn} | loss "
         + (f"chunked, {fp.loss_chunk_tokens} tokens" if fp.loss == "chunked" else "transformers (full fp32 logits)")
+        + (" | inputs offloaded" if fp.offload_activations else "")
+        + (f" | MLP in tiles of {fp.mlp_tile_tokens} tokens" if fp.mlp_tile_tokens else "")
     )
     t = Table(title=f"memory at the peak (phase: {fp.peak_phase})", show_footer=False)
     t.add_column("term")

@@ -153,6 +153,8 @@ class Recipe:
     epochs: PositiveFloat = 1.0
     gradient_checkpointing: Bool = True
     offload_activations: Bool = False  # checkpointed layer inputs in pinned host memory (qlora.train.offload)
+    tiled_mlp: Union[Bool, Auto] = "auto"  # MLPs over the tokens in tiles (layers.tiled_mlp); auto: the planner's call
+    mlp_tile_tokens: Positive = 4096
     chunked_loss: Bool = True
     max_grad_norm: Union[Float, None] = 1.0
     eval_steps: Positive = 50

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from layers.tiled_mlp import tile_mlps
 from qlora.adapters.files import load_adapter, save_adapter
 from qlora.data import detect_format, load_records, pack_rows, split_eval, tokenize_dataset
 from qlora.lora.diagnostics import lora_diagnostics, summarize
@@ -117,6 +118,7 @@ def build_model(
     offload_activations: bool = False,
     resume_adapter: Path | None = None,
     attn_implementation: str | None = None,
+    mlp_tile_tokens: int | None = None,
 ) -> tuple[nn.Module, Callable[[Path], Path]]:
     """NF4 base (streamed) + LoRA + gradient checkpointing, ready to train.
 
@@ -130,6 +132,8 @@ def build_model(
         gradient_checkpointing, offload_activations: see :func:`enable_checkpointing`.
         resume_adapter: read the adapter weights from this PEFT folder instead of initializing them.
         attn_implementation: transformers' attention (recipe ``model.attn_implementation``); None: its default.
+        mlp_tile_tokens: run every decoder layer's MLP in tiles of this many tokens (:mod:`layers.tiled_mlp`);
+            None: untiled.
 
     Returns:
         ``(model, save)``: ``save(folder)`` writes the PEFT adapter into ``folder`` (new or existing, file by
@@ -165,6 +169,10 @@ def build_model(
         enable_checkpointing(model, offload_activations)
         log.info("gradient checkpointing on (non-reentrant), one checkpoint per decoder layer; activation offload %s "
                  "(recipe offload_activations)", "on" if offload_activations else "off")
+    if mlp_tile_tokens is not None:
+        tile_mlps(model, mlp_tile_tokens)
+        log.info("MLPs run in tiles of %d tokens (tiled_mlp): their intermediates exist one tile at a time, for "
+                 "one more MLP forward per step", mlp_tile_tokens)
     base = str(Path(model_dir).resolve())  # the folder actually trained on, so other tools can find the base
 
     def save(folder: Path) -> Path:

@@ -76,15 +76,17 @@ def test_shipped_entries_equal_a_fresh_build(fresh, name):
     model, prof = _default_profile(name)
     attn, shorts = _resolved(model, PLAN_DEFAULTS.attn, PLAN_DEFAULTS.targets)
     assert meta.build_spec(model.config, name).to_dict() == {**model.to_dict(), "name": name}
-    built = fit.fit_body(model, shorts, 0.0, False, "bfloat16", attn, True, "cuda", "nf4", 64, True, None)
-    body = [e["value"] for e in shipped.values() if e["parts"]["kind"] == "profile" and e["parts"]["window"] is None]
-    assert body == [built]
+    for tiled in (False, True):  # the default plan's profile, and the tiled MLP's (long-context plans)
+        built = fit.fit_body(model, shorts, 0.0, False, "bfloat16", attn, True, "cuda", "nf4", 64, True, None, tiled)
+        body = [e["value"] for e in shipped.values() if e["parts"]["kind"] == "profile"
+                and e["parts"]["window"] is None and e["parts"]["tiled_mlp"] == tiled]
+        assert body == [built]
 
 
 def test_pruning_changes_no_answer(fresh):
     model = memory.load_spec("qwen2.5-0.5b")
     attn, shorts = _resolved(model, "eager", "all-linear")
-    run = lambda b, s, r: fit.body_run(model, b, s, r, shorts, attn=attn)  # noqa: E731
+    run = lambda b, s, r, t: fit.body_run(model, b, s, r, shorts, attn=attn)  # noqa: E731
     groups = fit.fit(run, (fit.BODY_MIN, fit.ALL), uses_rank=True)
     pruned = [fit.prune(g) for g in groups]
     assert sum(len(g["coef"]) for g in pruned) < sum(len(g["coef"]) for g in groups) / 2

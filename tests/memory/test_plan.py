@@ -118,3 +118,35 @@ def test_sweep_starts_from_given_settings(spec):
 def test_bad_settings_are_one_clear_error(spec, call, match):
     with pytest.raises(InputError, match=match):
         call(spec)
+
+
+def test_tiled_mlp_auto_is_off_when_the_plan_fits_without_it():
+    p = memory.plan("24GB", "llama-3.1-8b", seq_len=2048, micro_batch_size=1)
+    assert p.fits and p.settings.tiled_mlp is False and p.footprint.mlp_tile_tokens is None
+
+
+def test_tiled_mlp_auto_takes_llama_8b_past_100k_tokens_on_24gb():
+    kw = dict(seq_len="auto", micro_batch_size=1, rank=32, offload_activations=True)
+    off = memory.plan("24GB", "llama-3.1-8b", tiled_mlp=False, **kw)
+    on = memory.plan("24GB", "llama-3.1-8b", **kw)  # tiled_mlp auto
+    assert on.fits and on.settings.tiled_mlp is True and on.footprint.mlp_tile_tokens == 4096
+    assert on.seq_len >= 100_000 > 64_000 > off.seq_len
+    assert any(n.startswith("tiled MLP auto: on") and str(off.seq_len) in n for n in on.notes)
+    # smaller tiles, smaller peak: the tile length is a variable of the one tiled profile
+    big = memory.estimate("llama-3.1-8b", seq_len=on.seq_len, rank=32, offload_activations=True, tiled_mlp=True,
+                          mlp_tile_tokens=65536)
+    assert big.tensor_peak_bytes > on.footprint.tensor_peak_bytes
+
+
+def test_tiled_mlp_is_suggested_when_off_and_it_would_fit():
+    p = memory.plan("24GB", "llama-3.1-8b", seq_len=90_000, micro_batch_size=1, rank=32, offload_activations=True,
+                    tiled_mlp=False)
+    assert not p.fits
+    tiled = [s for s in p.suggestions if s.settings == {"tiled_mlp": True}]
+    assert tiled and tiled[0].fits and "--tiled-mlp on" in tiled[0].change
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_tiled_mlp_value(bad):
+    with pytest.raises(InputError, match="tiled_mlp must be True, False or 'auto'"):
+        memory.Settings(tiled_mlp=bad)
