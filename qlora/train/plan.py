@@ -281,13 +281,22 @@ def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(recipe.model.path)
-    p = plan_recipe(recipe, device=device)
+    # the run is on this machine, whatever GPU budget it names: its RAM must hold the host side (pinned offload
+    # buffers, paged optimizer state, the process); on a CPU the RAM is the budget already
+    p = plan_recipe(recipe, device=device, ram="auto" if device.type == "cuda" else None)
     fp = p.footprint
     gib = 2**30
     if not p.fits:
         sugg = "; ".join(
             f"{s.change} (predicted {s.footprint.device_total_bytes / gib:.2f} GiB)" for s in p.suggestions[:5]
         )
+        if p.host_fits is False:
+            usable = int(p.host_budget_bytes * (1 - p.margin))
+            raise InputError(
+                f"This run does not fit this machine's RAM: the host side needs {fp.host.total_bytes / gib:.2f} GiB "
+                f"({fp.host.describe()}) but only {usable / gib:.2f} GiB of the available RAM is usable. Changes "
+                f"that would fit: {sugg or 'none found'}."
+            )
         raise InputError(
             f"This run does not fit: the planner predicts {p.peak_bytes / gib:.2f} GiB but only "
             f"{p.usable_bytes / gib:.2f} GiB of {p.gpu.name} is usable. Changes that would fit: {sugg or 'none found'}."

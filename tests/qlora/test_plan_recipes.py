@@ -221,3 +221,17 @@ def test_a_16bit_base_recipe_is_planned_as_plain_lora(capsys):
     assert none.breakdown["base_weights_16bit"] == 2 * none.quantized_params and none.breakdown["nf4_weights"] == 0
     assert none.tensor_peak_bytes > nf4.tensor_peak_bytes
     assert _json(capsys, "--model", TINY, "--quant-type", "none")["quant_type"] == "none"
+
+
+def test_a_gpu_run_whose_host_side_does_not_fit_this_machine_is_refused(monkeypatch):
+    """qlora train checks this machine's RAM even when the recipe names a GPU budget: the run happens here."""
+    import importlib
+
+    from qlora.train.plan import plan_run
+
+    memory_plan = importlib.import_module("memory.plan")  # the module (memory.plan the name is the function)
+    monkeypatch.setattr(memory_plan, "available_ram", lambda: 2 * 2**30)  # the process alone needs 2.5 GiB
+    recipe = load_recipe(TINY, ["device=cuda", "gpu=24GB"])
+    with pytest.raises(InputError, match=r"does not fit this machine's RAM: the host side needs 2\.\d\d GiB") as e:
+        plan_run(recipe, torch.device("cuda"))
+    assert "1.90 GiB of the available RAM is usable" in str(e.value)
