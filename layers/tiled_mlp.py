@@ -76,16 +76,12 @@ class _TiledMLP(torch.autograd.Function):
                 xt = x[start:end].detach().requires_grad_(grad_x is not None)
                 with torch.enable_grad(), _autocast(ctx.autocast):
                     y = ctx.mlp_forward(xt)
-                wrt = ([xt] if grad_x is not None else []) + [p for p in params if p.requires_grad]
+                wrt = ([xt] if grad_x is not None else []) + params  # params: the trainable ones (TiledMLP)
                 got = list(torch.autograd.grad(y, wrt, grad_out[start:end], allow_unused=True))
                 del y  # frees this tile's intermediates before the next tile's recompute
                 if grad_x is not None:
                     grad_x[start:end] = got.pop(0)
-                got_iter = iter(got)
-                for k, p in enumerate(params):
-                    if not p.requires_grad:
-                        continue
-                    g = next(got_iter)
+                for k, g in enumerate(got):
                     if g is not None:
                         grads[k] = g if grads[k] is None else grads[k].add_(g)
         return (grad_x, None, None, None, *grads)

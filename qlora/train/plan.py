@@ -20,7 +20,7 @@ import torch
 import memory
 from qlora.builtin_models import model_source, resolve_model_dir
 from qlora.train.loss import CHUNK_TOKENS
-from qlora.train.precision import auto_dtype, autocast_dtype_for
+from qlora.train.precision import autocast_dtype_for, dtype_name
 from qlora.train.recipe import Recipe
 from quant.errors import InputError, choices
 
@@ -79,7 +79,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         targets=lora.targets,
         dropout=lora.dropout,
         dora=lora.variant == "dora",
-        adapter_dtype=auto_dtype(device) if lora.dtype == "auto" else lora.dtype,
+        adapter_dtype=dtype_name(lora.dtype, device),
         optimizer=recipe.optimizer.name,
         gradient_checkpointing=recipe.gradient_checkpointing,
         attn=_ATTN[recipe.model.attn_implementation],

@@ -10,9 +10,10 @@ with oneDNN switched off), so a bf16 fine-tune there is ~8x slower than the
 same run in float32. float32 on a CPU costs memory the planner does not
 model (it plans bf16 activations), which a CPU run's RAM budget can spare.
 
-An explicit ``bfloat16`` is honoured and warned about on such a CPU; every
-resolution is logged with its reason. :func:`resolve_dtypes` is the one
-place ``auto`` becomes a dtype, for ``qlora train`` and for the planner.
+An explicit ``bfloat16`` is honoured and warned about on such a CPU.
+:func:`dtype_name` is the one place ``auto`` becomes a dtype (the trainer's
+recipe, its model and the planner's settings all go through it);
+:func:`resolve_dtypes` logs each resolution with its reason.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qlora.train.recipe import Recipe
 from quant.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
+
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls on ``device`` run on native kernels (as fast as float32 or faster).
@@ -50,9 +52,14 @@ def auto_dtype(device: torch.device | str) -> str:
     return "bfloat16" if torch.device(device).type == "cuda" or native_bf16(device) else "float32"
 
 
+def dtype_name(name: str, device: torch.device | str) -> str:
+    """A recipe dtype value (a name or ``auto``) as the dtype name it means on ``device``."""
+    return auto_dtype(device) if name == "auto" else name
+
+
 def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """A recipe dtype value (a name or ``auto``) as the ``torch.dtype`` it means on ``device``."""
-    return DTYPES[auto_dtype(device) if name == "auto" else name]
+    return DTYPES[dtype_name(name, device)]
 
 
 def resolve_dtypes(recipe: Recipe, device: torch.device | str, say=log.info) -> Recipe:
@@ -70,7 +77,7 @@ def resolve_dtypes(recipe: Recipe, device: torch.device | str, say=log.info) -> 
     values = {"model.dtype": recipe.model.dtype, "quant.compute_dtype": recipe.quant.compute_dtype,
               "lora.dtype": recipe.lora.dtype}
     auto = auto_dtype(device)
-    slow = device.type == "cpu" and not native_bf16(device)
+    slow = device.type == "cpu" and auto == "float32"  # a CPU without native bf16
     why = ("this CPU has no native bf16 matmul (no avx512_bf16 or AMX, or oneDNN off), where bf16 runs ~8x slower "
            "than float32" if slow else f"{device.type} computes bf16 natively")
     if any(v == "auto" for v in values.values()):
@@ -80,7 +87,7 @@ def resolve_dtypes(recipe: Recipe, device: torch.device | str, say=log.info) -> 
                     "steps than with auto or float32", ", ".join(k for k, v in values.items() if v == "bfloat16"))
     if "auto" not in values.values():
         return recipe
-    pick = {k: auto if v == "auto" else v for k, v in values.items()}
+    pick = {k: dtype_name(v, device) for k, v in values.items()}
     return dataclasses.replace(
         recipe,
         model=dataclasses.replace(recipe.model, dtype=pick["model.dtype"]),
