@@ -4,10 +4,10 @@ A recipe's three dtype keys (``model.dtype``, ``quant.compute_dtype``,
 ``lora.dtype``) default to ``auto``: bfloat16 where the device multiplies
 bf16 natively, float32 where it does not. The choice is a speed decision,
 not a taste: a CPU without avx512_bf16 or AMX runs torch's bf16 matmul on a
-fallback kernel that converts element by element, measured at 15 GFLOP/s
-against 114 for float32 on an AMD EPYC of that kind (and 3 against 134 here
-with oneDNN switched off), so a bf16 fine-tune there is ~8x slower than the
-same run in float32. float32 on a CPU costs memory the planner does not
+fallback kernel that converts element by element (``bench/matmul_dtypes.py``,
+``bench/results/matmul-dtypes-cpu.md``: 2.6 GFLOP/s against 412 for float32 on
+an Intel Xeon with oneDNN off; 2,732 against 410 with it on, where AMX does
+bf16 natively). float32 on a CPU costs memory the planner does not
 model (it plans bf16 activations), which a CPU run's RAM budget can spare.
 
 An explicit ``bfloat16`` is honoured and warned about on such a CPU.
@@ -78,13 +78,14 @@ def resolve_dtypes(recipe: Recipe, device: torch.device | str, say=log.info) -> 
               "lora.dtype": recipe.lora.dtype}
     auto = auto_dtype(device)
     slow = device.type == "cpu" and auto == "float32"  # a CPU without native bf16
-    why = ("this CPU has no native bf16 matmul (no avx512_bf16 or AMX, or oneDNN off), where bf16 runs ~8x slower "
-           "than float32" if slow else f"{device.type} computes bf16 natively")
+    why = ("this CPU has no native bf16 matmul (no avx512_bf16 or AMX, or oneDNN off), where bf16 matmuls run "
+           "far slower than float32 (bench/matmul_dtypes.py)" if slow else f"{device.type} computes bf16 natively")
     if any(v == "auto" for v in values.values()):
         say(f"dtypes: {', '.join(k for k, v in values.items() if v == 'auto')} auto -> {auto}: {why}")
     if slow and "bfloat16" in values.values():
-        log.warning("the recipe asks for bfloat16 (%s) on a CPU without native bf16 matmul: expect ~8x slower "
-                    "steps than with auto or float32", ", ".join(k for k, v in values.items() if v == "bfloat16"))
+        asked = ", ".join(k for k, v in values.items() if v == "bfloat16")
+        log.warning("the recipe asks for bfloat16 (%s) on a CPU without native bf16 matmul: expect far slower "
+                    "steps than with auto or float32 (bench/matmul_dtypes.py)", asked)
     if "auto" not in values.values():
         return recipe
     pick = {k: dtype_name(v, device) for k, v in values.items()}

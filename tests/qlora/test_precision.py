@@ -54,7 +54,8 @@ def test_resolution_keeps_explicit_values_and_warns_about_slow_bf16(slow_bf16_cp
         got = resolve_dtypes(recipe, "cpu", said.append)
     assert (got.model.dtype, got.quant.compute_dtype, got.lora.dtype) == ("bfloat16", "float32", "float32")
     assert said == ["dtypes: quant.compute_dtype auto -> float32: this CPU has no native bf16 matmul (no avx512_bf16 "
-                    "or AMX, or oneDNN off), where bf16 runs ~8x slower than float32"]
+                    "or AMX, or oneDNN off), where bf16 matmuls run far slower than float32 "
+                    "(bench/matmul_dtypes.py)"]
     assert "asks for bfloat16 (model.dtype)" in caplog.text
     assert resolve_dtypes(got, "cpu", said.append) == got and len(said) == 1  # nothing left to resolve
 
