@@ -30,19 +30,19 @@ def _measure(onednn: bool) -> dict:
 
     from qlora.train.precision import native_bf16
 
-    torch.backends.mkldnn.enabled = onednn
     m, k, n = SHAPE
-    out = {"onednn": onednn, "native_bf16": native_bf16("cpu"), "threads": torch.get_num_threads()}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(20):
-                a @ b
-            best = min(best, (time.perf_counter() - t) / 20)
-        out[str(dtype).removeprefix("torch.")] = round(2 * m * k * n / best / 1e9, 1)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        out = {"onednn": onednn, "native_bf16": native_bf16("cpu"), "threads": torch.get_num_threads()}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a @ b
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(20):
+                    a @ b
+                best = min(best, (time.perf_counter() - t) / 20)
+            out[str(dtype).removeprefix("torch.")] = round(2 * m * k * n / best / 1e9, 1)
     return out
 
 

@@ -5,8 +5,8 @@ A recipe's three dtype keys (``model.dtype``, ``quant.compute_dtype``,
 bf16 natively, float32 where it does not. The choice is a speed decision,
 not a taste: a CPU without avx512_bf16 or AMX runs torch's bf16 matmul on a
 fallback kernel that converts element by element (``bench/matmul_dtypes.py``,
-``bench/results/matmul-dtypes-cpu.md``: 2.6 GFLOP/s against 412 for float32 on
-an Intel Xeon with oneDNN off; 2,732 against 410 with it on, where AMX does
+``bench/results/matmul-dtypes-cpu.md``: 2.6 GFLOP/s against 414 for float32 on
+an Intel Xeon with oneDNN off; 2,784 against 420 with it on, where AMX does
 bf16 natively). float32 on a CPU costs memory the planner does not
 model (it plans bf16 activations), which a CPU run's RAM budget can spare.
 
