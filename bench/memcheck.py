@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import memory
-from layers.tiled_mlp import tile_mlps
+from layers.tiling import tile_mlps, tile_norms
 from memory.tracker import LiveTensorTracker
 from qlora.lora.surgery import apply_lora, lora_parameters
 from qlora.train.loop import accumulate_gradients
@@ -60,7 +60,9 @@ def random_qlora_model(
     blocksize: int = 64,
     double_quant: bool = True,
     seed: int = 0,
-    mlp_tile_tokens: int | None = None,
+    tiled_mlp: bool = False,
+    tiled_norms: bool = False,
+    tile_tokens: int = 4096,
 ) -> nn.Module:
     """A trainable QLoRA model with random weights, built from config.json facts.
 
@@ -68,7 +70,7 @@ def random_qlora_model(
     quantized one at a time (the 16-bit copy of each is freed as it goes;
     ``quant_type="none"`` keeps them 16-bit),
     LoRA wraps ``targets``, and every decoder layer is checkpointed; with
-    ``mlp_tile_tokens`` every MLP runs in tiles of that many tokens (the trainer's call).
+    ``tiled_mlp`` / ``tiled_norms`` every MLP / norm runs in tiles of ``tile_tokens`` tokens (the trainer's calls).
 
     Raises:
         InputError: bad config, targets, rank or dtype.
@@ -86,8 +88,10 @@ def random_qlora_model(
     apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype)
     if gradient_checkpointing:
         enable_checkpointing(model)  # the trainer's call: non-reentrant, one checkpoint per layer
-    if mlp_tile_tokens:
-        tile_mlps(model, mlp_tile_tokens)
+    if tiled_mlp:
+        tile_mlps(model, tile_tokens)
+    if tiled_norms:
+        tile_norms(model, tile_tokens)
     model.train()
     return model
 
@@ -238,7 +242,9 @@ def check(
     device: str = "cpu",
     name: str = "custom",
     quant_type: str = "nf4",
-    mlp_tile_tokens: int | None = None,
+    tiled_mlp: bool = False,
+    tiled_norms: bool = False,
+    tile_tokens: int = 4096,
 ) -> Check:
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
 
@@ -250,12 +256,12 @@ def check(
         seq_len=seq, micro_batch_size=batch, rank=rank, targets=targets, dropout=dropout, dora=dora,
         adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
         attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
-        quant_type=quant_type, tiled_mlp=mlp_tile_tokens is not None, mlp_tile_tokens=mlp_tile_tokens or 4096,
+        quant_type=quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens,
     )
     fp = memory.estimate(spec, settings)
     model = random_qlora_model(
         config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn,
-        quant_type, mlp_tile_tokens=mlp_tile_tokens,
+        quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens,
     )
     opt = make_optimizer(model, optimizer)
     m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None)

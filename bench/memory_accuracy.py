@@ -92,13 +92,25 @@ CPU_GRID = [
     ("tiny-qwen2-sw", dict(batch=2, seq=256, rank=8, attn="eager")),
     ("tiny-phi3-sw", dict(batch=2, seq=256, rank=8)),
     ("tiny-phi3-sw", dict(batch=2, seq=256, rank=8, attn="eager")),
-    # long sequence with the long-context levers (docs/long-context.md): chunked loss, then the tiled MLP too
+    # long sequence with the long-context levers (docs/long-context.md): chunked loss, then the tiled MLP,
+    # then the tiled norms too
     ("tiny-llama", dict(batch=1, seq=4096, rank=8, loss="chunked", chunk_tokens=512)),
-    ("tiny-llama", dict(batch=1, seq=4096, rank=8, loss="chunked", chunk_tokens=512, mlp_tile_tokens=512)),
+    ("tiny-llama", dict(batch=1, seq=4096, rank=8, loss="chunked", chunk_tokens=512, tiled_mlp=True, tile_tokens=512)),
+    ("tiny-llama", dict(batch=1, seq=4096, rank=8, loss="chunked", chunk_tokens=512, tiled_mlp=True,
+                        tiled_norms=True, tile_tokens=512)),
     ("tiny-qwen2", dict(batch=2, seq=2048, rank=16, dropout=0.05, loss="chunked", chunk_tokens=512,
-                        mlp_tile_tokens=256)),
+                        tiled_mlp=True, tile_tokens=256)),
+    ("tiny-qwen2", dict(batch=2, seq=2048, rank=16, dropout=0.05, loss="chunked", chunk_tokens=512,
+                        tiled_mlp=True, tiled_norms=True, tile_tokens=256)),
+    ("tiny-qwen3", dict(batch=1, seq=2048, rank=8, loss="chunked", chunk_tokens=512, tiled_mlp=True,
+                        tiled_norms=True, tile_tokens=256)),  # per-head q/k norms tiled too
+    ("tiny-gemma3", dict(batch=1, seq=2048, rank=8, loss="chunked", chunk_tokens=512, tiled_mlp=True,
+                         tiled_norms=True, tile_tokens=256)),  # four norms per layer plus q/k norms
     ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024)),
-    ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024, mlp_tile_tokens=512)),
+    ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024, tiled_mlp=True,
+                          tile_tokens=512)),
+    ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024, tiled_mlp=True,
+                          tiled_norms=True, tile_tokens=512)),
 ]
 
 CUDA_GRID = [

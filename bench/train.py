@@ -24,8 +24,8 @@ RSS and CUDA peaks never mix, and a failed OOM probe cannot poison the next):
   (chunked cross-entropy, 1,024 tokens per chunk).
 * ``qlora-offload``: the same with ``offload_activations`` (checkpointed layer
   inputs in pinned host memory; a no-op move on the CPU, so not run there by default).
-* ``qlora-long``: ``qlora-offload`` plus the tiled MLP (``layers.tiled_mlp``,
-  ``--mlp-tile-tokens`` per tile): the levers of ``recipes/llama-3.1-8b-100k-24gb.yaml``.
+* ``qlora-long``: ``qlora-offload`` plus the tiled MLP and norms (``layers.tiling``,
+  ``--tile-tokens`` per tile): the levers of ``recipes/llama-3.1-8b-128k-24gb.yaml``.
 * ``qlora-unchunked``: qlora with transformers' loss on full fp32 logits
   (``forward_loss(chunk_tokens=None)``): what the chunked loss saves and costs.
 
@@ -479,7 +479,7 @@ def main() -> int:
     p.add_argument("--qlora-adapter-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS,
                    help=f"qlora's loss chunk (the trainer's: {CHUNK_TOKENS})")
-    p.add_argument("--mlp-tile-tokens", type=int, default=4096, help="qlora-long: tokens per MLP tile")
+    p.add_argument("--tile-tokens", type=int, default=4096, help="qlora-long: tokens per MLP and norm tile")
     p.add_argument("--cap-gib", type=float, default=24.0, help="max-context: memory cap per process")
     p.add_argument("--start-seq", type=int, default=4096, help="max-context: first probe")
     p.add_argument("--max-seq", type=int, default=1 << 20, help="max-context: stop doubling here")
@@ -510,7 +510,7 @@ def main() -> int:
     batches = args.batch or mode["batches"]
     settings = dict(steps=steps, repeats=repeats, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                     lr=args.lr, optimizer=args.optimizer, qlora_adapter_dtype=args.qlora_adapter_dtype,
-                    chunk_tokens=args.chunk_tokens, mlp_tile_tokens=args.mlp_tile_tokens, seq_len=seq_len,
+                    chunk_tokens=args.chunk_tokens, tile_tokens=args.tile_tokens, seq_len=seq_len,
                     batches=batches, stacks=stacks,
                     threads=args.threads, pytorch_cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     res = dict(mode=args.mode + ("-tiny" if args.tiny else ""),
@@ -548,7 +548,7 @@ def main() -> int:
         base = dict(model_dir=str(ckpt), device=mode["device"], seq_len=seq_len, steps=steps, rank=args.rank,
                     alpha=args.alpha, dropout=args.dropout, lr=args.lr, optimizer=args.optimizer,
                     qlora_adapter_dtype=args.qlora_adapter_dtype, chunk_tokens=args.chunk_tokens, seed=args.seed,
-                    mlp_tile_tokens=args.mlp_tile_tokens,
+                    tile_tokens=args.tile_tokens,
                     vocab_size=arch["vocab_size"], threads=args.threads)
         if args.mode == "max-context":
             cap = int(args.cap_gib * 2**30)

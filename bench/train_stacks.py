@@ -120,10 +120,10 @@ def build_hf(spec: dict, device: torch.device, upcast: bool):
     return model, opt, step
 
 
-def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool, mlp_tile_tokens: int | None = None):
+def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool, tile_tokens: int | None = None):
     """qlora's own path; returns (model, optimizer, step_fn). ``chunked=False``: transformers' loss on full logits;
-    ``mlp_tile_tokens``: every MLP in tiles of that many tokens (layers.tiled_mlp)."""
-    from layers.tiled_mlp import tile_mlps
+    ``tile_tokens``: every MLP and every norm in tiles of that many tokens (layers.tiling)."""
+    from layers.tiling import tile_mlps, tile_norms
     from qlora.lora.surgery import apply_lora, lora_parameters
     from qlora.train.loop import forward_loss
     from qlora.train.optim import build_optimizer
@@ -135,8 +135,9 @@ def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool, 
     torch.manual_seed(spec["seed"])
     apply_lora(model, "all-linear", spec["rank"], spec["alpha"], spec["dropout"], dtype=spec["qlora_adapter_dtype"])
     enable_checkpointing(model, offload_activations=offload)
-    if mlp_tile_tokens:
-        tile_mlps(model, mlp_tile_tokens)
+    if tile_tokens:
+        tile_mlps(model, tile_tokens)
+        tile_norms(model, tile_tokens)
     model.train()
     opt = build_optimizer([{"params": lora_parameters(model)}], spec["optimizer"], spec["lr"])
     chunk = spec["chunk_tokens"] if chunked else None
@@ -303,7 +304,7 @@ def child(spec: dict) -> dict:
     else:
         model, opt, step = build_qlora(spec, device, offload=stack in ("qlora-offload", "qlora-long"),
                                        chunked=stack != "qlora-unchunked",
-                                       mlp_tile_tokens=spec["mlp_tile_tokens"] if stack == "qlora-long" else None)
+                                       tile_tokens=spec["tile_tokens"] if stack == "qlora-long" else None)
     common = dict(stack=stack, setup_s=round(time.perf_counter() - t_setup, 2), rss_imports=rss_imports,
                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   model_bytes_by_dtype=_bytes_by_dtype(model))

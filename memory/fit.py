@@ -42,7 +42,7 @@ ALL = tuple(range(len(FEATURES)))
 # Small shapes (on meta the cost of a dry run does not depend on them). Sequences are multiples of 32:
 # CUDA's memory-efficient attention (sdpa with a mask: sliding windows) pads its log-sum-exp to one,
 # which no polynomial in s follows; the planner's error at other lengths is < 32*b*heads*4 bytes.
-# Tiles: two of them must fit in the shortest probe (b*s = 32): a tiled dry run runs two (layers.tiled_mlp).
+# Tiles: two of them must fit in the shortest probe (b*s = 32): a tiled dry run runs two (layers.tiling).
 _CANDIDATES = tuple(
     (b, s, r) for s in (32, 64, 96, 160) for r in (1, 2, 3, 5) for b in (1, 2, 3, 4)
 )
@@ -185,7 +185,7 @@ def prune(group: dict) -> dict:
 def fit_body(
     spec: ModelSpec, targets: tuple[str, ...], dropout: float, dora: bool, adapter_dtype: str, attn: str,
     checkpointing: bool, device: str, quant_type: str, blocksize: int, double_quant: bool, window: int | None,
-    tiled_mlp: bool = False,
+    tiled_mlp: bool = False, tiled_norms: bool = False,
 ) -> dict:
     """The decoder stack's profile as stored (:class:`memory.profile.StepProfile` reads it).
 
@@ -197,10 +197,12 @@ def fit_body(
     def run(b, s, r, t):
         return body_run(
             spec, b, s, r, targets, dropout, dora, adapter_dtype, attn, checkpointing, device,
-            quant_type, blocksize, double_quant, window, mlp_tile_tokens=t or None,
+            quant_type, blocksize, double_quant, window,
+            mlp_tile_tokens=(t or None) if tiled_mlp else None, norm_tile_tokens=(t or None) if tiled_norms else None,
         )
 
-    groups = fit(run, (BODY_MIN, ALL), uses_rank=True, tiled=tiled_mlp)
+    # one tile size for both (Settings.tile_tokens): the profile keeps one tile variable t
+    groups = fit(run, (BODY_MIN, ALL), uses_rank=True, tiled=tiled_mlp or tiled_norms)
     return {"probe_types": list(probe_layer_types(spec)), "groups": [prune(g) for g in groups]}
 
 

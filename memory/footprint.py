@@ -97,7 +97,8 @@ class Footprint:
             base linears the format applies to (all but the output head), so they are
             16-bit weights with ``quant_type="none"``.
         nf4_bits_per_param: storage bits per ``quantized_params`` element (16.0 with ``none``).
-        mlp_tile_tokens: tokens per MLP tile when the MLP runs tiled (at most ``b*s``: one tile), else None.
+        tiled_mlp, tiled_norms: whether the MLPs, the norms run in tiles (``layers.tiling``).
+        tile_tokens: tokens per tile when either runs tiled (at most ``b*s``: one tile), else None.
         The remaining attributes echo the settings.
     """
 
@@ -127,7 +128,9 @@ class Footprint:
     host: HostMemory
     offload_activations: bool = False
     quant_type: str = "nf4"
-    mlp_tile_tokens: int | None = None
+    tiled_mlp: bool = False
+    tiled_norms: bool = False
+    tile_tokens: int | None = None
 
     @property
     def host_bytes(self) -> int:
@@ -286,11 +289,11 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
         spec, shorts, rank, s.dora, s.adapter_dtype, s.optimizer, s.quant_type, s.blocksize, s.double_quant, device
     )
 
-    tiled = s.tiled_mlp is True  # estimate reads "auto" as off; memory.plan decides it
-    tile = min(s.mlp_tile_tokens, batch * seq_len) if tiled else 0
+    mlp, norms = s.tiled_mlp is True, s.tiled_norms is True  # estimate reads "auto" as off; memory.plan decides
+    tile = min(s.tile_tokens, batch * seq_len) if mlp or norms else 0
     profile = body_profile(
         spec, shorts, s.dropout, s.dora, s.adapter_dtype, attn, checkpointing, device, s.quant_type, s.blocksize,
-        s.double_quant, probe_window(spec, seq_len), tiled,
+        s.double_quant, probe_window(spec, seq_len), mlp, norms,
     )
     if s.loss == "hf":
         head = hf_head_segment(spec, batch, seq_len, attn, device)
@@ -331,7 +334,8 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
         nf4_bits_per_param=(
             16.0 if s.quant_type == NO_QUANT else bits_per_param(s.quant_type, s.blocksize, s.double_quant)
         ),
-        offload_activations=bool(offloaded), quant_type=s.quant_type, mlp_tile_tokens=tile or None,
+        offload_activations=bool(offloaded), quant_type=s.quant_type, tiled_mlp=mlp, tiled_norms=norms,
+        tile_tokens=tile or None,
         host=host_memory(spec, device, pinned, state_host, tensor_peak),
     )
 

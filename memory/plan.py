@@ -179,7 +179,7 @@ def plan(
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
     base = with_changes(settings, changes, PLAN_DEFAULTS)
     auto_seq, auto_batch, auto_rank = base.seq_len == "auto", base.micro_batch_size == "auto", base.rank == "auto"
-    if base.tiled_mlp == "auto":
+    if "auto" in (base.tiled_mlp, base.tiled_norms):
         return _tiling_chosen(gpu, spec, base, ram, auto_seq)
     margin, effective = base.margin, base.effective_batch_size
     usable = int(gpu.total_bytes * (1 - margin))
@@ -200,8 +200,14 @@ def plan(
     if auto_seq:
         steps = _largest(1, max(1, s_cap // SEQ_STEP), lambda k: ok(est(k * SEQ_STEP, b_fixed, r0)))
         seq = (steps or 1) * SEQ_STEP
-        if steps is not None:
+        if steps is not None and steps * SEQ_STEP < s_cap:
             notes.append(f"seq_len auto: the longest multiple of {SEQ_STEP} that fits is {seq}")
+        elif steps is not None:  # the model's own limit, not memory's: say how far memory alone would go
+            beyond = _largest(steps, 16 * steps, lambda k: ok(est(k * SEQ_STEP, b_fixed, r0))) * SEQ_STEP
+            notes.append(
+                f"seq_len auto: {seq} is the model's max_position_embeddings; memory alone would fit "
+                + (f"{beyond} (an explicit --seq-len past the model's positions)" if beyond > seq else "no more")
+            )
     else:
         seq = base.seq_len
     # 2. rank
@@ -249,15 +255,18 @@ def plan(
 
 
 def _tiling_chosen(gpu: GPU, spec: ModelSpec, base: Settings, ram, auto_seq: bool) -> Plan:
-    """``tiled_mlp="auto"``: the untiled plan when it fits (tiling costs one more MLP forward per step);
-    the tiled one when only it fits, or when ``seq_len="auto"`` reaches further with it."""
-    off = plan(gpu, spec, dataclasses.replace(base, tiled_mlp=False), ram=ram)
+    """``tiled_mlp`` / ``tiled_norms`` ``"auto"``: every auto switch off when that plan fits (tiling costs one more
+    forward of the tiled modules per step); all of them on when only that fits, or when ``seq_len="auto"``
+    reaches further with them. One decision for both: each pays at the same long sequences."""
+    autos = [name for name in ("tiled_mlp", "tiled_norms") if getattr(base, name) == "auto"]
+    off = plan(gpu, spec, dataclasses.replace(base, **dict.fromkeys(autos, False)), ram=ram)
     if off.fits and not auto_seq:
         return off
-    on = plan(gpu, spec, dataclasses.replace(base, tiled_mlp=True), ram=ram)
+    on = plan(gpu, spec, dataclasses.replace(base, **dict.fromkeys(autos, True)), ram=ram)
     if on.fits and (not off.fits or on.seq_len > off.seq_len):
         why = f"seq_len {on.seq_len} instead of {off.seq_len}" if off.fits else "the plan fits only with it"
-        note = f"tiled MLP auto: on, {base.mlp_tile_tokens} tokens per tile ({why})"
+        what = " and ".join({"tiled_mlp": "MLP", "tiled_norms": "norms"}[a] for a in autos)
+        note = f"tiled {what} auto: on, {base.tile_tokens} tokens per tile ({why})"
         return dataclasses.replace(on, notes=on.notes + (note,))
     return off
 
@@ -314,9 +323,12 @@ def _suggest(est, ok, seq: int, b: int, r: int, base: Settings, auto_seq: bool, 
     if not base.gradient_checkpointing:
         cheap["gradient_checkpointing"] = True
         add("turn gradient checkpointing on", gradient_checkpointing=True)
-    if base.tiled_mlp is False:  # "auto" was tried both ways already (_tiling_chosen); not in "combine": at short
-        # sequences tiling costs memory (the T x h output and input-gradient buffers), it pays only at long ones
-        add(f"run the MLP in tiles of {base.mlp_tile_tokens} tokens ({flag_name('tiled_mlp')} on)", tiled_mlp=True)
+    # "auto" was tried both ways already (_tiling_chosen); not in "combine": at short sequences
+    # tiling costs memory (the T x h output and input-gradient buffers), it pays only at long ones
+    if base.tiled_mlp is False:
+        add(f"run the MLP in tiles of {base.tile_tokens} tokens ({flag_name('tiled_mlp')} on)", tiled_mlp=True)
+    if base.tiled_norms is False:
+        add(f"run the norms in tiles of {base.tile_tokens} tokens ({flag_name('tiled_norms')} on)", tiled_norms=True)
     if base.loss == "hf":
         cheap["loss"] = "chunked"
         add(f"compute the loss in chunks of {base.loss_chunk_tokens} tokens ({flag_name('loss_chunk_tokens')})",

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from layers import DoRALinear, LoRALinear
-from layers.tiled_mlp import tile_mlps
+from layers.tiling import tile_mlps, tile_norms
 from quant.dtypes import DTYPES
 from quant.errors import InputError
 from quant.formats import NO_QUANT
@@ -177,7 +177,7 @@ def body_run(
     spec: ModelSpec, batch: int, seq: int, rank: int, targets: tuple[str, ...], dropout: float = 0.0,
     dora: bool = False, adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True,
     device: str = "cuda", quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-    window: int | None = None, mlp_tile_tokens: int | None = None,
+    window: int | None = None, mlp_tile_tokens: int | None = None, norm_tile_tokens: int | None = None,
 ) -> Timeline:
     """Forward and backward of the decoder stack (``1 + p`` layers) on meta.
 
@@ -191,8 +191,9 @@ def body_run(
         device: ``'cuda'`` or ``'cpu'``: which device's kernels to allocate like.
         quant_type, blocksize, double_quant: the 4-bit format, or ``quant_type="none"``: 16-bit linears.
         window: the sliding window to run with instead of the config's (:func:`probe_window`).
-        mlp_tile_tokens: every MLP tiled as the trainer tiles it (:mod:`layers.tiled_mlp`), running its
+        mlp_tile_tokens: every MLP tiled as the trainer tiles it (:mod:`layers.tiling`), running its
             first two tiles only: every later tile allocates what the second did.
+        norm_tile_tokens: every norm tiled likewise (the final norm included).
 
     Returns:
         The :class:`Timeline`. Weights and LoRA parameters exist before the
@@ -207,6 +208,8 @@ def body_run(
     )
     if mlp_tile_tokens:
         tile_mlps(model, mlp_tile_tokens, max_tiles=2)
+    if norm_tile_tokens:
+        tile_norms(model, norm_tile_tokens, max_tiles=2)
     layers = _decoder_layers(model)
     handles = []
 

@@ -24,7 +24,7 @@ from .spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-# t: tokens per MLP tile (layers.tiled_mlp), 0 for an untiled MLP; its intermediates exist one tile at a time
+# t: tokens per MLP tile (layers.tiling), 0 for an untiled MLP; its intermediates exist one tile at a time
 FEATURES = ("1", "b", "s", "b*s", "b*s*r", "r", "b*s^2", "s^2", "t", "t*r")
 # Tags: what a live storage was allocated for. "seed" is the gradient that
 # flows backward between the head and the layers; "grad" are LoRA parameter
@@ -228,20 +228,21 @@ def body_profile(
     spec: ModelSpec, targets: tuple[str, ...], dropout: float = 0.0, dora: bool = False,
     adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True, device: str = "cuda",
     quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, window: int | None = None,
-    tiled_mlp: bool = False,
+    tiled_mlp: bool = False, tiled_norms: bool = False,
 ) -> StepProfile:
     """The decoder stack's profile: shipped, cached on disk, or fitted now (:func:`memory.fit.fit_body`).
 
     ``window`` is the sliding window the dry runs use instead of the config's
-    (:func:`probe_window`). ``tiled_mlp``: every layer's MLP runs in tiles
-    (:mod:`layers.tiled_mlp`); the profile is then read at a tile size ``t``.
+    (:func:`probe_window`). ``tiled_mlp``, ``tiled_norms``: every layer's MLP,
+    every norm runs in tiles (:mod:`layers.tiling`); the profile is then read
+    at a tile size ``t`` (one size for both).
 
     Raises:
         InputError: the model cannot be built with these settings.
         NotPolynomial: the stack's code branches on shapes in a way the fit cannot follow.
     """
     args = (targets, dropout, dora, adapter_dtype, attn, checkpointing, device, quant_type, blocksize, double_quant,
-            window, tiled_mlp)
+            window, tiled_mlp, tiled_norms)
 
     def build() -> dict:
         from .fit import fit_body  # torch + the dry runs: only when no cache has this profile
@@ -251,7 +252,7 @@ def body_profile(
             return fit_body(spec, *args)
 
     names = ("targets", "dropout", "dora", "adapter_dtype", "attn", "checkpointing", "device", "quant_type",
-             "blocksize", "double_quant", "window", "tiled_mlp")
+             "blocksize", "double_quant", "window", "tiled_mlp", "tiled_norms")
     parts = {"model": spec.config_json, "run": "body", **dict(zip(names, args))}
     parts["targets"] = list(targets)
     data = cached("profile", parts, build)

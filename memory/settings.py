@@ -109,11 +109,14 @@ class Settings:
         loss: ``chunked`` (qlora's loss, ``loss_chunk_tokens`` rows per chunk;
             the trainer's default) or ``hf`` (transformers' loss on full fp32 logits).
         offload_activations: checkpointed layer inputs wait in pinned host memory.
-        tiled_mlp: every layer's MLP runs over the tokens in tiles of ``mlp_tile_tokens``
-            (``layers.tiled_mlp``): True, False, or ``"auto"``: :func:`memory.plan` turns it
+        tiled_mlp: every layer's MLP runs over the tokens in tiles of ``tile_tokens``
+            (``layers.tiling``): True, False, or ``"auto"``: :func:`memory.plan` turns it
             on only when that is what makes the plan fit or lets ``seq_len="auto"`` reach further;
             :func:`memory.estimate` reads ``"auto"`` as off (it has no budget to decide against).
-        mlp_tile_tokens: tokens per MLP tile (batch and sequence together).
+        tiled_norms: every RMSNorm/LayerNorm (the final one too) runs in tiles of ``tile_tokens``
+            rows, keeping only its input for backward instead of transformers' float32 copies:
+            True, False, or ``"auto"``: as ``tiled_mlp`` decides (both ``"auto"``: on or off together).
+        tile_tokens: tokens per tile of the tiled MLP and norms (batch and sequence together).
         quant_type, blocksize, double_quant: the 4-bit format of the base linears
             (``nf4``/``fp4``), or ``quant_type="none"``: a 16-bit base (plain LoRA; the
             other two are then unused).
@@ -158,8 +161,11 @@ class Settings:
     tiled_mlp: bool | str = field(default="auto", metadata=_opt(
         "--tiled-mlp", "run each MLP over the tokens in tiles (auto: only when that is what fits or lets "
         "--seq-len auto go further)", "auto|on|off", _switch, "auto, on or off"))
-    mlp_tile_tokens: int = field(default=4096, metadata=_opt(
-        "--mlp-tile-tokens", "tokens per MLP tile with --tiled-mlp", "N", int, "a positive integer"))
+    tiled_norms: bool | str = field(default="auto", metadata=_opt(
+        "--tiled-norms", "run each norm over the tokens in tiles, without its float32 copies kept for backward "
+        "(auto: with the tiled MLP's auto)", "auto|on|off", _switch, "auto, on or off"))
+    tile_tokens: int = field(default=4096, metadata=_opt(
+        "--tile-tokens", "tokens per tile with --tiled-mlp / --tiled-norms", "N", int, "a positive integer"))
     quant_type: str = field(default="nf4", metadata=_opt(
         "--quant-type", "base format: nf4 or fp4 (4-bit), or none (a 16-bit base: plain LoRA)", "TYPE", str))
     blocksize: int = field(default=64, metadata=_opt(
@@ -179,9 +185,10 @@ class Settings:
                 _int(getattr(self, name), name, minimum, " or 'auto'")
         _int(self.effective_batch_size, "effective_batch_size")
         _int(self.loss_chunk_tokens, "loss_chunk_tokens")
-        _int(self.mlp_tile_tokens, "mlp_tile_tokens")
-        if not (isinstance(self.tiled_mlp, bool) or self.tiled_mlp == "auto"):
-            raise InputError(f"tiled_mlp must be True, False or 'auto', got {self.tiled_mlp!r}.")
+        _int(self.tile_tokens, "tile_tokens")
+        for name in ("tiled_mlp", "tiled_norms"):
+            if not (isinstance(getattr(self, name), bool) or getattr(self, name) == "auto"):
+                raise InputError(f"{name} must be True, False or 'auto', got {getattr(self, name)!r}.")
         _int(self.cuda_context_bytes, "cuda_context_bytes", 0)
         object.__setattr__(self, "targets", _check_targets(self.targets))
         object.__setattr__(self, "dropout", _fraction(self.dropout, "LoRA dropout must be a number in [0, 1)", 1.0))

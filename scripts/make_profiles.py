@@ -50,8 +50,10 @@ def _model_entries(name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         _fresh_caches(tmp)
         model = memory.load_spec(name)
-        # the default plan, and the tiled-MLP profile a long-context plan (--seq-len auto) reads
-        shapes = [memory.Settings(), memory.Settings(tiled_mlp=True)]
+        # the default plan, and the tiled profiles a long-context plan (--seq-len auto) reads: both tiling
+        # switches on (their auto), and the MLP alone (--tiled-mlp on: auto norms are planned off then on)
+        shapes = [memory.Settings(), memory.Settings(tiled_mlp=True, tiled_norms=True),
+                  memory.Settings(tiled_mlp=True, tiled_norms=False)]
         window = model.config.get("sliding_window")
         if window and model.config.get("use_sliding_window") is not False:
             shapes.append(memory.Settings(seq_len=window + 1))  # the dry runs past the window differ

@@ -160,7 +160,9 @@ def plan_dict(p, alpha: float) -> dict:
         "loss": fp.loss,
         "loss_chunk_tokens": fp.loss_chunk_tokens,
         "offload_activations": fp.offload_activations,
-        "mlp_tile_tokens": fp.mlp_tile_tokens,
+        "tiled_mlp": fp.tiled_mlp,
+        "tiled_norms": fp.tiled_norms,
+        "tile_tokens": fp.tile_tokens,
         "quant_type": fp.quant_type,
         "quantized_params": fp.quantized_params,
         "nf4_bits_per_param": fp.nf4_bits_per_param,
@@ -171,6 +173,10 @@ def plan_dict(p, alpha: float) -> dict:
         ],
         "notes": list(p.notes),
     }
+
+
+def _tiled(fp) -> str:
+    return " and ".join(name for name, on in (("MLP", fp.tiled_mlp), ("norms", fp.tiled_norms)) if on)
 
 
 def _gib(n: int) -> str:
@@ -197,7 +203,7 @@ def render(p, alpha: float, console, notes: bool = True) -> None:
         f"{'on' if fp.gradient_checkpointing else 'off'} | attention {fp.attn} | loss "
         + (f"chunked, {fp.loss_chunk_tokens} tokens" if fp.loss == "chunked" else "transformers (full fp32 logits)")
         + (" | inputs offloaded" if fp.offload_activations else "")
-        + (f" | MLP in tiles of {fp.mlp_tile_tokens} tokens" if fp.mlp_tile_tokens else "")
+        + (f" | {_tiled(fp)} in tiles of {fp.tile_tokens} tokens" if fp.tile_tokens else "")
     )
     t = Table(title=f"memory at the peak (phase: {fp.peak_phase})", show_footer=False)
     t.add_column("term")

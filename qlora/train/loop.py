@@ -199,7 +199,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     plan = plan_run(recipe, device)  # before any weights are read
     say(plan.summary)
     recipe = dataclasses.replace(recipe, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
-                                 tiled_mlp=plan.mlp_tile_tokens is not None,
+                                 tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms,
                                  lora=dataclasses.replace(recipe.lora, rank=plan.rank))
     data = load_data(recipe.data, plan.tokenizer, plan.seq_len, recipe.seed)
     say(data.summary)
@@ -211,7 +211,8 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     model, save = build_model(
         plan.model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype, recipe.gradient_checkpointing,
         recipe.offload_activations, resume_adapter=None if last is None else last / "adapter",
-        attn_implementation=recipe.model.attn_implementation, mlp_tile_tokens=plan.mlp_tile_tokens,
+        attn_implementation=recipe.model.attn_implementation,
+        tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms, tile_tokens=plan.tile_tokens,
     )
     # after any resume: the optimizer must hold the installed tensors
     groups = param_groups(model, recipe.optimizer, recipe.lora.loraplus_ratio)

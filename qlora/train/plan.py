@@ -45,7 +45,9 @@ class RunPlan:
     budget_bytes: int
     autocast_dtype: torch.dtype
     summary: str
-    mlp_tile_tokens: int | None = None  # the MLP runs in tiles of this many tokens (the plan's tiled_mlp), or not
+    tiled_mlp: bool = False  # the plan's tiled_mlp, resolved
+    tiled_norms: bool = False  # the plan's tiled_norms, resolved
+    tile_tokens: int = 4096  # tokens per tile of either
 
 
 # ---------------------------------------------------------------------------- recipe <-> settings
@@ -87,7 +89,8 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         loss_chunk_tokens=CHUNK_TOKENS,
         offload_activations=recipe.offload_activations,
         tiled_mlp=recipe.tiled_mlp,
-        mlp_tile_tokens=recipe.mlp_tile_tokens,
+        tiled_norms=recipe.tiled_norms,
+        tile_tokens=recipe.tile_tokens,
         quant_type=recipe.quant.quant_type,
         blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant,
@@ -140,7 +143,8 @@ def settings_to_recipe(settings: memory.Settings, base: dict | None = None) -> d
     data.update(
         seq_len=s.seq_len, micro_batch_size=s.micro_batch_size, effective_batch_size=s.effective_batch_size,
         gradient_checkpointing=s.gradient_checkpointing, chunked_loss=s.loss == "chunked",
-        offload_activations=s.offload_activations, tiled_mlp=s.tiled_mlp, mlp_tile_tokens=s.mlp_tile_tokens,
+        offload_activations=s.offload_activations, tiled_mlp=s.tiled_mlp, tiled_norms=s.tiled_norms,
+        tile_tokens=s.tile_tokens,
     )
     if s.device == "cpu":
         data["device"] = "cpu"
@@ -307,7 +311,8 @@ def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
         predicted_peak_bytes=fp.tensor_peak_bytes, budget_bytes=p.gpu.total_bytes,
         autocast_dtype=autocast_dtype_for(device, recipe.quant.compute_dtype),
         summary=plan_summary(p, model_label(recipe)) + _float32_note(recipe),
-        mlp_tile_tokens=p.settings.mlp_tile_tokens if p.settings.tiled_mlp is True else None,
+        tiled_mlp=p.settings.tiled_mlp is True, tiled_norms=p.settings.tiled_norms is True,
+        tile_tokens=p.settings.tile_tokens,
     )
 
 

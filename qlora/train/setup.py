@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from layers.tiled_mlp import tile_mlps
+from layers.tiling import tile_mlps, tile_norms
 from qlora.adapters.files import load_adapter, save_adapter
 from qlora.data import detect_format, load_records, pack_rows, split_eval, tokenize_dataset
 from qlora.lora.diagnostics import lora_diagnostics, summarize
@@ -118,7 +118,9 @@ def build_model(
     offload_activations: bool = False,
     resume_adapter: Path | None = None,
     attn_implementation: str | None = None,
-    mlp_tile_tokens: int | None = None,
+    tiled_mlp: bool = False,
+    tiled_norms: bool = False,
+    tile_tokens: int = 4096,
 ) -> tuple[nn.Module, Callable[[Path], Path]]:
     """NF4 base (streamed) + LoRA + gradient checkpointing, ready to train.
 
@@ -132,8 +134,8 @@ def build_model(
         gradient_checkpointing, offload_activations: see :func:`enable_checkpointing`.
         resume_adapter: read the adapter weights from this PEFT folder instead of initializing them.
         attn_implementation: transformers' attention (recipe ``model.attn_implementation``); None: its default.
-        mlp_tile_tokens: run every decoder layer's MLP in tiles of this many tokens (:mod:`layers.tiled_mlp`);
-            None: untiled.
+        tiled_mlp, tiled_norms: run every decoder layer's MLP, every norm in tiles of ``tile_tokens``
+            tokens (:mod:`layers.tiling`).
 
     Returns:
         ``(model, save)``: ``save(folder)`` writes the PEFT adapter into ``folder`` (new or existing, file by
@@ -169,10 +171,15 @@ def build_model(
         enable_checkpointing(model, offload_activations)
         log.info("gradient checkpointing on (non-reentrant), one checkpoint per decoder layer; activation offload %s "
                  "(recipe offload_activations)", "on" if offload_activations else "off")
-    if mlp_tile_tokens is not None:
-        tile_mlps(model, mlp_tile_tokens)
+    if tiled_mlp:
+        tile_mlps(model, tile_tokens)
         log.info("MLPs run in tiles of %d tokens (tiled_mlp): their intermediates exist one tile at a time, for "
-                 "one more MLP forward per step", mlp_tile_tokens)
+                 "one more MLP forward per step", tile_tokens)
+    if tiled_norms:
+        tile_norms(model, tile_tokens)
+        log.info("norms run in tiles of %d tokens (tiled_norms): backward keeps their inputs, not transformers' "
+                 "float32 copies (4 bytes x hidden x 2 per token per norm), for one more norm forward per step",
+                 tile_tokens)
     base = str(Path(model_dir).resolve())  # the folder actually trained on, so other tools can find the base
 
     def save(folder: Path) -> Path:

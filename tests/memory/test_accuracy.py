@@ -25,8 +25,10 @@ CASES = [
     ("qwen3", dict(batch=2, seq=32, rank=8, dora=True)),
     ("mistral", dict(batch=2, seq=48, rank=16, optimizer="adamw_8bit", adapter_dtype="float32")),
     ("qwen2", dict(batch=2, seq=48, rank=8, targets="qv", quant_type="none")),  # 16-bit base, plain LoRA
-    ("llama", dict(batch=1, seq=512, rank=8, mlp_tile_tokens=64)),  # tiled MLP: 8 tiles, the dry run runs 2
-    ("llama", dict(batch=2, seq=64, rank=8, dropout=0.1, mlp_tile_tokens=16)),
+    ("llama", dict(batch=1, seq=512, rank=8, tiled_mlp=True, tile_tokens=64)),  # 8 tiles, the dry run runs 2
+    ("llama", dict(batch=2, seq=64, rank=8, dropout=0.1, tiled_mlp=True, tile_tokens=16)),
+    ("llama", dict(batch=1, seq=512, rank=8, tiled_mlp=True, tiled_norms=True, tile_tokens=64)),
+    ("qwen3", dict(batch=2, seq=64, rank=8, tiled_norms=True, tile_tokens=16)),  # per-head q/k norms: rows x heads
 ]
 
 

@@ -76,10 +76,12 @@ def test_shipped_entries_equal_a_fresh_build(fresh, name):
     model, prof = _default_profile(name)
     attn, shorts = _resolved(model, PLAN_DEFAULTS.attn, PLAN_DEFAULTS.targets)
     assert meta.build_spec(model.config, name).to_dict() == {**model.to_dict(), "name": name}
-    for tiled in (False, True):  # the default plan's profile, and the tiled MLP's (long-context plans)
-        built = fit.fit_body(model, shorts, 0.0, False, "bfloat16", attn, True, "cuda", "nf4", 64, True, None, tiled)
-        body = [e["value"] for e in shipped.values() if e["parts"]["kind"] == "profile"
-                and e["parts"]["window"] is None and e["parts"]["tiled_mlp"] == tiled]
+    # the default plan's profile, and the tiled ones (long-context plans)
+    for mlp, norms in ((False, False), (True, False), (True, True)):
+        built = fit.fit_body(model, shorts, 0.0, False, "bfloat16", attn, True, "cuda", "nf4", 64, True, None, mlp,
+                             norms)
+        body = [e["value"] for e in shipped.values() if e["parts"]["kind"] == "profile" and e["parts"]["window"] is None
+                and (e["parts"]["tiled_mlp"], e["parts"]["tiled_norms"]) == (mlp, norms)]
         assert body == [built]
 
 

@@ -66,7 +66,7 @@ def test_out_writes_a_recipe_and_not_fitting_exits_1(capsys, tmp_path):
         (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--optimizer", "sgd"], "sgd"),
         (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--quant-type", "int4"], "'none'"),
         (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--tiled-mlp", "maybe"], "auto, on or off"),
-        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--mlp-tile-tokens", "0"], "mlp_tile_tokens"),
+        (["--gpu", "24GB", "--model", "builtin:tiny-llama", "--tile-tokens", "0"], "tile_tokens"),
     ],
 )
 def test_bad_input_is_one_clear_error_with_exit_2(capsys, argv, needle):
@@ -119,10 +119,12 @@ def test_quant_type_none_plans_a_16bit_base(capsys):
     assert d["breakdown"]["base_weights_16bit"] == 2 * d["quantized_params"]
 
 
-def test_long_context_plan_says_the_mlp_is_tiled(capsys):
-    rc, out, _ = _plan(capsys, "--gpu", "24GB", "--model", "llama-3.1-8b", "--seq-len", "auto", "--batch-size", "1",
-                       "--rank", "32", "--offload-activations")
-    assert rc == 0 and "inputs offloaded | MLP in tiles of 4096 tokens" in " ".join(out.split())
-    d = json.loads(_plan(capsys, "--gpu", "24GB", "--model", "llama-3.1-8b", "--seq-len", "auto", "--batch-size",
-                         "1", "--rank", "32", "--offload-activations", "--tiled-mlp", "off", "--json")[1])
-    assert d["mlp_tile_tokens"] is None and d["offload_activations"] is True and 60_000 < d["seq_len"] < 64_000
+def test_long_context_plan_says_what_is_tiled(capsys):
+    argv = ("--gpu", "24GB", "--model", "llama-3.1-8b", "--seq-len", "auto", "--batch-size", "1", "--rank", "32",
+            "--offload-activations")
+    rc, out, _ = _plan(capsys, *argv)
+    assert rc == 0 and "inputs offloaded | MLP and norms in tiles of 4096 tokens" in " ".join(out.split())
+    d = json.loads(_plan(capsys, *argv, "--tiled-norms", "off", "--json")[1])
+    assert (d["tiled_mlp"], d["tiled_norms"], d["tile_tokens"]) == (True, False, 4096) and d["seq_len"] < 110_000
+    d = json.loads(_plan(capsys, *argv, "--tiled-mlp", "off", "--tiled-norms", "off", "--json")[1])
+    assert d["tile_tokens"] is None and d["offload_activations"] is True and 60_000 < d["seq_len"] < 64_000

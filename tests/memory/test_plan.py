@@ -43,14 +43,15 @@ def test_seq_len_auto_picks_the_longest_fitting_multiple_of_256(spec):
 
 
 def test_nothing_fits_lists_changes_that_do_with_their_peaks(spec):
-    want = dict(seq_len=2048, micro_batch_size=2, rank=64, optimizer="adamw", adapter_dtype="float32", loss="hf")
+    want = dict(seq_len=2048, micro_batch_size=2, rank=64, optimizer="adamw", adapter_dtype="float32", loss="hf",
+                tiled_mlp=False, tiled_norms=False)  # auto would tile the norms here: they save memory even at 2k
     need = memory.estimate(spec, **want).device_total_bytes
     gpu = GPU("small", int((need - 2**20) / 0.95), "small")  # usable is 1 MiB short
     p = memory.plan(gpu, spec, effective_batch_size=2, **want)
     assert not p.fits and p.suggestions
     assert all(s.fits and s.footprint.device_total_bytes <= p.usable_bytes for s in p.suggestions if s.gpu is None)
     changes = " | ".join(s.change for s in p.suggestions)
-    assert "8-bit" in changes and "loss=chunked" in changes
+    assert "8-bit" in changes and "loss=chunked" in changes and "norms in tiles" in changes
     bigger = [s for s in p.suggestions if s.gpu]
     assert bigger and memory.parse_gpu(bigger[0].gpu).total_bytes * 0.95 >= need
 
@@ -120,33 +121,54 @@ def test_bad_settings_are_one_clear_error(spec, call, match):
         call(spec)
 
 
-def test_tiled_mlp_auto_is_off_when_the_plan_fits_without_it():
+def test_tiling_auto_is_off_when_the_plan_fits_without_it():
     p = memory.plan("24GB", "llama-3.1-8b", seq_len=2048, micro_batch_size=1)
-    assert p.fits and p.settings.tiled_mlp is False and p.footprint.mlp_tile_tokens is None
+    assert p.fits and p.settings.tiled_mlp is False and p.settings.tiled_norms is False
+    assert p.footprint.tile_tokens is None and not (p.footprint.tiled_mlp or p.footprint.tiled_norms)
 
 
-def test_tiled_mlp_auto_takes_llama_8b_past_100k_tokens_on_24gb():
+def test_tiling_auto_takes_llama_8b_to_its_131072_positions_on_24gb():
     kw = dict(seq_len="auto", micro_batch_size=1, rank=32, offload_activations=True)
-    off = memory.plan("24GB", "llama-3.1-8b", tiled_mlp=False, **kw)
-    on = memory.plan("24GB", "llama-3.1-8b", **kw)  # tiled_mlp auto
-    assert on.fits and on.settings.tiled_mlp is True and on.footprint.mlp_tile_tokens == 4096
-    assert on.seq_len >= 100_000 > 64_000 > off.seq_len
-    assert any(n.startswith("tiled MLP auto: on") and str(off.seq_len) in n for n in on.notes)
+    off = memory.plan("24GB", "llama-3.1-8b", tiled_mlp=False, tiled_norms=False, **kw)
+    mlp = memory.plan("24GB", "llama-3.1-8b", tiled_mlp="auto", tiled_norms=False, **kw)
+    on = memory.plan("24GB", "llama-3.1-8b", **kw)  # both auto
+    assert on.fits and on.settings.tiled_mlp is True and on.settings.tiled_norms is True
+    assert on.footprint.tile_tokens == 4096 and on.footprint.tiled_norms
+    assert mlp.settings.tiled_mlp is True and mlp.settings.tiled_norms is False
+    # each lever pays: 63k untiled, 100k with the MLP tiled, the model's whole range with the norms too
+    assert on.seq_len == 131_072 > 100_000 <= mlp.seq_len < 110_000 and 60_000 < off.seq_len < 64_000
+    assert any(n.startswith("tiled MLP and norms auto: on") and str(off.seq_len) in n for n in on.notes)
+    # the cap is the model's positions, not memory: the note says how far memory alone goes
+    beyond = [n for n in on.notes if "max_position_embeddings" in n]
+    assert beyond and int(beyond[0].split("would fit ")[1].split()[0]) > 131_072
     # smaller tiles, smaller peak: the tile length is a variable of the one tiled profile
-    big = memory.estimate("llama-3.1-8b", seq_len=on.seq_len, rank=32, offload_activations=True, tiled_mlp=True,
-                          mlp_tile_tokens=65536)
-    assert big.tensor_peak_bytes > on.footprint.tensor_peak_bytes
+    big = memory.estimate("llama-3.1-8b", seq_len=mlp.seq_len, rank=32, offload_activations=True, tiled_mlp=True,
+                          tiled_norms=False, tile_tokens=65536)
+    assert big.tensor_peak_bytes > mlp.footprint.tensor_peak_bytes
 
 
-def test_tiled_mlp_is_suggested_when_off_and_it_would_fit():
-    p = memory.plan("24GB", "llama-3.1-8b", seq_len=90_000, micro_batch_size=1, rank=32, offload_activations=True,
-                    tiled_mlp=False)
+def test_tiled_norms_auto_follows_an_explicit_tiled_mlp():
+    kw = dict(micro_batch_size=1, rank=32, offload_activations=True, tiled_mlp=True)
+    assert memory.plan("24GB", "llama-3.1-8b", seq_len=2048, **kw).settings.tiled_norms is False  # fits without
+    long = memory.plan("24GB", "llama-3.1-8b", seq_len=120_000, **kw)
+    assert long.fits and long.settings.tiled_norms is True
+    assert any(n.startswith("tiled norms auto: on") and "fits only with it" in n for n in long.notes)
+
+
+@pytest.mark.parametrize("lever", ["tiled_mlp", "tiled_norms"])
+def test_each_tiling_lever_is_suggested_when_off_and_it_would_fit(lever):
+    other = {"tiled_mlp": "tiled_norms", "tiled_norms": "tiled_mlp"}[lever]
+    seq = {"tiled_mlp": 90_000, "tiled_norms": 66_000}[lever]  # past 63k untiled; alone, norms reach 69k, MLP 100k
+    p = memory.plan("24GB", "llama-3.1-8b", seq_len=seq, micro_batch_size=1, rank=32, offload_activations=True,
+                    **{lever: False, other: False})
     assert not p.fits
-    tiled = [s for s in p.suggestions if s.settings == {"tiled_mlp": True}]
-    assert tiled and tiled[0].fits and "--tiled-mlp on" in tiled[0].change
+    tiled = [s for s in p.suggestions if s.settings == {lever: True}]
+    flag = "--" + lever.replace("_", "-")
+    assert tiled and tiled[0].fits and f"{flag} on" in tiled[0].change
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
-def test_bad_tiled_mlp_value(bad):
-    with pytest.raises(InputError, match="tiled_mlp must be True, False or 'auto'"):
-        memory.Settings(tiled_mlp=bad)
+@pytest.mark.parametrize("name", ["tiled_mlp", "tiled_norms"])
+def test_bad_tiling_value(name, bad):
+    with pytest.raises(InputError, match=f"{name} must be True, False or 'auto'"):
+        memory.Settings(**{name: bad})

@@ -10,6 +10,7 @@ from transformers import (
     MistralConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from layers import DoRALinear
@@ -27,6 +28,7 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
     "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16),  # lm_head tied to the embeddings
     "phi3": lambda: Phi3Config(**_COMMON),  # fused qkv_proj and gate_up_proj
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),  # per-head q_norm and k_norm
 }
 
 

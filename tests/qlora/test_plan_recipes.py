@@ -19,7 +19,7 @@ from quant.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
-LONG = ROOT / "recipes" / "llama-3.1-8b-100k-24gb.yaml"
+LONG = ROOT / "recipes" / "llama-3.1-8b-128k-24gb.yaml"
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 LLAMA = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)

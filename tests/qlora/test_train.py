@@ -361,18 +361,21 @@ def test_a_16bit_base_trains_plain_lora_with_the_same_loop_and_files(tmp_path):
     assert isinstance(q, LoRALinear) and type(q.base_layer) is nn.Linear
 
 
-def test_tiled_mlp_trains_the_same_run(tmp_path, caplog):
-    """tiled_mlp: true with tiles of 16 tokens (8 per micro-batch of 2 x 64): the losses of the untiled run.
+def test_tiled_mlp_and_norms_train_the_same_run(tmp_path, caplog):
+    """tiled_mlp and tiled_norms with tiles of 16 tokens (8 per micro-batch of 2 x 64): the untiled run's losses.
     Without dropout: with it, each tile draws its own masks, an equally valid but different run."""
     untiled = tmp_path / "untiled"
-    train(_recipe(untiled, "lora.dropout=0.0", "tiled_mlp=false"), say=lambda m: None, progress=False)
+    train(_recipe(untiled, "lora.dropout=0.0", "tiled_mlp=false", "tiled_norms=false"), say=lambda m: None,
+          progress=False)
     with caplog.at_level("INFO", logger="qlora.train.setup"):
-        res = train(_recipe(tmp_path, "lora.dropout=0.0", "tiled_mlp=true", "mlp_tile_tokens=16"),
+        res = train(_recipe(tmp_path, "lora.dropout=0.0", "tiled_mlp=true", "tiled_norms=true", "tile_tokens=16"),
                     say=lambda m: None, progress=False)
     assert res.stopped == "done" and "MLPs run in tiles of 16 tokens" in caplog.text
+    assert "norms run in tiles of 16 tokens" in caplog.text
     assert dict(_losses(tmp_path / "out")[0]) == pytest.approx(dict(_losses(untiled / "out")[0]), abs=1e-5)
     saved = (tmp_path / "out" / "checkpoint-0000004" / "recipe.yaml").read_text()
-    assert "tiled_mlp: true" in saved and "mlp_tile_tokens: 16" in saved
+    assert "tiled_mlp: true" in saved and "tiled_norms: true" in saved and "tile_tokens: 16" in saved
     off = train(_recipe(tmp_path / "off", "tiled_mlp=auto"), say=lambda m: None, progress=False)
-    assert off.stopped == "done"  # auto on a CPU with room to spare: the planner leaves it off
+    assert off.stopped == "done"  # auto on a CPU with room to spare: the planner leaves both off
+    assert "tiled_norms: false" in (tmp_path / "off" / "out" / "checkpoint-0000004" / "recipe.yaml").read_text()
     assert "tiled_mlp: false" in (tmp_path / "off" / "out" / "checkpoint-0000004" / "recipe.yaml").read_text()

@@ -1,9 +1,9 @@
-"""The tiled MLP gives the untiled MLP's outputs and gradients (float32: to 1e-6 / 1e-5 relative)."""
+"""Tiled MLPs and norms give the untiled modules' outputs and gradients (float32: to 1e-6 / 1e-5 relative)."""
 
 import pytest
 import torch
 
-from layers.tiled_mlp import decoder_mlps, tile_mlps
+from layers.tiling import decoder_mlps, norms, tile_mlps, tile_norms
 from qlora.lora.surgery import apply_lora
 from quant import InputError, quantize_model
 from tests.qlora.lora_helpers import batch, randomize_adapters, tiny_model
@@ -113,3 +113,57 @@ def test_bad_tile_size_and_a_model_without_mlps_are_refused():
             tile_mlps(model, bad)
     with pytest.raises(InputError, match="no decoder layers with an 'mlp'"):
         tile_mlps(torch.nn.Sequential(torch.nn.Linear(4, 4)), 8)
+
+
+@pytest.mark.parametrize("arch, nf4", [("llama", False), ("qwen3", True), ("gemma", True), ("phi3", False)])
+def test_tiled_norms_equal_untiled(arch, nf4):
+    model = _model(arch, nf4).train()
+    ids = batch(n=2, t=12)
+    logits, grads = _step(model, ids)
+    handles = tile_norms(model, 5) + tile_mlps(model, 7)  # both levers at once, tiles of different sizes
+    tiled_logits, tiled_grads = _step(model, ids)
+    torch.testing.assert_close(tiled_logits, logits, rtol=1e-6, atol=1e-6)
+    for a, b in zip(tiled_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(_step(model, ids)[0], logits, rtol=0, atol=0)
+
+
+def test_norms_found_by_type_per_layer_per_head_and_final():
+    found = norms(_model("qwen3"))
+    # 2 layers x (input, post-attention, q_norm, k_norm) + the final norm
+    assert len(found) == 9 and {type(m).__name__ for m in found} == {"Qwen3RMSNorm"}
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.RMSNorm(4), torch.nn.LayerNorm(4))
+    assert [type(m) for m in norms(plain)] == [torch.nn.RMSNorm, torch.nn.LayerNorm]
+
+
+def _saved_bytes(module, x) -> int:
+    """Bytes of the distinct storages autograd keeps for ``module(x)``'s backward."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+def test_a_tiled_norm_keeps_only_its_bf16_input_for_backward():
+    """What the lever is for: transformers' RMSNorm keeps a float32 copy of its input (4 bytes per value) for
+    backward; tiled, only the bf16 input (2 bytes per value) is kept, and the gradient is the same."""
+    norm = norms(tiny_model("llama", dtype=torch.bfloat16))[0].requires_grad_(False)  # frozen, as in QLoRA
+    x = torch.randn(2, 64, 64, dtype=torch.bfloat16, requires_grad=True)
+    assert _saved_bytes(norm, x) >= x.numel() * 4
+    want = torch.autograd.grad(norm(x).float().square().sum(), x)[0]
+    tile_norms(torch.nn.Sequential(norm), 32)
+    assert _saved_bytes(norm, x) == x.numel() * 2
+    got = torch.autograd.grad(norm(x).float().square().sum(), x)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # same per-row ops on the same rows: bit-equal
+
+
+def test_a_model_without_norms_is_refused():
+    with pytest.raises(InputError, match="no RMSNorm or LayerNorm"):
+        tile_norms(torch.nn.Sequential(torch.nn.Linear(4, 4)), 8)
