@@ -154,7 +154,7 @@ class Recipe:
     gradient_checkpointing: Bool = True
     offload_activations: Bool = False  # checkpointed layer inputs in pinned host memory (qlora.train.offload)
     tiled_mlp: Union[Bool, Auto] = "auto"  # MLPs over the tokens in tiles (layers.tiling); auto: the planner's call
-    tiled_norms: Union[Bool, Auto] = "auto"  # norms in tiles, no float32 copies kept (layers.tiling); auto: as tiled_mlp
+    tiled_norms: Union[Bool, Auto] = "auto"  # norms in tiles, no fp32 copies kept (layers.tiling); auto: as tiled_mlp
     tile_tokens: Positive = 4096  # tokens per tile of the tiled MLP and norms
     chunked_loss: Bool = True
     max_grad_norm: Union[Float, None] = 1.0
