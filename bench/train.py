@@ -26,6 +26,7 @@ RSS and CUDA peaks never mix, and a failed OOM probe cannot poison the next):
   inputs in pinned host memory; a no-op move on the CPU, so not run there by default).
 * ``qlora-long``: ``qlora-offload`` plus the tiled MLP and norms (``layers.tiling``,
   ``--tile-tokens`` per tile): the levers of ``recipes/llama-3.1-8b-128k-24gb.yaml``.
+* ``qlora-long-mlp``: ``qlora-long`` without the tiled norms (what each tiling lever costs).
 * ``qlora-unchunked``: qlora with transformers' loss on full fp32 logits
   (``forward_loss(chunk_tokens=None)``): what the chunked loss saves and costs.
 
@@ -68,7 +69,7 @@ from qlora.train.optim import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
-STACKS = ("hf", "hf-no-upcast", "qlora", "qlora-offload", "qlora-long", "qlora-unchunked")
+STACKS = ("hf", "hf-no-upcast", "qlora", "qlora-offload", "qlora-long", "qlora-long-mlp", "qlora-unchunked")
 BASELINE = "hf"
 
 # Architectures (random weights). The CPU model keeps Llama-3's shape ratios

@@ -120,9 +120,10 @@ def build_hf(spec: dict, device: torch.device, upcast: bool):
     return model, opt, step
 
 
-def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool, tile_tokens: int | None = None):
+def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool, tile_tokens: int | None = None,
+                tiled_norms: bool = True):
     """qlora's own path; returns (model, optimizer, step_fn). ``chunked=False``: transformers' loss on full logits;
-    ``tile_tokens``: every MLP and every norm in tiles of that many tokens (layers.tiling)."""
+    ``tile_tokens``: every MLP (and with ``tiled_norms`` every norm) in tiles of that many tokens (layers.tiling)."""
     from layers.tiling import tile_mlps, tile_norms
     from qlora.lora.surgery import apply_lora, lora_parameters
     from qlora.train.loop import forward_loss
@@ -137,7 +138,8 @@ def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool, 
     enable_checkpointing(model, offload_activations=offload)
     if tile_tokens:
         tile_mlps(model, tile_tokens)
-        tile_norms(model, tile_tokens)
+        if tiled_norms:
+            tile_norms(model, tile_tokens)
     model.train()
     opt = build_optimizer([{"params": lora_parameters(model)}], spec["optimizer"], spec["lr"])
     chunk = spec["chunk_tokens"] if chunked else None
@@ -302,9 +304,11 @@ def child(spec: dict) -> dict:
     if stack.startswith("hf"):
         model, opt, step = build_hf(spec, device, upcast=stack == "hf")
     else:
-        model, opt, step = build_qlora(spec, device, offload=stack in ("qlora-offload", "qlora-long"),
+        long = stack in ("qlora-long", "qlora-long-mlp")
+        model, opt, step = build_qlora(spec, device, offload=stack == "qlora-offload" or long,
                                        chunked=stack != "qlora-unchunked",
-                                       tile_tokens=spec["tile_tokens"] if stack == "qlora-long" else None)
+                                       tile_tokens=spec["tile_tokens"] if long else None,
+                                       tiled_norms=stack == "qlora-long")
     common = dict(stack=stack, setup_s=round(time.perf_counter() - t_setup, 2), rss_imports=rss_imports,
                   trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                   model_bytes_by_dtype=_bytes_by_dtype(model))
