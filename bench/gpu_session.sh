@@ -13,7 +13,8 @@
 #             none runs on, past it; the device command's own limit (timeout_s) should be ~40 s more
 #   PARTS     which parts, in this order (default: all, in priority order):
 #             tests train grid8b speed maxctx grid7b quantspeed
-#   MAXCTX_STACKS  bench/train.py stacks for maxctx (default qlora-offload; hf,qlora-offload,qlora for the ratios)
+#   MAXCTX_STACKS  bench/train.py stacks for maxctx (default qlora-long; hf,qlora-offload,qlora for the ratios)
+#   MAXCTX_START, MAXCTX_MAX, MAXCTX_RES  its search: first probe, doubling cap, resolution (131072, 131072, 16384)
 #   OUT       results folder (the device tool sets it; default bench/results/_scratch/gpu-session-SIZE)
 #   WORK      scratch folder (default a new /tmp/qlora-gpu-work-XXXX); PYTHON (default .venv/bin/python, else python3)
 #
@@ -54,6 +55,10 @@ case $SIZE in full) budget_default=560 ;; tiny) budget_default=300 ;; *) echo "S
 BUDGET_S=${BUDGET_S:-$budget_default}
 PARTS=${PARTS:-tests train grid8b speed maxctx grid7b quantspeed}
 MAXCTX_STACKS=${MAXCTX_STACKS:-qlora-long}
+# the search: by default one probe at the long-context recipe's planned 131,072 tokens
+MAXCTX_START=${MAXCTX_START:-131072}
+MAXCTX_MAX=${MAXCTX_MAX:-131072}
+MAXCTX_RES=${MAXCTX_RES:-16384}
 OUT=${OUT:-bench/results/_scratch/gpu-session-$SIZE}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -231,8 +236,8 @@ part_maxctx() {
   # by default qlora-long alone: the levers of recipes/llama-3.1-8b-128k-24gb.yaml (offload + tiled MLP and norms),
   # whose planned 131,072 tokens at 24 GB (the model's positions) is the claim to check: one probe there, then a
   # fresh-process confirmation, under the 24 GiB per-process cap train_stacks sets
-  local args=(--mode max-context --stacks "$MAXCTX_STACKS" --cap-gib 24 --start-seq 131072 --max-seq 131072
-              --resolution 16384 --steps 2)
+  local args=(--mode max-context --stacks "$MAXCTX_STACKS" --cap-gib 24 --start-seq "$MAXCTX_START"
+              --max-seq "$MAXCTX_MAX" --resolution "$MAXCTX_RES" --steps 2)
   [ "$SIZE" = tiny ] && args=(--tiny --mode max-context --stacks "$MAXCTX_STACKS" --cap-gib 0.01 --start-seq 1024 \
                               --resolution 1024 --steps 2)
   tmo "$1" "$py" bench/train.py "${args[@]}" "${opt_flags[@]}" --checkpoint-dir "$ckpt" \
