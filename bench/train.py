@@ -20,7 +20,7 @@ RSS and CUDA peaks never mix, and a failed OOM probe cannot poison the next):
   checkpointing call ``prepare_model_for_kbit_training`` makes): what the
   upcast costs, the "no silent upcasts" comparison.
 * ``qlora``: ``quant.load_quantized_model`` + ``qlora.lora.surgery.apply_lora`` +
-  ``qlora.train.setup.enable_checkpointing`` + ``qlora.train.loop.forward_loss``
+  ``qlora.train.setup.enable_checkpointing`` + ``qlora.train.loss.forward_loss``
   (chunked cross-entropy, 1,024 tokens per chunk).
 * ``qlora-offload``: the same with ``offload_activations`` (checkpointed layer
   inputs in pinned host memory; a no-op move on the CPU, so not run there by default).

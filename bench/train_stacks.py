@@ -126,7 +126,7 @@ def build_qlora(spec: dict, device: torch.device, offload: bool, chunked: bool, 
     ``tile_tokens``: every MLP (and with ``tiled_norms`` every norm) in tiles of that many tokens (layers.tiling)."""
     from layers.tiling import tile_mlps, tile_norms
     from qlora.lora.surgery import apply_lora, lora_parameters
-    from qlora.train.loop import forward_loss
+    from qlora.train.loss import forward_loss
     from qlora.train.optim import build_optimizer
     from qlora.train.setup import enable_checkpointing
     from quant import load_quantized_model

@@ -18,6 +18,8 @@ closed form for the chunked loss):
     ``dequantized_weight``     dense weights rebuilt by the 4-bit layers at that moment
     ``lora_grads``             adapter gradients allocated so far
     ``optimizer_step``         temporaries of ``optimizer.step()`` (phase "optimizer" only)
+    ``ddp_buckets``            on N GPUs with DDP: the adapter gradients' all-reduce buffers
+    ``fsdp_gathered``          on N GPUs with FSDP2: the units gathered at that moment (:mod:`memory.distributed`)
 
 Phases: ``forward`` (embeddings through the final norm), ``loss`` (logits
 and loss, forward and backward), ``backward`` (the decoder stack, top layer
@@ -41,6 +43,7 @@ from quant.errors import InputError, choices
 from quant.formats import NO_QUANT, bits_per_param, check_args, nested_table_bytes, weight_bytes
 
 from .catalog import DEFAULT_MODEL
+from .distributed import per_gpu, strategy_of
 from .host import HostMemory, host_memory
 from .profile import TAGS, body_profile, hf_head_segment, probe_window
 from .settings import ATTN, Settings, with_changes
@@ -71,6 +74,8 @@ TERMS = {
     "dequantized_weight": "dequantized weight (transient)",
     "lora_grads": "LoRA gradients",
     "optimizer_step": "optimizer step temporaries",
+    "ddp_buckets": "DDP gradient buckets",
+    "fsdp_gathered": "FSDP units gathered (transient)",
 }
 _TAG_TERM = {
     "inputs": "inputs", "pre": "saved_activations", "fwd": "saved_activations", "head": "logits_loss",
@@ -99,6 +104,8 @@ class Footprint:
         nf4_bits_per_param: storage bits per ``quantized_params`` element (16.0 with ``none``).
         tiled_mlp, tiled_norms: whether the MLPs, the norms run in tiles (``layers.tiling``).
         tile_tokens: tokens per tile when either runs tiled (at most ``b*s``: one tile), else None.
+        gpus, strategy: the GPUs the run is split over and how (``single``, ``ddp``, ``fsdp``); the
+            terms are one GPU's. offload_params: fsdp's shards live in pinned host memory.
         The remaining attributes echo the settings.
     """
 
@@ -131,6 +138,9 @@ class Footprint:
     tiled_mlp: bool = False
     tiled_norms: bool = False
     tile_tokens: int | None = None
+    gpus: int = 1
+    strategy: str = "single"
+    offload_params: bool = False
 
     @property
     def host_bytes(self) -> int:
@@ -317,6 +327,7 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
             candidates[phase]["saved_activations"] = max(0, kept - offloaded)
         pinned = len(spec.layer_types) * per_layer
     candidates["optimizer"] = dict(persistent, **_terms(peaks.after), optimizer_step=step_tmp)
+    candidates, offloaded_params = per_gpu(candidates, spec, s, shorts)
     phases = {p: sum(v.values()) for p, v in candidates.items()}
     peak_phase = max(phases, key=phases.get)
     breakdown = {k: candidates[peak_phase].get(k, 0) for k in TERMS}
@@ -335,8 +346,9 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
             16.0 if s.quant_type == NO_QUANT else bits_per_param(s.quant_type, s.blocksize, s.double_quant)
         ),
         offload_activations=bool(offloaded), quant_type=s.quant_type, tiled_mlp=mlp, tiled_norms=norms,
-        tile_tokens=tile or None,
-        host=host_memory(spec, device, pinned, state_host, tensor_peak),
+        tile_tokens=tile or None, gpus=s.gpus, strategy=strategy_of(s),
+        offload_params=s.offload_params is True,
+        host=host_memory(spec, device, pinned, state_host, tensor_peak, offloaded_params),
     )
 
 

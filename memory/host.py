@@ -49,6 +49,8 @@ class HostMemory:
         pinned_offload: offloaded layer inputs in pinned memory (``offload_activations``).
         paged_optimizer_state: paged optimizer state (unified memory, host-backed).
         device_tensors: the step's tensor peak when the device is the CPU, else 0.
+        offloaded_params: FSDP2 with ``offload_params``: this rank's shards of the base, the adapter,
+            its gradients and optimizer state, kept in pinned host memory (:mod:`memory.distributed`).
     """
 
     process: int
@@ -56,6 +58,7 @@ class HostMemory:
     pinned_offload: int
     paged_optimizer_state: int
     device_tensors: int
+    offloaded_params: int = 0
 
     @property
     def loading_bytes(self) -> int:
@@ -63,7 +66,8 @@ class HostMemory:
 
     @property
     def training_bytes(self) -> int:
-        return self.process + self.pinned_offload + self.paged_optimizer_state + self.device_tensors
+        return (self.process + self.pinned_offload + self.paged_optimizer_state + self.device_tensors
+                + self.offloaded_params)
 
     @property
     def total_bytes(self) -> int:
@@ -76,6 +80,8 @@ class HostMemory:
         train = [f"pinned offload {g(self.pinned_offload)}", f"paged optimizer state {g(self.paged_optimizer_state)}"]
         if self.device_tensors:
             train.append(f"CPU tensors {g(self.device_tensors)}")
+        if self.offloaded_params:
+            train.append(f"offloaded FSDP shards {g(self.offloaded_params)}")
         return (f"{g(self.total_bytes)} GiB = process {g(self.process)} + max(loading {g(self.loader_peak)}, "
                 f"training {' + '.join(train)})")
 
@@ -89,7 +95,8 @@ def largest_tensor_bytes(spec: ModelSpec, itemsize: int = 2) -> int:
     return itemsize * max(linears, head, embedding)
 
 
-def host_memory(spec: ModelSpec, device: str, pinned: int, paged: int, tensor_peak: int) -> HostMemory:
+def host_memory(spec: ModelSpec, device: str, pinned: int, paged: int, tensor_peak: int,
+                offloaded_params: int = 0) -> HostMemory:
     """The :class:`HostMemory` of a step whose device side is already known."""
     return HostMemory(
         process=PROCESS_BYTES["cpu" if device == "cpu" else "cuda"],
@@ -97,6 +104,7 @@ def host_memory(spec: ModelSpec, device: str, pinned: int, paged: int, tensor_pe
         pinned_offload=pinned,
         paged_optimizer_state=paged,
         device_tensors=tensor_peak if device == "cpu" else 0,
+        offloaded_params=offloaded_params,
     )
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from quant.errors import InputError
 
+from . import distributed
 from .catalog import DEFAULT_MODEL
 from .footprint import Footprint, estimate
 from .gpus import GPU, catalog_gpu, known_gpus, parse_gpu, parse_size
@@ -179,9 +180,12 @@ def plan(
     spec = model if isinstance(model, ModelSpec) else load_spec(model)
     base = with_changes(settings, changes, PLAN_DEFAULTS)
     auto_seq, auto_batch, auto_rank = base.seq_len == "auto", base.micro_batch_size == "auto", base.rank == "auto"
+    if base.gpus == "auto" or base.offload_params == "auto" or (base.gpus > 1 and base.strategy == "auto"):
+        return distributed.choose(plan, gpu, spec, base, ram)
     if "auto" in (base.tiled_mlp, base.tiled_norms):
         return _tiling_chosen(gpu, spec, base, ram, auto_seq)
-    margin, effective = base.margin, base.effective_batch_size
+    margin, gpus = base.margin, base.gpus
+    effective = -(-base.effective_batch_size // gpus)  # sequences per step on each GPU
     usable = int(gpu.total_bytes * (1 - margin))
     ram_bytes = _ram_bytes(ram)
     ram_usable = None if ram_bytes is None else int(ram_bytes * (1 - margin))
@@ -230,6 +234,9 @@ def plan(
         b = base.micro_batch_size
         b_max = b if ok(est(seq, b, r)) else 0
     accum = -(-effective // b)
+    if b * accum * gpus != base.effective_batch_size:
+        notes.append(f"effective batch {base.effective_batch_size} runs as {b * accum * gpus} (micro-batch {b} x "
+                     f"{accum} accumulation" + (f" x {gpus} GPUs" if gpus > 1 else "") + "): rounded up")
     fp = est(seq, b, r)
     host_fits = None if ram_usable is None else fp.host.total_bytes <= ram_usable
     fits = _fits(fp, usable) and host_fits is not False
@@ -244,11 +251,11 @@ def plan(
     if not fits:
         suggestions = tuple(_suggest(est, ok, seq, b, r, base, auto_seq, ram_usable))
     resolved = dataclasses.replace(
-        base, seq_len=seq, micro_batch_size=b, rank=r, effective_batch_size=b * accum, attn=fp.attn
+        base, seq_len=seq, micro_batch_size=b, rank=r, effective_batch_size=b * accum * gpus, attn=fp.attn
     )
     return Plan(
         fits=fits, gpu=gpu, margin=margin, footprint=fp, micro_batch_size=b, gradient_accumulation_steps=accum,
-        effective_batch_size=b * accum, rank=r, seq_len=seq, max_micro_batch_size=b_max,
+        effective_batch_size=b * accum * gpus, rank=r, seq_len=seq, max_micro_batch_size=b_max,
         suggestions=suggestions, notes=tuple(notes), settings=resolved, host_budget_bytes=ram_bytes,
         host_fits=host_fits,
     )

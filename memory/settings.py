@@ -29,6 +29,7 @@ from .terms import OPTIMIZERS
 
 ATTN = ("auto", "sdpa", "eager")
 LOSSES = ("hf", "chunked")
+STRATEGIES = ("auto", "ddp", "fsdp")
 DEVICES = ("cuda", "cpu")
 MIB = 1 << 20
 # Defaults for the terms outside the tensor peak. The CUDA context is 0.3-0.6 GiB
@@ -121,6 +122,16 @@ class Settings:
             (``nf4``/``fp4``), or ``quant_type="none"``: a 16-bit base (plain LoRA; the
             other two are then unused).
         device: ``cuda`` (CUDA kernels, context and reserve added) or ``cpu``.
+        gpus: processes (one GPU each) the run is split over; the footprint is per GPU and the
+            effective batch is split among them (:mod:`memory.distributed`). ``"auto"`` (plan only):
+            the fewest of 1..64 that fit.
+        strategy: with ``gpus > 1``: ``ddp`` (each GPU holds the whole base), ``fsdp`` (FSDP2 shards the
+            base, adapter and optimizer state over the GPUs) or ``"auto"``: :func:`memory.plan` picks ddp
+            when it fits, else fsdp; :func:`memory.estimate` reads ``"auto"`` as ddp.
+        offload_params: with ``strategy="fsdp"``: each rank's shards (base, adapter, gradients,
+            optimizer state) live in pinned host memory and only the gathered units come to the GPU
+            (FSDP2's ``CPUOffloadPolicy``); True, False, or ``"auto"``: :func:`memory.plan` turns it on
+            only when fsdp does not fit without it; :func:`memory.estimate` reads ``"auto"`` as off.
         margin: fraction of the GPU the planner keeps free, in [0, 0.5) (plan only).
         cuda_context_bytes, allocator_reserve: overheads outside the tensor peak;
             the reserve is a fraction of the tensor peak.
@@ -174,19 +185,29 @@ class Settings:
         "--no-double-quant", "keep the 4-bit blocks' scales in fp32 instead of quantizing them to 8 bits", const=False))
     device: str = field(default="cuda", metadata=_opt(
         "--device", "cuda (a GPU run: CUDA context and allocator reserve counted) or cpu", "DEVICE", str))
+    gpus: int | str = field(default=1, metadata=_opt(
+        "--gpus", "GPUs (processes) the run is split over, or auto: the fewest that fit; the plan is per GPU",
+        "N|auto", _int_or_auto, _AUTO))
+    strategy: str = field(default="auto", metadata=_opt(
+        "--strategy", "with --gpus > 1: ddp (whole base on each GPU), fsdp (sharded) or auto (ddp if it fits)",
+        "NAME", str))
+    offload_params: bool | str = field(default="auto", metadata=_opt(
+        "--offload-params", "with --strategy fsdp: keep each GPU's shards in pinned host memory, gather units to "
+        "the GPU as they run (auto: only when fsdp does not fit without it)", "auto|on|off", _switch,
+        "auto, on or off"))
     margin: float = field(default=MARGIN, metadata=_opt(
         "--margin", "fraction of the GPU kept free", "F", float, "a number"))
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
     allocator_reserve: float = ALLOCATOR_RESERVE
 
     def __post_init__(self) -> None:
-        for name, minimum in (("seq_len", 2), ("micro_batch_size", 1), ("rank", 1)):
+        for name, minimum in (("seq_len", 2), ("micro_batch_size", 1), ("rank", 1), ("gpus", 1)):
             if getattr(self, name) != "auto":
                 _int(getattr(self, name), name, minimum, " or 'auto'")
         _int(self.effective_batch_size, "effective_batch_size")
         _int(self.loss_chunk_tokens, "loss_chunk_tokens")
         _int(self.tile_tokens, "tile_tokens")
-        for name in ("tiled_mlp", "tiled_norms"):
+        for name in ("tiled_mlp", "tiled_norms", "offload_params"):
             if not (isinstance(getattr(self, name), bool) or getattr(self, name) == "auto"):
                 raise InputError(f"{name} must be True, False or 'auto', got {getattr(self, name)!r}.")
         _int(self.cuda_context_bytes, "cuda_context_bytes", 0)
@@ -200,6 +221,7 @@ class Settings:
         _one_of(self.attn, ATTN, "attention implementation")
         _one_of(self.loss, LOSSES, "loss")
         _one_of(self.device, DEVICES, "device")
+        _one_of(self.strategy, STRATEGIES, "distributed strategy")
         check_base_format(self.quant_type, self.blocksize)
         _fraction(self.margin, "The safety margin is a fraction of the GPU in [0, 0.5)", 0.5)
         _fraction(self.allocator_reserve, "allocator_reserve is a fraction of the peak in [0, 1)", 1.0)
@@ -218,7 +240,7 @@ class Settings:
         Raises:
             InputError: one of them is ``"auto"`` (only :func:`memory.plan` resolves it).
         """
-        for name in ("seq_len", "micro_batch_size", "rank"):
+        for name in ("seq_len", "micro_batch_size", "rank", "gpus"):
             if getattr(self, name) == "auto":
                 raise InputError(
                     f"{caller} needs a number for {name}, got 'auto'; memory.plan resolves 'auto' for a GPU "

@@ -170,6 +170,30 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self)
 
+    # The sharded tensors: every one whose size grows with the weight. The 16-entry code table, the
+    # 256-entry nested table and the offset stay replicated buffers (under 1.1 KB a layer).
+    SHARDED = ("weight", "absmax", "nested_absmax")
+
+    def make_shardable(self) -> None:
+        """Hold the packed codes and their scales as frozen parameters, so that FSDP2 shards them.
+
+        FSDP2 (``fully_shard``) shards parameters, not buffers. Each of these
+        tensors is a plain 1-D run of bytes or floats (codes, per-block
+        absmax, per-256-block nested scales), so any split along dim 0 is
+        exact, and FSDP2's all-gather before each forward returns the same
+        bytes. Everything that interprets them (shape, blocksize, type, dtype)
+        is a plain attribute of this module, not of the tensors, so sharding
+        cannot lose it -- the failure peers hit when the quantization state
+        rides on a parameter object that FSDP replaces. State-dict keys and
+        values are unchanged. Idempotent.
+        """
+        for name in self.SHARDED:
+            t = getattr(self, name, None)
+            if t is None or isinstance(t, nn.Parameter):
+                continue
+            del self._buffers[name]
+            self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+
     def quant_state_json(self) -> dict:
         """The ``quant_state.bitsandbytes__<type>`` JSON object of the file format."""
         d = {

@@ -57,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except InputError as e:
-        print("error: " + textwrap.fill(str(e), width=100, subsequent_indent="       "), file=sys.stderr)
+        print(_error_prefix() + textwrap.fill(str(e), width=100, subsequent_indent="       "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _error_prefix() -> str:
+    """``error: ``, or under torchrun ``error (rank 1 of 2): `` so the failing rank is named."""
+    import os
+
+    size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"error (rank {rank} of {size}): " if size not in ("", "1") else "error: "
 
 
 if __name__ == "__main__":

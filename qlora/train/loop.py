@@ -30,9 +30,26 @@ import torch
 from qlora.data import epoch_order
 from qlora.tasks import TaskScore, evaluate_task
 from qlora.train import checkpoints as ckpts
-from qlora.train.loss import CHUNK_TOKENS, causal_lm_loss, targets_per_row
+from qlora.train.loss import CHUNK_TOKENS, target_count
 from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
 from qlora.train.optim import build_optimizer, build_scheduler
+from qlora.train.parallel import (
+    ParallelModel,
+    World,
+    adapter_saver,
+    all_sum,
+    any_rank,
+    barrier,
+    check_same,
+    check_strategy,
+    close_world,
+    full_tensor,
+    gather_objects,
+    init_world,
+    load_optimizer_state,
+    optimizer_state,
+    world_from_env,
+)
 from qlora.train.plan import RunPlan, plan_run
 from qlora.train.precision import resolve_dtypes
 from qlora.train.recipe import Recipe, recipe_to_dict
@@ -95,7 +112,8 @@ class _Run:
     out: Path
     data: RunData
     model: torch.nn.Module
-    save_adapter: Callable[[Path], Path]
+    par: ParallelModel
+    save_adapter: Callable[[Path], None]
     opt: torch.optim.Optimizer
     sched: Any
     scaler: torch.amp.GradScaler | None
@@ -104,86 +122,81 @@ class _Run:
     chunk: int | None
     checkpoint: Path | None
 
+    @property
+    def world(self) -> World:
+        return self.par.world
+
 
 def _batch(rows: dict, idx: list[int], device: torch.device) -> dict:
     return {k: v[idx].to(device, non_blocking=True) for k, v in rows.items()}
 
 
-def _targets(labels: torch.Tensor) -> int:
-    return int(targets_per_row(labels).sum())  # a host sync when labels live on a GPU: callers pass counts instead
-
-
-def forward_loss(model, batch: dict, chunk_tokens: int | None, autocast_dtype: torch.dtype,
-                 n_targets: int | None = None) -> tuple[torch.Tensor, int]:
-    """Summed loss over one micro-batch and its target-token count.
-
-    ``chunk_tokens`` set: :func:`qlora.train.loss.causal_lm_loss` on the final
-    hidden states (never materializes all logits). ``None``: transformers'
-    own loss on full fp32 logits (the standard path), asked for a sum through
-    ``num_items_in_batch`` so that normalization stays with the caller.
-    ``n_targets`` is the micro-batch's target count when the caller knows it
-    (the trainer counts on its host rows); ``None`` counts ``batch['labels']``,
-    a host sync on a GPU.
-    """
-    device_type = batch["input_ids"].device.type
-    # float32 "autocast" is no autocast (CPU autocast refuses it with a warning)
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-        if chunk_tokens is None:
-            n = _targets(batch["labels"]) if n_targets is None else n_targets
-            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                        use_cache=False, num_items_in_batch=max(n, 1))
-            return out.loss * max(n, 1), n
-        out = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        # causal_lm_loss picks the target rows with nonzero(): one host sync per micro-batch (a data-dependent
-        # shape), the price of never running the head on prompt tokens
-        return causal_lm_loss(out[0], model.get_output_embeddings().weight, batch["labels"], chunk_tokens, softcap)
-
-
 def accumulate_gradients(model, micro_batches: list[dict], chunk_tokens: int | None, autocast_dtype: torch.dtype,
-                         scaler=None, n_targets: list[int] | None = None) -> torch.Tensor:
-    """Forward/backward every micro-batch of one optimizer step.
+                         scaler=None, n_targets: list[int] | None = None, *, parallel: ParallelModel | None = None,
+                         step_targets: int | None = None) -> torch.Tensor:
+    """Forward/backward every micro-batch of one optimizer step (this rank's share of it).
 
     Each micro-batch's summed loss is divided by the target-token count of the *whole* step, so the
-    accumulated gradient equals that of one big batch however the step is split into micro-batches.
-    ``n_targets``: each micro-batch's target count when the caller knows it; ``None`` counts the labels
-    (one host sync per micro-batch on a GPU).
+    accumulated gradient equals that of one big batch however the step is split into micro-batches
+    (and ranks). ``n_targets``: each micro-batch's target count when the caller knows it; ``None`` counts
+    the labels (one host sync per micro-batch on a GPU).
+
+    Args:
+        parallel: the :class:`qlora.train.parallel.ParallelModel` on N ranks (``model`` is then ignored);
+            default: ``model`` on this process alone.
+        step_targets: the step's target count over all ranks; default this rank's micro-batches' sum.
 
     Returns:
-        The step's mean loss per target token: a float64 0-dim tensor on the device, not yet read back
-        (``float()`` it when the number is needed).
+        This rank's part of the step's mean loss per target token (the whole of it on one process): a float64
+        0-dim tensor on the device, not yet read back (``float()`` it when the number is needed).
     """
-    counts = [_targets(b["labels"]) for b in micro_batches] if n_targets is None else n_targets
-    denom = max(1, sum(counts))
+    par = parallel or ParallelModel(model, World(), "single", chunk_tokens, autocast_dtype)
+    counts = [target_count(b["labels"]) for b in micro_batches] if n_targets is None else n_targets
+    denom = max(1, sum(counts) if step_targets is None else step_targets)
     total = torch.zeros((), dtype=torch.float64, device=micro_batches[0]["input_ids"].device)
-    for b, n in zip(micro_batches, counts):
-        loss_sum, _ = forward_loss(model, b, chunk_tokens, autocast_dtype, n)
-        loss = loss_sum / denom
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for k, (b, n) in enumerate(zip(micro_batches, counts)):
+        with par.accumulating(sync=k == len(micro_batches) - 1):  # gradients cross ranks once per step
+            loss_sum = par.loss(b, n)
+            loss = loss_sum * par.loss_scale / denom
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach()  # summed on the device in float64 (as a Python float sum would): no sync here
     return total / denom
 
 
 @torch.no_grad()
-def evaluate(model, rows: dict, micro_batch: int, chunk_tokens: int | None, autocast_dtype, device) -> float:
-    """Token-weighted mean eval loss (nats/token) over all eval rows."""
-    was_training = model.training
-    model.eval()
+def evaluate(model, rows: dict, micro_batch: int, chunk_tokens: int | None, autocast_dtype, device,
+             parallel: ParallelModel | None = None) -> float:
+    """Token-weighted mean eval loss (nats/token) over all eval rows (split over the ranks of ``parallel``)."""
+    par = parallel or ParallelModel(model, World(), "single", chunk_tokens, autocast_dtype)
+    world = par.world
+    was_training = par.model.training
+    par.model.eval()
     targets = row_targets(rows)  # counted where the rows live (the host, in the trainer)
     n_rows = rows["input_ids"].shape[0]
-    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start in range(0, n_rows, micro_batch):
+    starts = list(range(0, n_rows, micro_batch))
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, targets)
+    # every rank runs the same number of forwards (FSDP2 gathers in each): a rank past the end reruns
+    # batch 0 and counts nothing
+    for k in range(-(-len(starts) // world.size)):
+        j = k * world.size + world.rank
+        start = starts[j] if j < len(starts) else 0
         idx = list(range(start, min(start + micro_batch, n_rows)))
-        k = sum(targets[i] for i in idx)
-        loss, _ = forward_loss(model, _batch(rows, idx, device), chunk_tokens, autocast_dtype, k)
-        total += loss
-        n += k
-    model.train(was_training)
-    return float(total) / max(n, 1)  # one host sync per evaluation
+        n = sum(targets[i] for i in idx)
+        loss = par.loss(_batch(rows, idx, device), n)
+        if j < len(starts):
+            sums[0] += loss
+            sums[1] += n
+    par.model.train(was_training)
+    total, n = all_sum(world, sums).tolist()  # one host sync per evaluation
+    return total / max(n, 1)
 
 
 def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | None]:
     """Plan, then data, model, optimizer and scheduler; the newest checkpoint's state is read, not applied.
+
+    On N ranks (``torchrun``) every rank plans, reads the data and builds the model alike, checks that
+    the others agree, then wraps the model for the recipe's strategy (:mod:`qlora.train.parallel`)
+    before the optimizer is built on the (possibly sharded) parameters.
 
     Returns:
         ``(run, state)``: ``state`` is that checkpoint's trainer state (None for a fresh run),
@@ -192,37 +205,55 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     Raises:
         InputError: see :func:`train`.
     """
-    device = resolve_device(recipe.device)
+    d = recipe.distributed
+    world, device = init_world(resolve_device(recipe.device), d.backend, d.timeout_s)
+    check_same(world, "recipe", recipe_to_dict(recipe))
     recipe = resolve_dtypes(recipe, device, say)  # auto dtypes become names: the plan, the model and recipe.yaml agree
     out = Path(recipe.output_dir)
-    torch.manual_seed(recipe.seed)
-    plan = plan_run(recipe, device)  # before any weights are read
+    torch.manual_seed(recipe.seed)  # the same on every rank: LoRA starts identical everywhere
+    plan = plan_run(recipe, device, gpus=world.size)  # before any weights are read
     say(plan.summary)
+    strategy = plan.strategy
+    if world.distributed:
+        check_strategy(strategy, recipe.optimizer.name)
     recipe = dataclasses.replace(recipe, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
                                  tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms,
-                                 lora=dataclasses.replace(recipe.lora, rank=plan.rank))
+                                 lora=dataclasses.replace(recipe.lora, rank=plan.rank),
+                                 distributed=dataclasses.replace(d, strategy=strategy))
     data = load_data(recipe.data, plan.tokenizer, plan.seq_len, recipe.seed)
     say(data.summary)
     n_rows = data.rows["input_ids"].shape[0]
-    per_step = plan.micro_batch_size * plan.grad_accum
+    per_step = plan.micro_batch_size * plan.grad_accum * world.size
+    if world.distributed and n_rows < world.size:
+        raise InputError(f"The data has {n_rows} train rows but the run has {world.size} ranks: each rank needs at "
+                         f"least one row. Use fewer processes (--nproc-per-node) or more data.")
+    check_same(world, "data (rows and target counts)", [n_rows, sum(data.row_targets)])
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * n_rows / per_step))
-    last = ckpts.latest_checkpoint(out)
+    # rank 0 cleans up after a killed writer; the others only look, once it has
+    last = ckpts.latest_checkpoint(out) if world.main else None
+    if world.distributed:
+        last = gather_objects(world, last)[0]
     state = ckpts.load_trainer_state(last) if last is not None else None
-    model, save = build_model(
+    model, _ = build_model(
         plan.model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype, recipe.gradient_checkpointing,
         recipe.offload_activations, resume_adapter=None if last is None else last / "adapter",
         attn_implementation=recipe.model.attn_implementation,
         tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms, tile_tokens=plan.tile_tokens,
     )
-    # after any resume: the optimizer must hold the installed tensors
+    chunk = CHUNK_TOKENS if recipe.chunked_loss else None
+    saver = adapter_saver(model, plan.model_dir)
+    par = ParallelModel(model, world, strategy, chunk, plan.autocast_dtype, device, plan.offload_params)
+    if world.distributed and world.rank:
+        torch.manual_seed(recipe.seed + world.rank)  # LoRA dropout draws its own masks on each rank
+    # after any resume and any sharding: the optimizer must hold the installed (sharded) tensors
     groups = param_groups(model, recipe.optimizer, recipe.lora.loraplus_ratio)
     o, s = recipe.optimizer, recipe.schedule
     opt = build_optimizer(groups, o.name, o.lr, o.weight_decay, tuple(o.betas), o.eps)
     sched = build_scheduler(opt, total_steps, s.warmup_steps, s.name, s.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type) if plan.autocast_dtype == torch.float16 else None
     params = [p for g in groups for p in g["params"]]
-    chunk = CHUNK_TOKENS if recipe.chunked_loss else None
-    run = _Run(recipe, plan, device, out, data, model, save, opt, sched, scaler, params, total_steps, chunk, last)
+    run = _Run(recipe, plan, device, out, data, model, par, lambda f: saver(par, f), opt, sched, scaler, params,
+               total_steps, chunk, last)
     return run, state
 
 
@@ -239,11 +270,15 @@ def _restore(run: _Run, state: dict | None, say: Callable[[str], None]) -> int:
             f"qlora or with other LoRA settings, so it cannot be resumed exactly. Resume it with the qlora and "
             f"recipe that wrote it, or start afresh in a new output_dir."
         )
-    run.opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(run.par, run.opt, state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     if run.scaler is not None and "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
-    ckpts.set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks")
+    if run.world.distributed and ranks is not None and len(ranks) == run.world.size:
+        ckpts.set_rng_state(ranks[run.world.rank])
+    else:  # one process, or another number of ranks than wrote it: rank 0's stream (dropout masks differ)
+        ckpts.set_rng_state(state["rng"])
     step = int(state["step"])
     if step >= run.total_steps:
         say(f"{run.out} already holds a finished run ({run.checkpoint.name}); writing its adapter and plots again")
@@ -253,8 +288,10 @@ def _restore(run: _Run, state: dict | None, say: Callable[[str], None]) -> int:
 
 
 def _rows_of_step(run: _Run, step: int) -> list[int]:
-    """Rows of a step: the g-th sequence of the run is a pure function of (g, seed), so resume replays it."""
-    per_step, n = run.recipe.micro_batch_size * run.plan.grad_accum, len(run.data.row_targets)
+    """Rows of a step on all ranks: the g-th sequence of the run is a pure function of (g, seed), so resume
+    replays it, and every rank knows every rank's rows."""
+    per_step = run.recipe.micro_batch_size * run.plan.grad_accum * run.world.size
+    n = len(run.data.row_targets)
     return [_epoch_order(n, g // n, run.recipe.seed)[g % n] for g in range(step * per_step, (step + 1) * per_step)]
 
 
@@ -266,12 +303,15 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
     step; the returned ``loss`` tells the caller.
     """
     t0 = time.time()
-    micro, r = run.recipe.micro_batch_size, run.recipe
+    micro, r, world = run.recipe.micro_batch_size, run.recipe, run.world
     ids = _rows_of_step(run, step)
-    parts = [ids[m * micro:(m + 1) * micro] for m in range(run.plan.grad_accum)]
+    parts = [ids[m * micro:(m + 1) * micro] for m in range(run.plan.grad_accum * world.size)]
     counts = [sum(run.data.row_targets[i] for i in p) for p in parts]  # host ints: no device read-back
-    micro_batches = [_batch(run.data.rows, p, run.device) for p in parts]
-    mean_loss = accumulate_gradients(run.model, micro_batches, run.chunk, run.plan.autocast_dtype, run.scaler, counts)
+    mine = range(world.rank, len(parts), world.size)  # micro-batch m goes to rank m mod N
+    micro_batches = [_batch(run.data.rows, parts[m], run.device) for m in mine]
+    mean_loss = accumulate_gradients(run.model, micro_batches, run.chunk, run.plan.autocast_dtype, run.scaler,
+                                     [counts[m] for m in mine], parallel=run.par, step_targets=sum(counts))
+    mean_loss = all_sum(world, mean_loss)  # each rank held its share of the global mean
     if run.scaler is not None:
         run.scaler.unscale_(run.opt)
     diag = {}
@@ -279,7 +319,7 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
         # before zero_grad: the grad-norm ratio needs the grads. Reads norms back module by module
         # (host syncs), which is why it runs every diagnostics_steps, not every step.
         diag = diagnostics_fn(run.model)
-    gnorm = torch.nn.utils.clip_grad_norm_(run.params, r.max_grad_norm or float("inf"))
+    gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(run.params, r.max_grad_norm or float("inf")))
     # The step's one host sync: the CPU waits for the backward to finish (on a GPU, the launch queue drains
     # once per step), because the NaN guard must decide before opt.step touches the parameters.
     loss, grad_norm = torch.stack([mean_loss, gnorm.to(mean_loss)]).tolist()
@@ -297,18 +337,31 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
 
 
 def _save(run: _Run, step: int) -> Path:
-    """A checkpoint of ``step`` (adapter, optimizer, scheduler, scaler, RNG, resolved recipe)."""
-    st = {"step": step, "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-          "rng": ckpts.rng_state()}
-    if run.scaler is not None:
-        st["scaler"] = run.scaler.state_dict()
-    resolved = recipe_to_dict(run.recipe)
-    return ckpts.save_checkpoint(run.out, step, run.save_adapter, st, resolved, run.recipe.keep_checkpoints)
+    """A checkpoint of ``step`` (adapter, optimizer, scheduler, scaler, RNG, resolved recipe).
+
+    On N ranks every rank takes part (the sharded adapter and optimizer state are gathered, each rank's
+    RNG state collected), rank 0 writes, and all wait for it: a rank killed after this returns loses nothing.
+    """
+    optimizer = optimizer_state(run.par, run.opt)
+    rngs = gather_objects(run.world, ckpts.rng_state())
+    path = run.out / f"checkpoint-{step:07d}"
+    if run.world.main:
+        st = {"step": step, "optimizer": optimizer, "scheduler": run.sched.state_dict(), "rng": rngs[0]}
+        if run.world.distributed:
+            st["rng_ranks"] = rngs
+        if run.scaler is not None:
+            st["scaler"] = run.scaler.state_dict()
+        resolved = recipe_to_dict(run.recipe)
+        path = ckpts.save_checkpoint(run.out, step, run.save_adapter, st, resolved, run.recipe.keep_checkpoints)
+    else:
+        run.save_adapter(None)  # its part of gathering the adapter
+    barrier(run.world)
+    return path
 
 
 def _eval_record(run: _Run) -> dict:
     ev = evaluate(run.model, run.data.eval_rows, run.recipe.micro_batch_size, run.chunk, run.plan.autocast_dtype,
-                  run.device)
+                  run.device, run.par)
     return {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
 
 
@@ -323,8 +376,9 @@ def _task_record(run: _Run, step: int, result: TrainResult, say: Callable[[str],
         return {}
     was_training = run.model.training
     dtype = run.plan.autocast_dtype
-    with torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        score = evaluate_task(run.model, run.plan.tokenizer, run.data.eval_tasks[: t.examples], t.max_new_tokens,
+    # every rank answers the same prompts (FSDP2 gathers each layer on all of them); rank 0 reports
+    with run.par.generating() as model, torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        score = evaluate_task(model, run.plan.tokenizer, run.data.eval_tasks[: t.examples], t.max_new_tokens,
                               t.batch_size)
     run.model.train(was_training)
     result.task_scores.append((step, score))
@@ -335,8 +389,11 @@ def _task_record(run: _Run, step: int, result: TrainResult, say: Callable[[str],
     return rec if score.valid_json is None else rec | {"task_valid_json": score.valid_json}
 
 
-def _log(run: _Run, metrics: MetricsLog, window: LogWindow, bar, step: int, extra: dict | None = None) -> None:
-    """Write the window's train record for ``step`` (plus ``extra``, e.g. eval) to the log and the bar."""
+def _log(run: _Run, metrics: MetricsLog | None, window: LogWindow, bar, step: int, extra: dict | None = None) -> None:
+    """Write the window's train record for ``step`` (plus ``extra``, e.g. eval) to the log and the bar (rank 0)."""
+    if metrics is None:
+        window.record(step, run.plan.predicted_peak_bytes)  # other ranks: the window starts afresh all the same
+        return
     rec = window.record(step, run.plan.predicted_peak_bytes)
     rec.update(extra or {})
     metrics.write(rec)
@@ -345,8 +402,12 @@ def _log(run: _Run, metrics: MetricsLog, window: LogWindow, bar, step: int, extr
                         peak=f"{rec['peak_bytes'] / 2**30:.2f}G", refresh=False)
 
 
-def _finish(run: _Run, metrics: MetricsLog, result: TrainResult, say: Callable[[str], None]) -> None:
-    """Final adapter (finished runs only), the eval summary, then metrics and plots (always)."""
+def _finish(run: _Run, metrics: MetricsLog | None, result: TrainResult, say: Callable[[str], None]) -> None:
+    """Final adapter (finished runs only), the eval summary, then metrics and plots (always; rank 0's)."""
+    if result.stopped == "done" and not run.world.main:
+        run.save_adapter(None)  # its part of gathering the adapter
+    if metrics is None:
+        return
     if result.stopped == "done":
         run.save_adapter(run.out)  # the checkpoints' own writer: file by file into output_dir, weights first
         if run.data.eval_rows is not None and result.eval_losses:
@@ -365,7 +426,7 @@ def _finish(run: _Run, metrics: MetricsLog, result: TrainResult, say: Callable[[
 
 
 def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = True,
-          signal_at: tuple[int, int] | None = None) -> TrainResult:
+          signal_at: tuple[int, ...] | None = None) -> TrainResult:
     """Run (or resume) the fine-tuning a recipe describes; ``recipe`` itself is not modified.
 
     Train records go to metrics.jsonl every ``recipe.log_steps`` steps, and
@@ -374,26 +435,36 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
     periodic checkpoint logging exactly what an uninterrupted one does (a
     stop by signal, NaN or OOM writes its partial interval first).
 
+    Launched by ``torchrun`` on N processes, every rank runs this function; only rank 0 prints
+    (``say``), shows progress and writes files (:mod:`qlora.train.parallel`).
+
     Args:
         signal_at: test/debug hook ``(step, signum)``: after that step is logged and checkpointed,
             the process sends itself ``signum`` (``signal.raise_signal``, delivered before it returns).
+            With ``(step, signum, rank)`` only that rank does.
 
     Raises:
         InputError: bad recipe values, data or model folder; a run the planner
             predicts will not fit (the message carries its suggestions).
     """
     t0 = time.time()
+    if world_from_env().rank:  # ranks other than 0 stay quiet; their errors still reach the launcher
+        say, progress = (lambda m: None), False
     run, state = _setup(recipe, say)
     start = _restore(run, state, say)
     del state  # the optimizer holds its own copy now
-    r, eval_rows = run.recipe, run.data.eval_rows
-    run.out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run.out / "metrics.jsonl", resume_step=start)
+    r, eval_rows, world = run.recipe, run.data.eval_rows, run.world
+    metrics = None
+    if world.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(run.out / "metrics.jsonl", resume_step=start)
     result = TrainResult(run.out, start, "done", start if run.checkpoint is not None else None)
     if start == 0 and eval_rows is not None:
         ev = _eval_record(run)
         say(f"step 0: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
-        metrics.write({"step": 0, **ev, **_task_record(run, 0, result, say)})
+        task = _task_record(run, 0, result, say)
+        if metrics is not None:
+            metrics.write({"step": 0, **ev, **task})
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     window, bar, step = LogWindow(), progress_bar(progress, run.total_steps, start), start
@@ -423,26 +494,32 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                     _log(run, metrics, window, bar, step, {**(ev or {}), **task})
                 if saving or last:
                     _save(run, step)  # the last one too: re-running a finished run then has nothing to redo
-                if signal_at is not None and step == signal_at[0]:
+                if signal_at is not None and step == signal_at[0] and signal_at[2:] in ((), (world.rank,)):
                     signal.raise_signal(signal_at[1])  # test/debug hook; a SIGTERM handler has run when this returns
-                if stop.signum is not None:
+                if any_rank(world, stop.signum is not None, run.device):  # all ranks stop at the same step
                     if window:
                         _log(run, metrics, window, bar, step)
                     path = _save(run, step)
-                    name = signal.Signals(stop.signum).name
+                    signum = stop.signum or signal.SIGTERM  # a rank that saw no signal stops with its peers
+                    name = signal.Signals(signum).name
                     say(f"received {name}: saved {path}; re-run the same command to resume.")
-                    result.stopped, result.exit_code = "signal", 128 + stop.signum
+                    result.stopped, result.exit_code = "signal", 128 + signum
                     break
         except torch.OutOfMemoryError:
             run.opt.zero_grad(set_to_none=True)
             if window:
                 _log(run, metrics, window, bar, step)
             peak, kind = peak_memory(run.device)
-            path = _save(run, step)
+            # one process saves the state before this step; on N ranks the others are mid-step, so a save (a
+            # collective) would hang: the newest checkpoint stays the resume point
+            saved = (f"The state before this step is saved in {_save(run, step)}." if not world.distributed else
+                     f"Rank {world.rank} ran out; the newest checkpoint in {run.out} is where a re-run resumes.")
+            if world.distributed and not world.main:
+                print(f"error (rank {world.rank} of {world.size}): out of memory at step {step + 1}", flush=True)
             say(
                 f"error: out of memory at step {step + 1}. The planner predicted a peak of "
                 f"{run.plan.predicted_peak_bytes / 2**30:.2f} GiB; measured so far {peak / 2**30:.2f} GiB ({kind}). "
-                f"The state before this step is saved in {path}. Lower micro_batch_size or seq_len, or use "
+                f"{saved} Lower micro_batch_size or seq_len, or use "
                 f"'qlora plan' to pick settings; qlora does not shrink the batch silently."
             )
             result.stopped, result.exit_code = "oom", EXIT_OOM
@@ -450,6 +527,10 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
             if bar is not None:
                 bar.close()
     result.steps = step
-    _finish(run, metrics, result, say)
+    if result.stopped != "oom" or not world.distributed:
+        _finish(run, metrics, result, say)
+        close_world(world)
+    elif metrics is not None:
+        metrics.close()
     result.wall_s = time.time() - t0
     return result

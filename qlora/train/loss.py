@@ -145,3 +145,35 @@ def causal_lm_loss(
     grad_on = torch.is_grad_enabled()
     chunk = n if chunk_tokens is None else min(n, chunk_tokens)
     return _FusedLinearCE.apply(h, w, y, chunk, softcap, grad_on and h.requires_grad, grad_on and w.requires_grad), n
+
+
+def target_count(labels: torch.Tensor) -> int:
+    """Target tokens of a whole micro-batch (:func:`targets_per_row` summed), a host int."""
+    return int(targets_per_row(labels).sum())  # a host sync when labels live on a GPU: callers pass counts instead
+
+
+def forward_loss(model, batch: dict, chunk_tokens: int | None, autocast_dtype: torch.dtype,
+                 n_targets: int | None = None) -> tuple[torch.Tensor, int]:
+    """Summed loss over one micro-batch and its target-token count.
+
+    ``chunk_tokens`` set: :func:`qlora.train.loss.causal_lm_loss` on the final
+    hidden states (never materializes all logits). ``None``: transformers'
+    own loss on full fp32 logits (the standard path), asked for a sum through
+    ``num_items_in_batch`` so that normalization stays with the caller.
+    ``n_targets`` is the micro-batch's target count when the caller knows it
+    (the trainer counts on its host rows); ``None`` counts ``batch['labels']``,
+    a host sync on a GPU.
+    """
+    device_type = batch["input_ids"].device.type
+    # float32 "autocast" is no autocast (CPU autocast refuses it with a warning)
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        if chunk_tokens is None:
+            n = target_count(batch["labels"]) if n_targets is None else n_targets
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                        use_cache=False, num_items_in_batch=max(n, 1))
+            return out.loss * max(n, 1), n
+        out = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        # causal_lm_loss picks the target rows with nonzero(): one host sync per micro-batch (a data-dependent
+        # shape), the price of never running the head on prompt tokens
+        return causal_lm_loss(out[0], model.get_output_embeddings().weight, batch["labels"], chunk_tokens, softcap)

@@ -48,6 +48,8 @@ class RunPlan:
     tiled_mlp: bool = False  # the plan's tiled_mlp, resolved
     tiled_norms: bool = False  # the plan's tiled_norms, resolved
     tile_tokens: int = 4096  # tokens per tile of either
+    strategy: str = "single"  # on N ranks: ddp or fsdp, resolved (grad_accum is then per rank)
+    offload_params: bool = False  # fsdp's shards in pinned host memory, resolved
 
 
 # ---------------------------------------------------------------------------- recipe <-> settings
@@ -91,6 +93,8 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         tiled_mlp=recipe.tiled_mlp,
         tiled_norms=recipe.tiled_norms,
         tile_tokens=recipe.tile_tokens,
+        strategy=recipe.distributed.strategy,
+        offload_params=recipe.distributed.offload_params,
         quant_type=recipe.quant.quant_type,
         blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant,
@@ -146,6 +150,8 @@ def settings_to_recipe(settings: memory.Settings, base: dict | None = None) -> d
         offload_activations=s.offload_activations, tiled_mlp=s.tiled_mlp, tiled_norms=s.tiled_norms,
         tile_tokens=s.tile_tokens,
     )
+    if s.gpus != 1:  # gpus is torchrun's --nproc-per-node, not a recipe key; the strategy is
+        data.setdefault("distributed", {}).update(strategy=s.strategy, offload_params=s.offload_params)
     if s.device == "cpu":
         data["device"] = "cpu"
     elif data.get("device") == "cpu":
@@ -264,7 +270,8 @@ def plan_summary(p: memory.Plan, model: str) -> str:
         f"plan: {model} on {fp.device} with a {p.gpu.total_bytes / gib:.2f} GiB budget ({p.gpu.name}), "
         f"{p.margin:.0%} kept free",
         f"  seq_len {p.seq_len}, micro_batch_size {p.micro_batch_size} x {p.gradient_accumulation_steps} accumulation "
-        f"= {p.effective_batch_size} sequences/step, LoRA rank {p.rank} on {len(fp.targets)} module types",
+        + (f"x {fp.gpus} {'GPUs' if fp.device == 'cuda' else 'processes'} ({fp.strategy}) " if fp.gpus > 1 else "")
+        + f"= {p.effective_batch_size} sequences/step, LoRA rank {p.rank} on {len(fp.targets)} module types",
         f"  predicted peak {fp.tensor_peak_bytes / gib:.3f} GiB of tensors in phase '{fp.peak_phase}'"
         + (f", {p.peak_bytes / gib:.2f} GiB with CUDA context and allocator reserve" if fp.device == "cuda" else ""),
     ]
@@ -275,8 +282,11 @@ def plan_summary(p: memory.Plan, model: str) -> str:
     return "\n".join(lines)
 
 
-def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
+def plan_run(recipe: Recipe, device: torch.device, gpus: int = 1) -> RunPlan:
     """Resolve ``auto`` values with :func:`plan_recipe` before any weight is read.
+
+    ``gpus``: the ranks the run is split over (``torchrun``'s world size): the plan is one rank's, with
+    ``grad_accum`` micro-batches per rank and the recipe's ``distributed.strategy`` resolved.
 
     Raises:
         InputError: the planner predicts that the run does not fit (the
@@ -287,7 +297,7 @@ def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
     model_dir = resolve_model_dir(recipe.model.path)
     # the run is on this machine, whatever GPU budget it names: its RAM must hold the host side (pinned offload
     # buffers, paged optimizer state, the process); on a CPU the RAM is the budget already
-    p = plan_recipe(recipe, device=device, ram="auto" if device.type == "cuda" else None)
+    p = plan_recipe(recipe, device=device, ram="auto" if device.type == "cuda" else None, gpus=gpus)
     fp = p.footprint
     gib = 2**30
     if not p.fits:
@@ -312,7 +322,7 @@ def plan_run(recipe: Recipe, device: torch.device) -> RunPlan:
         autocast_dtype=autocast_dtype_for(device, recipe.quant.compute_dtype),
         summary=plan_summary(p, model_label(recipe)) + _float32_note(recipe),
         tiled_mlp=p.settings.tiled_mlp is True, tiled_norms=p.settings.tiled_norms is True,
-        tile_tokens=p.settings.tile_tokens,
+        tile_tokens=p.settings.tile_tokens, strategy=fp.strategy, offload_params=fp.offload_params,
     )
 
 

@@ -137,6 +137,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a run launched by ``torchrun`` on N processes splits its work (ignored on one process)."""
+
+    __pydantic_config__ = _SECTION
+    # ddp: every rank holds the whole NF4 base, LoRA gradients are all-reduced; fsdp: FSDP2 shards the base,
+    # the adapter and its optimizer state across ranks; auto: the planner's choice (ddp when it fits)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # fsdp only: each rank's shards live in pinned host memory, units are gathered to the GPU as they run
+    # (FSDP2's CPUOffloadPolicy); auto: the planner turns it on when fsdp does not fit without it
+    offload_params: Union[Bool, Auto] = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on the CPU
+    timeout_s: Positive = 600  # a collective waiting longer than this fails (a dead or stuck rank)
+
+
+@dataclass
 class Recipe:
     __pydantic_config__ = _SECTION
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -146,6 +161,7 @@ class Recipe:
     task: TaskConfig = field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seq_len: Union[Positive, Auto] = 512
     micro_batch_size: Union[Positive, Auto] = "auto"
     effective_batch_size: Positive = 16

@@ -204,7 +204,7 @@ def test_nan_loss_stops_with_checkpoint(tmp_path):
 
 
 def test_oom_saves_checkpoint_and_reports_prediction(tmp_path, monkeypatch):
-    import qlora.train.loop as tr
+    import qlora.train.parallel as tr  # the step module's forward calls the loss from there
 
     calls = {"n": 0}
     real = tr.forward_loss
