@@ -189,6 +189,6 @@ def choose(plan_fn, gpu, spec: ModelSpec, base: Settings, ram):
             if on.fits:
                 p = on
                 notes.append("offload_params auto: on (fsdp's shards in pinned host memory; it does not fit without)")
-    if not p.fits and ddp is not None:
-        return ddp  # nothing fits: report the plan as asked (its suggestions say what would)
+    if not p.fits and ddp is not None and ddp.peak_bytes <= p.peak_bytes:
+        return ddp  # nothing fits: report the closer of the two (its suggestions say what would)
     return dataclasses.replace(p, notes=p.notes + tuple(notes))

@@ -245,6 +245,8 @@ def plan(
         verdict = "fits" if host_fits else "does NOT fit"
         host_line += f"; {verdict} in {ram_usable / 2**30:.2f} GiB usable of {ram_bytes / 2**30:.2f} GiB RAM"
     notes.append(host_line)
+    if gpus > 1:
+        notes.append(f"host memory is per process: a node running k of the {gpus} processes needs k times it")
     if base.attn == "auto" and fp.attn == "eager":
         notes.append("attention: eager (this architecture has no sdpa path in transformers; eager keeps s x s scores)")
     suggestions: tuple[Suggestion, ...] = ()

@@ -117,6 +117,21 @@ class LiveTensorTracker(TorchDispatchMode):
         self._live[key] = (ref, nbytes, tag)
         self._change(key, nbytes, tag)
 
+    def note_resize(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage at its size now, after a resize the dispatcher did not see.
+
+        ``UntypedStorage.resize_`` bypasses ``__torch_dispatch__``; FSDP2 frees
+        and re-allocates its gathered parameters that way. Callers that watch
+        such code report each resize here (a storage not seen before is
+        counted as new).
+        """
+        if t.device.type != self.device_type:
+            return
+        if t.untyped_storage()._cdata in self._live:
+            self._resized(t)
+        else:
+            self._add(t)
+
     def _resized(self, t: torch.Tensor) -> None:
         if t.device.type != self.device_type:
             return

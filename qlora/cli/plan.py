@@ -138,6 +138,7 @@ def plan_dict(p, alpha: float) -> dict:
             "loader_peak_bytes": fp.host.loader_peak, "pinned_offload_bytes": fp.host.pinned_offload,
             "paged_optimizer_state_bytes": fp.host.paged_optimizer_state,
             "device_tensors_bytes": fp.host.device_tensors,
+            "offloaded_params_bytes": fp.host.offloaded_params,
             "budget_bytes": p.host_budget_bytes, "fits": p.host_fits,
         },
         "peak_phase": fp.peak_phase,
@@ -163,6 +164,9 @@ def plan_dict(p, alpha: float) -> dict:
         "tiled_mlp": fp.tiled_mlp,
         "tiled_norms": fp.tiled_norms,
         "tile_tokens": fp.tile_tokens,
+        "gpus": fp.gpus,
+        "strategy": fp.strategy,
+        "offload_params": fp.offload_params,
         "quant_type": fp.quant_type,
         "quantized_params": fp.quantized_params,
         "nf4_bits_per_param": fp.nf4_bits_per_param,
@@ -191,12 +195,20 @@ def render(p, alpha: float, console, notes: bool = True) -> None:
 
     fp = p.footprint
     verdict = "[bold green]fits[/]" if p.fits else "[bold red]does not fit[/]"
+    each = f"{fp.gpus} x " if fp.gpus > 1 else ""
     console.print(
-        f"[bold]{fp.model}[/] on [bold]{p.gpu.name}[/] ({p.gpu.total_gib:.2f} GiB): {verdict} -- predicted "
-        f"{_gib(p.peak_bytes)} GiB of {_gib(p.usable_bytes)} GiB usable ({p.margin:.0%} of the GPU kept free)"
+        f"[bold]{fp.model}[/] on [bold]{each}{p.gpu.name}[/] ({p.gpu.total_gib:.2f} GiB{' each' if each else ''}): "
+        f"{verdict} -- predicted {_gib(p.peak_bytes)} GiB{' per GPU' if each else ''} of {_gib(p.usable_bytes)} GiB "
+        f"usable ({p.margin:.0%} of the GPU kept free)"
     )
+    if fp.gpus > 1:
+        how = {"ddp": "ddp: each GPU holds the whole base; LoRA gradients all-reduced",
+               "fsdp": "fsdp: base, adapter and optimizer state sharded over the GPUs"
+               + ("; shards in pinned host memory (offload_params)" if fp.offload_params else "")}[fp.strategy]
+        console.print(f"{fp.gpus} GPUs, {how}; every figure below is one GPU's (its process's, for the host)")
     console.print(
-        f"seq_len {p.seq_len} | micro-batch {p.micro_batch_size} x {p.gradient_accumulation_steps} accumulation = "
+        f"seq_len {p.seq_len} | micro-batch {p.micro_batch_size} x {p.gradient_accumulation_steps} accumulation "
+        + (f"x {fp.gpus} GPUs " if fp.gpus > 1 else "") + "= "
         f"{p.effective_batch_size} per step | LoRA r={p.rank}, alpha={alpha:g} on "
         f"{', '.join(t.rsplit('.', 1)[-1] for t in fp.targets)}"
         f"{' (DoRA)' if fp.dora else ''} | {fp.adapter_dtype} adapters | {fp.optimizer} | checkpointing "
@@ -225,7 +237,8 @@ def render(p, alpha: float, console, notes: bool = True) -> None:
     t.add_row("host: loader transient (largest tensor x 2)", _gib(h.loader_peak))
     for label, value in (("host: pinned offload buffers", h.pinned_offload),
                          ("host: paged optimizer state", h.paged_optimizer_state),
-                         ("host: CPU step tensors", h.device_tensors)):
+                         ("host: CPU step tensors", h.device_tensors),
+                         ("host: offloaded FSDP shards (params, grads, optimizer)", h.offloaded_params)):
         if value:
             t.add_row(label, _gib(value))
     verdict = ""

@@ -40,6 +40,7 @@ from qlora.train.parallel import (
     all_sum,
     any_rank,
     barrier,
+    check_rows,
     check_same,
     check_strategy,
     close_world,
@@ -224,9 +225,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     say(data.summary)
     n_rows = data.rows["input_ids"].shape[0]
     per_step = plan.micro_batch_size * plan.grad_accum * world.size
-    if world.distributed and n_rows < world.size:
-        raise InputError(f"The data has {n_rows} train rows but the run has {world.size} ranks: each rank needs at "
-                         f"least one row. Use fewer processes (--nproc-per-node) or more data.")
+    check_rows(world, n_rows, plan.micro_batch_size)
     check_same(world, "data (rows and target counts)", [n_rows, sum(data.row_targets)])
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * n_rows / per_step))
     # rank 0 cleans up after a killed writer; the others only look, once it has
@@ -245,6 +244,9 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     par = ParallelModel(model, world, strategy, chunk, plan.autocast_dtype, device, plan.offload_params)
     if world.distributed and world.rank:
         torch.manual_seed(recipe.seed + world.rank)  # LoRA dropout draws its own masks on each rank
+    if strategy == "fsdp" and world.distributed:
+        log.info("fsdp: the per-module LoRA diagnostics (diagnostics_steps) are off: adapters, bases and gradients "
+                 "are shards on each rank")
     # after any resume and any sharding: the optimizer must hold the installed (sharded) tensors
     groups = param_groups(model, recipe.optimizer, recipe.lora.loraplus_ratio)
     o, s = recipe.optimizer, recipe.schedule
@@ -315,7 +317,8 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
     if run.scaler is not None:
         run.scaler.unscale_(run.opt)
     diag = {}
-    if r.diagnostics_steps and (step + 1) % r.diagnostics_steps == 0:
+    # under fsdp the adapter, its base and its gradients are shards: the per-module norms are not computed
+    if r.diagnostics_steps and (step + 1) % r.diagnostics_steps == 0 and run.par.strategy != "fsdp":
         # before zero_grad: the grad-norm ratio needs the grads. Reads norms back module by module
         # (host syncs), which is why it runs every diagnostics_steps, not every step.
         diag = diagnostics_fn(run.model)

@@ -241,6 +241,16 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def check_rows(world: World, n_rows: int, micro_batch_size: int) -> None:
+    """Raises InputError when the data cannot give every rank one micro-batch of distinct rows per step."""
+    if world.distributed and n_rows < world.size * micro_batch_size:
+        raise InputError(
+            f"The data has {n_rows} train rows, but {world.size} ranks with micro-batch {micro_batch_size} need "
+            f"{world.size * micro_batch_size} per step (each rank its own micro-batch). Use fewer processes "
+            f"(--nproc-per-node), a smaller micro_batch_size, or more data."
+        )
+
+
 def check_strategy(strategy: str, optimizer: str) -> None:
     """Raises InputError for an unknown strategy, or an optimizer FSDP2 cannot drive."""
     if strategy not in STRATEGIES:

@@ -95,6 +95,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         tile_tokens=recipe.tile_tokens,
         strategy=recipe.distributed.strategy,
         offload_params=recipe.distributed.offload_params,
+        gpus=recipe.distributed.gpus or 1,
         quant_type=recipe.quant.quant_type,
         blocksize=recipe.quant.blocksize,
         double_quant=recipe.quant.double_quant,
@@ -150,8 +151,8 @@ def settings_to_recipe(settings: memory.Settings, base: dict | None = None) -> d
         offload_activations=s.offload_activations, tiled_mlp=s.tiled_mlp, tiled_norms=s.tiled_norms,
         tile_tokens=s.tile_tokens,
     )
-    if s.gpus != 1:  # gpus is torchrun's --nproc-per-node, not a recipe key; the strategy is
-        data.setdefault("distributed", {}).update(strategy=s.strategy, offload_params=s.offload_params)
+    if s.gpus != 1:
+        data.setdefault("distributed", {}).update(strategy=s.strategy, offload_params=s.offload_params, gpus=s.gpus)
     if s.device == "cpu":
         data["device"] = "cpu"
     elif data.get("device") == "cpu":
@@ -294,6 +295,13 @@ def plan_run(recipe: Recipe, device: torch.device, gpus: int = 1) -> RunPlan:
     """
     from transformers import AutoTokenizer
 
+    planned = recipe.distributed.gpus
+    if planned is not None and planned != gpus:
+        raise InputError(
+            f"The recipe is planned for {planned} processes (distributed.gpus: {planned}) but this run has {gpus}. "
+            f"Launch it with torchrun --nproc-per-node {planned} (times the nodes), or set distributed.gpus to "
+            f"{gpus} (or null) and let the planner check that it fits."
+        )
     model_dir = resolve_model_dir(recipe.model.path)
     # the run is on this machine, whatever GPU budget it names: its RAM must hold the host side (pinned offload
     # buffers, paged optimizer state, the process); on a CPU the RAM is the budget already

@@ -144,6 +144,9 @@ class DistributedConfig:
     # ddp: every rank holds the whole NF4 base, LoRA gradients are all-reduced; fsdp: FSDP2 shards the base,
     # the adapter and its optimizer state across ranks; auto: the planner's choice (ddp when it fits)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # the processes the recipe is planned for (qlora plan --model RECIPE plans one GPU of them); qlora train
+    # refuses another world size. null: whatever torchrun starts
+    gpus: Union[Positive, None] = None
     # fsdp only: each rank's shards live in pinned host memory, units are gathered to the GPU as they run
     # (FSDP2's CPUOffloadPolicy); auto: the planner turns it on when fsdp does not fit without it
     offload_params: Union[Bool, Auto] = "auto"
