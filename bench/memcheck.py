@@ -4,7 +4,7 @@ The step is the trainer's: a causal LM (random weights: their values do not
 change memory) -> ``quant.quantize_model`` -> ``apply_lora`` -> transformers'
 non-reentrant activation checkpointing -> forward with labels -> backward
 -> optimizer step -> ``zero_grad(set_to_none=True)``. :func:`train_step` runs
-that step through the trainer's own ``qlora.train.loop.accumulate_gradients``.
+that step through the trainer's own ``qlora.train.step.accumulate_gradients``.
 
 This harness uses the trainer, so it cannot live in ``memory`` (``memory``
 never imports ``qlora``): it is a ``bench/`` module, run by
@@ -23,6 +23,7 @@ Measurement starts at step 2 (optimizer state is created lazily in step 1):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -33,9 +34,9 @@ import memory
 from layers.tiling import tile_mlps, tile_norms
 from memory.tracker import LiveTensorTracker
 from qlora.lora.surgery import apply_lora, lora_parameters
-from qlora.train.loop import accumulate_gradients
 from qlora.train.optim import build_optimizer
 from qlora.train.setup import enable_checkpointing
+from qlora.train.step import accumulate_gradients
 from quant import quantize_model
 from quant.errors import InputError, choices
 from quant.formats import NO_QUANT
@@ -117,7 +118,7 @@ def train_step(
             full fp32 logits); ``'chunked'`` -- :func:`qlora.train.loss.causal_lm_loss`
             on the final hidden states, ``chunk_tokens`` rows at a time.
 
-    Runs :func:`qlora.train.loop.accumulate_gradients` (the trainer's step, under
+    Runs :func:`qlora.train.step.accumulate_gradients` (the trainer's step, under
     its bf16 autocast) on one micro-batch; gradients are set to None after
     the step (so they are allocated afresh by the next backward).
 
@@ -270,3 +271,90 @@ def check(
         fp.tensor_peak_bytes / 2**20, m.peak_bytes / 2**20, 100 * (fp.tensor_peak_bytes - m.peak_bytes) / m.peak_bytes,
     )
     return Check(fp, m)
+
+
+# ---------------------------------------------------------------------------- one rank of N (torchrun)
+
+
+@contextlib.contextmanager
+def fsdp_resizes_reported(tracker: LiveTensorTracker):
+    """FSDP2 allocates and frees its gathered parameters with ``UntypedStorage.resize_``, which no dispatch
+    mode sees: report each of those resizes to ``tracker`` (:meth:`LiveTensorTracker.note_resize`) meanwhile."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    originals = _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage
+
+    def alloc(t):
+        originals[0](t)
+        tracker.note_resize(t)
+
+    def free(t):
+        originals[1](t)
+        tracker.note_resize(t)
+
+    _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = alloc, free, alloc
+    try:
+        yield
+    finally:
+        _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = originals
+
+
+@dataclass(frozen=True)
+class RankCheck:
+    """One rank's live tensor bytes next to the planner's per-GPU prediction.
+
+    Attributes:
+        at_rest: bytes of this rank's parameters, buffers and optimizer state between steps (local shards).
+        predicted_at_rest: the planner's persistent terms (weights, embeddings, head, norms, LoRA, optimizer
+            state); DDP's gradient buckets are left out on both sides (they live inside DDP's reducer).
+        peak, predicted_peak: the step's peak of live tensors, and the planner's tensor peak.
+        footprint: the planner's per-GPU prediction.
+    """
+
+    at_rest: int
+    predicted_at_rest: int
+    peak: int
+    predicted_peak: int
+    footprint: memory.Footprint
+
+
+def check_rank(world, strategy: str, config: dict, batch: int, seq: int, rank: int = 8,
+               chunk_tokens: int = 1024) -> RankCheck:
+    """Measure one CPU training step of this rank (of ``world``) wrapped by ``ParallelModel`` (ddp or fsdp).
+
+    Every rank of the process group must call it. The step is the trainer's
+    (:func:`qlora.train.step.accumulate_gradients` with the chunked loss, AdamW), on a random
+    QLoRA model built from ``config``; the first step creates the optimizer state, the second is measured.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from qlora.train.parallel import ParallelModel
+
+    model = random_qlora_model(config, rank=rank)
+    par = ParallelModel(model, world, strategy, chunk_tokens, torch.bfloat16)
+    opt = make_optimizer(model, "adamw")  # after sharding: the optimizer holds the shards
+    gen = torch.Generator().manual_seed(world.rank)
+
+    def step() -> None:
+        ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=gen)
+        pos = torch.arange(seq).expand(batch, seq)
+        accumulate_gradients(model, [{"input_ids": ids, "labels": ids.clone(), "position_ids": pos}], chunk_tokens,
+                             torch.bfloat16, parallel=par)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    held = [t.to_local() if isinstance(t, DTensor) else t
+            for t in [*model.parameters(), *model.buffers(), *_optimizer_tensors(opt)]]
+    at_rest = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in held}.values())
+    tracker = LiveTensorTracker("cpu")
+    with tracker, fsdp_resizes_reported(tracker):
+        tracker.track(held)
+        step()
+    spec = memory.spec_from_config(config, name="rank-check")
+    fp = memory.estimate(spec, memory.Settings(
+        seq_len=seq, micro_batch_size=batch, rank=rank, optimizer="adamw", device="cpu", gpus=world.size,
+        strategy=strategy, loss_chunk_tokens=chunk_tokens))
+    persistent = sum(fp.breakdown[k] for k in ("nf4_weights", "embeddings_16bit", "lm_head_16bit",
+                                                "norms_biases_buffers", "lora_params", "optimizer_state"))
+    return RankCheck(at_rest, persistent, tracker.peak, fp.tensor_peak_bytes, fp)

@@ -357,7 +357,7 @@ def render_docs() -> None:
         "How a row is measured: the model is built from its config with random weights (values do not change",
         "memory), quantized to NF4 with double quantization, given LoRA adapters and, unless stated,",
         "per-layer activation checkpointing (non-reentrant); two training steps run through the trainer's own",
-        "step (`qlora.train.loop.accumulate_gradients` under bf16 autocast: forward, loss, backward; then the",
+        "step (`qlora.train.step.accumulate_gradients` under bf16 autocast: forward, loss, backward; then the",
         "optimizer step) and the second is measured, so optimizer state exists, as it does for the",
         "rest of a run. Inputs are random token ids with every position labelled. Settings not listed are the",
         "defaults: LoRA on all linear layers, bf16 adapters, torch AdamW on CPU rows, transformers' loss on",

@@ -38,7 +38,7 @@ quantization number here carries that caveat (the script measures the grid).
    normalized over the step's target tokens, clipping at max_grad_norm.
    Unless ``--no-control``, (d) repeats (c) with qlora's warmup (which starts
    at lr/warmup instead of transformers' 0): the schedule's share of any gap.
-   Eval loss (token-weighted, ``qlora.train.loop.evaluate``) and the task
+   Eval loss (token-weighted, ``qlora.train.step.evaluate``) and the task
    metric (``qlora.tasks.evaluate_task``: exact match after JSON parsing,
    valid JSON) before and after, under bf16 autocast as the trainer runs them.
 3. ``merge`` (needs ``task``): (a)'s adapter (i) unmerged on its NF4 base,
@@ -339,8 +339,8 @@ def _exact(reply: str, reference: str) -> bool:
 def task_eval(model, tokenizer, data, recipe) -> dict:
     """Eval loss and task metric of ``model``, as the trainer measures them (bf16 autocast, chunked loss)."""
     from qlora.tasks import evaluate_task
-    from qlora.train.loop import evaluate
     from qlora.train.loss import CHUNK_TOKENS
+    from qlora.train.step import evaluate
 
     t = recipe.task
     loss = evaluate(model, data.eval_rows, recipe.micro_batch_size, CHUNK_TOKENS, BF16, torch.device("cpu"))
@@ -464,8 +464,8 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 def run_merge(recipe, plan, data, adapter: Path, work: Path, trained_end: dict) -> dict:
     from qlora.adapters.merging import AUTO_INTO_4BIT, merge_checkpoint
-    from qlora.train.loop import evaluate
     from qlora.train.loss import CHUNK_TOKENS
+    from qlora.train.step import evaluate
 
     rows = data.eval_rows
     # the position t that predicts label t+1: where the eval loss reads the logits

@@ -18,9 +18,12 @@ are. What changes is who holds the frozen base and the adapter:
     1/N per GPU. Before a unit (a decoder layer, the embedding, the head)
     runs, its shards are all-gathered into whole tensors and freed after it:
     ``fsdp_gathered`` is that transient -- two decoder layers while the
-    stack runs (the one computing and the one prefetched), the head (or the
-    tied embedding) during the loss. A layer's backward also holds its whole
-    LoRA gradients until they are reduce-scattered.
+    stack runs (the one computing and the one prefetched), the embedding
+    at the start of the forward, the head during the loss. A tied embedding
+    and head are one parameter, kept in the outermost unit, which FSDP2
+    keeps gathered from its forward to the end of its backward: whole in
+    every phase but the optimizer's. A layer's backward also holds its
+    whole LoRA gradients until they are reduce-scattered.
 
 ``fsdp`` with ``offload_params``
     The shards live in pinned host memory instead (FSDP2's
@@ -139,8 +142,10 @@ def per_gpu(candidates: dict[str, dict[str, int]], spec: ModelSpec, s: Settings,
         # a unit's shard is copied to the GPU before it is gathered when the shards live on the host
         unit = (frozen_layer + lora_layer) * (1 + (1 / n if offload else 0))
         stack = int(GATHERED_LAYERS * unit)
-        # the forward starts with the embedding gathered alone (the head: during the loss)
-        terms["fsdp_gathered"] = {"loss": head, "forward": max(stack, emb), "backward": stack}.get(phase, 0)
+        if spec.tied_embeddings:  # gathered with the outermost unit from the forward to the end of the backward
+            terms["fsdp_gathered"] = {"loss": emb, "forward": emb + stack, "backward": emb + stack}.get(phase, 0)
+        else:  # the forward starts with the embedding gathered alone; the head is gathered for the loss
+            terms["fsdp_gathered"] = {"loss": head, "forward": max(stack, emb), "backward": stack}.get(phase, 0)
     return out, host if offload else 0
 
 

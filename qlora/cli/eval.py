@@ -1,6 +1,6 @@
 """``qlora eval --base MODEL [--adapter DIR] --data FILE``: eval loss, perplexity and the task metric.
 
-The loss is the trainer's own (:func:`qlora.train.loop.evaluate`): summed
+The loss is the trainer's own (:func:`qlora.train.step.evaluate`): summed
 over every target token of the file (what training would learn from it) and
 divided by their number, in nats/token. For chat and instruction data the
 task metric (:func:`qlora.tasks.evaluate_task`) then answers each prompt
@@ -57,10 +57,10 @@ def run(args) -> int:
     from qlora.builtin_models import resolve_model_dir
     from qlora.data import detect_format, load_records, pack_rows, tokenize_dataset
     from qlora.tasks import TASK_FORMATS, evaluate_task, task_examples
-    from qlora.train.loop import evaluate
     from qlora.train.loss import CHUNK_TOKENS
     from qlora.train.precision import autocast_dtype_for
     from qlora.train.setup import resolve_device, row_targets
+    from qlora.train.step import evaluate
     from quant.loading import load_quantized_model
 
     _check(args)

@@ -8,6 +8,11 @@ clip, optimizer step) -> checkpoints (atomic) -> final adapter, metrics, plots.
 :func:`_restore` (the newest checkpoint's optimizer, scheduler and RNG state), the loop, which calls
 :func:`_optimizer_step` once per step and decides what to evaluate, log and save, and :func:`_finish`.
 
+Under ``torchrun`` every rank runs the same function: the model goes through
+:class:`qlora.train.parallel.ParallelModel` (DDP or FSDP2), each rank takes
+its micro-batches of every step, and rank 0 alone prints and writes
+(:mod:`qlora.train.parallel`); on one process all of that reduces to the plain loop.
+
 Test/debug hook: ``train(..., signal_at=(N, signum))`` makes the process send itself ``signum`` right after
 step N is logged and checkpointed, so kill-and-resume tests stop at a known step instead of racing a timer
 (``qlora train`` reads it from ``QLORA_DEBUG_SIGNAL_AT=N:SIGNAME``). It is not a recipe key.
@@ -30,31 +35,16 @@ import torch
 from qlora.data import epoch_order
 from qlora.tasks import TaskScore, evaluate_task
 from qlora.train import checkpoints as ckpts
-from qlora.train.loss import CHUNK_TOKENS, target_count
+from qlora.train import parallel
+from qlora.train.loss import CHUNK_TOKENS
 from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
 from qlora.train.optim import build_optimizer, build_scheduler
-from qlora.train.parallel import (
-    ParallelModel,
-    World,
-    adapter_saver,
-    all_sum,
-    any_rank,
-    barrier,
-    check_rows,
-    check_same,
-    check_strategy,
-    close_world,
-    full_tensor,
-    gather_objects,
-    init_world,
-    load_optimizer_state,
-    optimizer_state,
-    world_from_env,
-)
+from qlora.train.parallel import ParallelModel, World
 from qlora.train.plan import RunPlan, plan_run
 from qlora.train.precision import resolve_dtypes
 from qlora.train.recipe import Recipe, recipe_to_dict
-from qlora.train.setup import RunData, build_model, diagnostics_fn, load_data, param_groups, resolve_device, row_targets
+from qlora.train.setup import RunData, build_model, diagnostics_fn, load_data, param_groups, resolve_device
+from qlora.train.step import accumulate_gradients, batch_of, evaluate
 from quant.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -128,70 +118,6 @@ class _Run:
         return self.par.world
 
 
-def _batch(rows: dict, idx: list[int], device: torch.device) -> dict:
-    return {k: v[idx].to(device, non_blocking=True) for k, v in rows.items()}
-
-
-def accumulate_gradients(model, micro_batches: list[dict], chunk_tokens: int | None, autocast_dtype: torch.dtype,
-                         scaler=None, n_targets: list[int] | None = None, *, parallel: ParallelModel | None = None,
-                         step_targets: int | None = None) -> torch.Tensor:
-    """Forward/backward every micro-batch of one optimizer step (this rank's share of it).
-
-    Each micro-batch's summed loss is divided by the target-token count of the *whole* step, so the
-    accumulated gradient equals that of one big batch however the step is split into micro-batches
-    (and ranks). ``n_targets``: each micro-batch's target count when the caller knows it; ``None`` counts
-    the labels (one host sync per micro-batch on a GPU).
-
-    Args:
-        parallel: the :class:`qlora.train.parallel.ParallelModel` on N ranks (``model`` is then ignored);
-            default: ``model`` on this process alone.
-        step_targets: the step's target count over all ranks; default this rank's micro-batches' sum.
-
-    Returns:
-        This rank's part of the step's mean loss per target token (the whole of it on one process): a float64
-        0-dim tensor on the device, not yet read back (``float()`` it when the number is needed).
-    """
-    par = parallel or ParallelModel(model, World(), "single", chunk_tokens, autocast_dtype)
-    counts = [target_count(b["labels"]) for b in micro_batches] if n_targets is None else n_targets
-    denom = max(1, sum(counts) if step_targets is None else step_targets)
-    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0]["input_ids"].device)
-    for k, (b, n) in enumerate(zip(micro_batches, counts)):
-        with par.accumulating(sync=k == len(micro_batches) - 1):  # gradients cross ranks once per step
-            loss_sum = par.loss(b, n)
-            loss = loss_sum * par.loss_scale / denom
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss_sum.detach()  # summed on the device in float64 (as a Python float sum would): no sync here
-    return total / denom
-
-
-@torch.no_grad()
-def evaluate(model, rows: dict, micro_batch: int, chunk_tokens: int | None, autocast_dtype, device,
-             parallel: ParallelModel | None = None) -> float:
-    """Token-weighted mean eval loss (nats/token) over all eval rows (split over the ranks of ``parallel``)."""
-    par = parallel or ParallelModel(model, World(), "single", chunk_tokens, autocast_dtype)
-    world = par.world
-    was_training = par.model.training
-    par.model.eval()
-    targets = row_targets(rows)  # counted where the rows live (the host, in the trainer)
-    n_rows = rows["input_ids"].shape[0]
-    starts = list(range(0, n_rows, micro_batch))
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, targets)
-    # every rank runs the same number of forwards (FSDP2 gathers in each): a rank past the end reruns
-    # batch 0 and counts nothing
-    for k in range(-(-len(starts) // world.size)):
-        j = k * world.size + world.rank
-        start = starts[j] if j < len(starts) else 0
-        idx = list(range(start, min(start + micro_batch, n_rows)))
-        n = sum(targets[i] for i in idx)
-        loss = par.loss(_batch(rows, idx, device), n)
-        if j < len(starts):
-            sums[0] += loss
-            sums[1] += n
-    par.model.train(was_training)
-    total, n = all_sum(world, sums).tolist()  # one host sync per evaluation
-    return total / max(n, 1)
-
-
 def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | None]:
     """Plan, then data, model, optimizer and scheduler; the newest checkpoint's state is read, not applied.
 
@@ -207,8 +133,8 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
         InputError: see :func:`train`.
     """
     d = recipe.distributed
-    world, device = init_world(resolve_device(recipe.device), d.backend, d.timeout_s)
-    check_same(world, "recipe", recipe_to_dict(recipe))
+    world, device = parallel.init_world(resolve_device(recipe.device), d.backend, d.timeout_s)
+    parallel.check_same(world, "recipe", recipe_to_dict(recipe))
     recipe = resolve_dtypes(recipe, device, say)  # auto dtypes become names: the plan, the model and recipe.yaml agree
     out = Path(recipe.output_dir)
     torch.manual_seed(recipe.seed)  # the same on every rank: LoRA starts identical everywhere
@@ -216,7 +142,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     say(plan.summary)
     strategy = plan.strategy
     if world.distributed:
-        check_strategy(strategy, recipe.optimizer.name)
+        parallel.check_strategy(strategy, recipe.optimizer.name, plan.autocast_dtype)
     recipe = dataclasses.replace(recipe, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
                                  tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms,
                                  lora=dataclasses.replace(recipe.lora, rank=plan.rank),
@@ -225,13 +151,13 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     say(data.summary)
     n_rows = data.rows["input_ids"].shape[0]
     per_step = plan.micro_batch_size * plan.grad_accum * world.size
-    check_rows(world, n_rows, plan.micro_batch_size)
-    check_same(world, "data (rows and target counts)", [n_rows, sum(data.row_targets)])
+    parallel.check_rows(world, n_rows, plan.micro_batch_size)
+    parallel.check_same(world, "data (rows and target counts)", [n_rows, sum(data.row_targets)])
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * n_rows / per_step))
     # rank 0 cleans up after a killed writer; the others only look, once it has
     last = ckpts.latest_checkpoint(out) if world.main else None
     if world.distributed:
-        last = gather_objects(world, last)[0]
+        last = parallel.gather_objects(world, last)[0]
     state = ckpts.load_trainer_state(last) if last is not None else None
     model, _ = build_model(
         plan.model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype, recipe.gradient_checkpointing,
@@ -240,7 +166,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
         tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms, tile_tokens=plan.tile_tokens,
     )
     chunk = CHUNK_TOKENS if recipe.chunked_loss else None
-    saver = adapter_saver(model, plan.model_dir)
+    saver = parallel.adapter_saver(model, plan.model_dir)
     par = ParallelModel(model, world, strategy, chunk, plan.autocast_dtype, device, plan.offload_params)
     if world.distributed and world.rank:
         torch.manual_seed(recipe.seed + world.rank)  # LoRA dropout draws its own masks on each rank
@@ -272,7 +198,7 @@ def _restore(run: _Run, state: dict | None, say: Callable[[str], None]) -> int:
             f"qlora or with other LoRA settings, so it cannot be resumed exactly. Resume it with the qlora and "
             f"recipe that wrote it, or start afresh in a new output_dir."
         )
-    load_optimizer_state(run.par, run.opt, state["optimizer"])
+    parallel.load_optimizer_state(run.par, run.opt, state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     if run.scaler is not None and "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
@@ -310,10 +236,10 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
     parts = [ids[m * micro:(m + 1) * micro] for m in range(run.plan.grad_accum * world.size)]
     counts = [sum(run.data.row_targets[i] for i in p) for p in parts]  # host ints: no device read-back
     mine = range(world.rank, len(parts), world.size)  # micro-batch m goes to rank m mod N
-    micro_batches = [_batch(run.data.rows, parts[m], run.device) for m in mine]
+    micro_batches = [batch_of(run.data.rows, parts[m], run.device) for m in mine]
     mean_loss = accumulate_gradients(run.model, micro_batches, run.chunk, run.plan.autocast_dtype, run.scaler,
                                      [counts[m] for m in mine], parallel=run.par, step_targets=sum(counts))
-    mean_loss = all_sum(world, mean_loss)  # each rank held its share of the global mean
+    mean_loss = parallel.all_sum(world, mean_loss)  # each rank held its share of the global mean
     if run.scaler is not None:
         run.scaler.unscale_(run.opt)
     diag = {}
@@ -322,7 +248,7 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
         # before zero_grad: the grad-norm ratio needs the grads. Reads norms back module by module
         # (host syncs), which is why it runs every diagnostics_steps, not every step.
         diag = diagnostics_fn(run.model)
-    gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(run.params, r.max_grad_norm or float("inf")))
+    gnorm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(run.params, r.max_grad_norm or float("inf")))
     # The step's one host sync: the CPU waits for the backward to finish (on a GPU, the launch queue drains
     # once per step), because the NaN guard must decide before opt.step touches the parameters.
     loss, grad_norm = torch.stack([mean_loss, gnorm.to(mean_loss)]).tolist()
@@ -345,8 +271,8 @@ def _save(run: _Run, step: int) -> Path:
     On N ranks every rank takes part (the sharded adapter and optimizer state are gathered, each rank's
     RNG state collected), rank 0 writes, and all wait for it: a rank killed after this returns loses nothing.
     """
-    optimizer = optimizer_state(run.par, run.opt)
-    rngs = gather_objects(run.world, ckpts.rng_state())
+    optimizer = parallel.optimizer_state(run.par, run.opt)
+    rngs = parallel.gather_objects(run.world, ckpts.rng_state())
     path = run.out / f"checkpoint-{step:07d}"
     if run.world.main:
         st = {"step": step, "optimizer": optimizer, "scheduler": run.sched.state_dict(), "rng": rngs[0]}
@@ -358,7 +284,7 @@ def _save(run: _Run, step: int) -> Path:
         path = ckpts.save_checkpoint(run.out, step, run.save_adapter, st, resolved, run.recipe.keep_checkpoints)
     else:
         run.save_adapter(None)  # its part of gathering the adapter
-    barrier(run.world)
+    parallel.barrier(run.world)
     return path
 
 
@@ -451,7 +377,7 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
             predicts will not fit (the message carries its suggestions).
     """
     t0 = time.time()
-    if world_from_env().rank:  # ranks other than 0 stay quiet; their errors still reach the launcher
+    if parallel.world_from_env().rank:  # ranks other than 0 stay quiet; their errors still reach the launcher
         say, progress = (lambda m: None), False
     run, state = _setup(recipe, say)
     start = _restore(run, state, say)
@@ -499,7 +425,7 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                     _save(run, step)  # the last one too: re-running a finished run then has nothing to redo
                 if signal_at is not None and step == signal_at[0] and signal_at[2:] in ((), (world.rank,)):
                     signal.raise_signal(signal_at[1])  # test/debug hook; a SIGTERM handler has run when this returns
-                if any_rank(world, stop.signum is not None, run.device):  # all ranks stop at the same step
+                if parallel.any_rank(world, stop.signum is not None, run.device):  # all ranks stop at the same step
                     if window:
                         _log(run, metrics, window, bar, step)
                     path = _save(run, step)
@@ -532,7 +458,7 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
     result.steps = step
     if result.stopped != "oom" or not world.distributed:
         _finish(run, metrics, result, say)
-        close_world(world)
+        parallel.close_world(world)
     elif metrics is not None:
         metrics.close()
     result.wall_s = time.time() - t0

@@ -17,7 +17,8 @@ strategies are PyTorch's.
   :func:`check_same` on the recipe).
 * ``fsdp`` (FSDP2, ``fully_shard``): each decoder layer, the input embedding
   and the output head are a unit whose parameters are split across ranks
-  and all-gathered just before they are used (then freed again). The 4-bit
+  and all-gathered just before they are used (then freed again; a tied
+  embedding and head stay with the outermost unit, gathered all step). The 4-bit
   codes and their scales become frozen parameters first
   (:meth:`quant.NF4Linear.make_shardable`), so each rank holds about 1/N of
   the packed base, and of the adapter and its optimizer state.
@@ -217,7 +218,7 @@ class StepModule(nn.Module):
         self._head_unit = None  # the FSDP2 unit holding the head's weight, when it is sharded apart
 
     def shard_head_with(self, unit: nn.Module) -> None:
-        """The head's weight lives in FSDP2 unit ``unit`` (the head's own, or the tied embedding's)."""
+        """The head's weight lives in its own FSDP2 unit ``unit``: gather it for the chunked loss."""
         object.__setattr__(self, "_head_unit", unit)  # a reference, not a submodule: no second registration
 
     def forward(self, input_ids, position_ids, labels, n_targets: int) -> torch.Tensor:
@@ -251,10 +252,16 @@ def check_rows(world: World, n_rows: int, micro_batch_size: int) -> None:
         )
 
 
-def check_strategy(strategy: str, optimizer: str) -> None:
-    """Raises InputError for an unknown strategy, or an optimizer FSDP2 cannot drive."""
+def check_strategy(strategy: str, optimizer: str, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Raises InputError for an unknown strategy, or an optimizer or compute dtype FSDP2 cannot run with here."""
     if strategy not in STRATEGIES:
         raise InputError(f"Unknown distributed.strategy {strategy!r}; valid choices are {choices(STRATEGIES)}.")
+    if strategy == "fsdp" and compute_dtype == torch.float16:
+        raise InputError(
+            "quant.compute_dtype is float16, which needs a gradient scaler whose overflow check spans every "
+            "rank's shards; qlora's scaler sees one rank's. Use bfloat16 compute (GPUs from Ampere on), or "
+            "distributed.strategy: ddp (every rank checks the same all-reduced gradients)."
+        )
     if strategy == "fsdp" and optimizer not in FSDP_OPTIMIZERS:
         raise InputError(
             f"optimizer.name is {optimizer!r}, but distributed.strategy fsdp shards the adapter into DTensors, "
@@ -348,11 +355,15 @@ def _fully_shard(model: nn.Module, root: StepModule, offload: bool, pin: bool) -
     for layer in _decoder_layers(model):
         fully_shard(layer)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and head.weight is emb.weight
-    fully_shard(emb)
-    if head is not None and not tied:
-        fully_shard(head)
-    root.shard_head_with(emb if tied or head is None else head)
+    if head is not None and head.weight is emb.weight:
+        # tied: one parameter, so one unit, and the root's (FSDP2 keeps the root gathered from its forward
+        # to the end of its backward, so the loss finds the head whole); costs the embedding whole all step
+        log.info("fsdp: the tied embedding and head stay in the outermost unit, gathered for the whole step")
+    else:
+        fully_shard(emb)
+        if head is not None:
+            fully_shard(head)
+            root.shard_head_with(head)
     fully_shard(root)
     log.info("fsdp: %d decoder layers, the embedding and the head sharded over %d ranks (%d 4-bit linears hold "
              "their codes and scales as frozen sharded parameters); adapter and optimizer state sharded too; "

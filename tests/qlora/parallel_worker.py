@@ -14,7 +14,6 @@ file per rank into OUT; the test reads them. Modes:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -64,92 +63,22 @@ def _agree(world: World) -> dict:
     return {"refused": None}
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-@contextlib.contextmanager
-def _fsdp_resizes_reported(tracker):
-    """FSDP2 allocates and frees gathered parameters with ``UntypedStorage.resize_``, which no dispatch mode
-    sees: report each of its resizes to the tracker while the step runs."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
-
-    originals = _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage
-
-    def alloc(t):
-        originals[0](t)
-        tracker.note_resize(t)
-
-    def free(t):
-        originals[1](t)
-        tracker.note_resize(t)
-
-    _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = alloc, free, alloc
-    try:
-        yield
-    finally:
-        _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = originals
-
-
-def _memory(world: World, strategy: str, vocab: int, seq: int) -> dict:
-    """One rank's live tensor bytes at rest (the persistent terms) and over one step, next to the planner."""
+def _memory(world: World, strategy: str, vocab: int, seq: int, arch: str) -> dict:
     import memcheck
     from memory_accuracy import TINY
 
-    import memory
-    from memory.tracker import LiveTensorTracker
-    from qlora.lora.surgery import lora_parameters
-    from qlora.train.loop import accumulate_gradients
-    from qlora.train.optim import build_optimizer
-    from qlora.train.parallel import ParallelModel
-
-    config = dict(TINY["tiny-llama"], vocab_size=vocab)
-    batch, rank = 1, 8
-    model = memcheck.random_qlora_model(config, rank=rank)
-    par = ParallelModel(model, world, strategy, 1024, torch.bfloat16)
-    opt = build_optimizer([{"params": lora_parameters(model)}], "adamw", lr=1e-4)
-    gen = torch.Generator().manual_seed(world.rank)
-
-    def step() -> None:
-        ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=gen)
-        pos = torch.arange(seq).expand(batch, seq)
-        accumulate_gradients(model, [{"input_ids": ids, "labels": ids.clone(), "position_ids": pos}], 1024,
-                             torch.bfloat16, parallel=par)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # the optimizer state exists from here on
-    state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    held = [_local(t) for t in [*model.parameters(), *model.buffers(), *state]]
-    seen, at_rest = set(), 0
-    for t in held:  # storages, each once (tied weights, views)
-        key = t.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            at_rest += t.untyped_storage().nbytes()
-    tracker = LiveTensorTracker("cpu")
-    with tracker, _fsdp_resizes_reported(tracker):
-        tracker.track(held)
-        step()
-    spec = memory.spec_from_config(config, name=f"tiny-llama-{vocab}")
-    fp = memory.estimate(spec, memory.Settings(
-        seq_len=seq, micro_batch_size=batch, rank=rank, optimizer="adamw", device="cpu", gpus=world.size,
-        strategy=strategy))
-    persistent = sum(fp.breakdown[k] for k in ("nf4_weights", "embeddings_16bit", "lm_head_16bit",
-                                                "norms_biases_buffers", "lora_params", "optimizer_state"))
-    # DDP's gradient buckets live in its reducer, out of reach of the count above (the step's peak sees them)
-    return {"at_rest": at_rest, "predicted_persistent": persistent, "peak": tracker.peak,
-            "predicted_peak": fp.tensor_peak_bytes, "breakdown": fp.breakdown, "phase": fp.peak_phase}
+    got = memcheck.check_rank(world, strategy, dict(TINY[arch], vocab_size=vocab), 1, seq)
+    return {"at_rest": got.at_rest, "predicted_persistent": got.predicted_at_rest, "peak": got.peak,
+            "predicted_peak": got.predicted_peak, "breakdown": got.footprint.breakdown,
+            "phase": got.footprint.peak_phase}
 
 
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     world, _ = init_world(torch.device("cpu"), "gloo", 60)
-    if mode.startswith("memory-"):  # memory-STRATEGY-VOCAB-SEQ
-        _, strategy, vocab, seq = mode.split("-")
-        result = _memory(world, strategy, int(vocab), int(seq))
+    if mode.startswith("memory-"):  # memory-STRATEGY-VOCAB-SEQ[-ARCH], ARCH a memory_accuracy.TINY model
+        _, strategy, vocab, seq, *arch = mode.split("-", 4)
+        result = _memory(world, strategy, int(vocab), int(seq), arch[0] if arch else "tiny-llama")
     else:
         result = {"nf4": _nf4, "agree": _agree}[mode](world)
     (out / f"rank{world.rank}.json").write_text(json.dumps(result))

@@ -10,10 +10,10 @@ from qlora.builtin_models import resolve_model_dir
 from qlora.cli import main
 from qlora.data import BUILTIN_DATA, load_records, pack_rows, tokenize_dataset
 from qlora.tasks import evaluate_task, task_examples
-from qlora.train.loop import evaluate
 from qlora.train.loss import CHUNK_TOKENS
 from qlora.train.precision import autocast_dtype_for
 from qlora.train.setup import row_targets
+from qlora.train.step import evaluate
 from quant.loading import load_quantized_model
 
 N = 6

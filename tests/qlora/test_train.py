@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from qlora.cli import main as cli_main
 from qlora.cli.train import DEBUG_SIGNAL_ENV
-from qlora.train.loop import accumulate_gradients, train
+from qlora.train.loop import train
 from qlora.train.recipe import load_recipe
+from qlora.train.step import accumulate_gradients
 from quant import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
