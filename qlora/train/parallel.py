@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memory.distributed import FSDP_OPTIMIZERS  # the planner's rule: bitsandbytes cannot step DTensors
 from qlora.adapters.files import adapter_from_model, write_adapter
 from qlora.lora.targets import linear_layers
 from qlora.train.loss import forward_loss
@@ -56,7 +57,6 @@ from quant.linear import NF4Linear
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("ddp", "fsdp")
-FSDP_OPTIMIZERS = ("adamw",)  # bitsandbytes' optimizers take plain tensors, not FSDP2's sharded DTensors
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def check_strategy(strategy: str, optimizer: str, compute_dtype: torch.dtype = t
         raise InputError(
             f"optimizer.name is {optimizer!r}, but distributed.strategy fsdp shards the adapter into DTensors, "
             f"which bitsandbytes' optimizers cannot step. Use optimizer.name: adamw with fsdp (its state is "
-            f"sharded too: 1/N of 8 bytes per adapter weight per rank), or distributed.strategy: ddp."
+            f"sharded too: 1/N per rank), or distributed.strategy: ddp."
         )
 
 
@@ -276,11 +276,14 @@ class ParallelModel:
     Args:
         model: the NF4 + LoRA model, fully built (checkpointing, tiling, a resumed adapter).
         world: this process's :class:`World`; one process wraps nothing.
-        strategy: ``ddp`` or ``fsdp`` (see the module docstring); ignored on one process.
+        strategy: ``ddp`` or ``fsdp`` (see the module docstring; the caller checks it with
+            :func:`check_strategy`); ignored on one process.
         chunk_tokens, autocast_dtype: the loss, as :func:`qlora.train.loss.forward_loss`.
+        device: this rank's device (DDP's ``device_ids`` on CUDA); None for the CPU.
+        offload_params: fsdp only: the shards live in host memory (pinned on CUDA).
 
     Raises:
-        InputError: see :func:`check_strategy` (the optimizer is checked by the caller).
+        InputError: fsdp on a model without decoder layers (``model.layers``).
     """
 
     def __init__(self, model: nn.Module, world: World, strategy: str, chunk_tokens: int | None,

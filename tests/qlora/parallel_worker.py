@@ -1,7 +1,7 @@
 """Run by tests/qlora/test_parallel.py under ``torchrun --nproc-per-node 2``: checks that need a process group.
 
-``python -m torch.distributed.run --standalone --nproc-per-node 2 parallel_worker.py MODE OUT`` writes one JSON
-file per rank into OUT; the test reads them. Modes:
+``python -m torch.distributed.run --standalone --nproc-per-node 2 parallel_worker.py MODE [MODE ...] OUT`` writes
+one JSON file per rank into OUT, mode -> result (one launch for all: each costs seconds of imports). Modes:
 
 * ``nf4``: FSDP2 shards a model of NF4 and FP4 linears whose byte counts do not divide by 2; each rank holds
   about half of every packed tensor, and the gathered weight dequantizes to exactly the unsharded one.
@@ -74,14 +74,16 @@ def _memory(world: World, strategy: str, vocab: int, seq: int, arch: str) -> dic
 
 
 def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    *modes, out = sys.argv[1:]
     world, _ = init_world(torch.device("cpu"), "gloo", 60)
-    if mode.startswith("memory-"):  # memory-STRATEGY-VOCAB-SEQ[-ARCH], ARCH a memory_accuracy.TINY model
-        _, strategy, vocab, seq, *arch = mode.split("-", 4)
-        result = _memory(world, strategy, int(vocab), int(seq), arch[0] if arch else "tiny-llama")
-    else:
-        result = {"nf4": _nf4, "agree": _agree}[mode](world)
-    (out / f"rank{world.rank}.json").write_text(json.dumps(result))
+    results = {}
+    for mode in modes:
+        if mode.startswith("memory-"):  # memory-STRATEGY-VOCAB-SEQ[-ARCH], ARCH a memory_accuracy.TINY model
+            _, strategy, vocab, seq, *arch = mode.split("-", 4)
+            results[mode] = _memory(world, strategy, int(vocab), int(seq), arch[0] if arch else "tiny-llama")
+        else:
+            results[mode] = {"nf4": _nf4, "agree": _agree}[mode](world)
+    Path(out, f"rank{world.rank}.json").write_text(json.dumps(results))
     dist.barrier()
     close_world(world)
 

@@ -110,11 +110,22 @@ def test_kill_one_rank_then_rerun_resumes_exactly(runs, tmp_path):
     assert _losses(out) == _losses(runs / "fsdp")
 
 
-@pytest.mark.slow
-def test_sharded_nf4_weight_dequantizes_exactly(tmp_path):
-    p = _torchrun(str(WORKER), "nf4", str(tmp_path))
+MEMORY_MODES = ["fsdp-8192-256", "fsdp-512-2048", "ddp-512-2048", "fsdp-8192-256-tiny-qwen2"]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """parallel_worker.py's checks in one 2-rank launch: rank -> mode -> result."""
+    out = tmp_path_factory.mktemp("worker")
+    modes = ["nf4", "agree", *(f"memory-{m}" for m in MEMORY_MODES)]
+    p = _torchrun(str(WORKER), *modes, str(out), env={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"})
     assert p.returncode == 0, p.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_sharded_nf4_weight_dequantizes_exactly(worker):
+    ranks = [w["nf4"] for w in worker]
     for got in ranks:
         assert all(got["exact"]) and all(got["outputs_equal"])
         assert got["quant_types"] == ["nf4", "nf4", "fp4"]
@@ -128,31 +139,27 @@ def test_sharded_nf4_weight_dequantizes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_with_different_recipes_are_refused(tmp_path):
-    p = _torchrun(str(WORKER), "agree", str(tmp_path))
-    assert p.returncode == 0, p.stderr[-3000:]
-    for r in (0, 1):
-        msg = json.loads((tmp_path / f"rank{r}.json").read_text())["refused"]
+def test_ranks_with_different_recipes_are_refused(worker):
+    for w in worker:
+        msg = w["agree"]["refused"]
         assert msg and "Rank(s) 1 have a different recipe than rank 0" in msg
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fsdp-8192-256", "fsdp-512-2048", "ddp-512-2048", "fsdp-8192-256-tiny-qwen2"])
-def test_per_rank_memory_matches_the_planner(tmp_path, mode):
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_per_rank_memory_matches_the_planner(worker, mode):
     """The planner's per-GPU terms against each rank's live tensors: at rest (the sharded persistent terms) and
     at the step's peak (vocab 8192 at 256 tokens peaks in the loss, with the head gathered; vocab 512 at 2048
     tokens peaks in the backward, with two decoder layers gathered; tiny-qwen2 ties its head to the embedding,
     which FSDP2 then keeps gathered all step). Measured: within 1% (docs/distributed.md)."""
-    p = _torchrun(str(WORKER), f"memory-{mode}", str(tmp_path), env={"PYTHONPATH": f"{ROOT}:{ROOT / 'bench'}"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    for r in (0, 1):
-        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+    for w in worker:
+        got = w[f"memory-{mode}"]
         assert got["predicted_persistent"] == pytest.approx(got["at_rest"], rel=0.05)
         assert got["predicted_peak"] == pytest.approx(got["peak"], rel=0.05)
         if mode.startswith("fsdp"):
             assert got["breakdown"]["fsdp_gathered"] > 0 and got["phase"] == ("loss" if "8192" in mode else "backward")
-    if mode.endswith("qwen2"):  # tied: the whole embedding is gathered at the loss, not the head's unit
-        assert got["breakdown"]["fsdp_gathered"] == 2 * 8192 * 128
+        if mode.endswith("qwen2"):  # tied: the whole embedding is gathered at the loss, not the head's unit
+            assert got["breakdown"]["fsdp_gathered"] == 2 * 8192 * 128
 
 
 # ------------------------------------------------------------------------ one process: no process group needed
