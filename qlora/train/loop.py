@@ -36,6 +36,7 @@ from qlora.data import epoch_order
 from qlora.tasks import TaskScore, evaluate_task
 from qlora.train import checkpoints as ckpts
 from qlora.train import parallel
+from qlora.train import state as run_state
 from qlora.train.loss import CHUNK_TOKENS
 from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
 from qlora.train.optim import build_optimizer, build_scheduler
@@ -45,7 +46,6 @@ from qlora.train.precision import resolve_dtypes
 from qlora.train.recipe import Recipe, recipe_to_dict
 from qlora.train.setup import RunData, build_model, diagnostics_fn, load_data, param_groups, resolve_device
 from qlora.train.step import accumulate_gradients, batch_of, evaluate
-from quant.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -189,25 +189,7 @@ def _restore(run: _Run, state: dict | None, say: Callable[[str], None]) -> int:
     """Load a checkpoint's optimizer, scheduler, scaler and RNG state into ``run``; returns its step (0 for none)."""
     if state is None:
         return 0
-    saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
-    built = [len(g["params"]) for g in run.opt.param_groups]
-    if saved != built:  # e.g. a checkpoint of an earlier qlora, which kept all adapter tensors in one group
-        raise InputError(
-            f"Checkpoint {str(run.checkpoint)!r} holds optimizer state for parameter groups of {saved} tensors, "
-            f"but this run builds groups of {built} (A, B and DoRA magnitudes apart). It was written by an earlier "
-            f"qlora or with other LoRA settings, so it cannot be resumed exactly. Resume it with the qlora and "
-            f"recipe that wrote it, or start afresh in a new output_dir."
-        )
-    parallel.load_optimizer_state(run.par, run.opt, state["optimizer"])
-    run.sched.load_state_dict(state["scheduler"])
-    if run.scaler is not None and "scaler" in state:
-        run.scaler.load_state_dict(state["scaler"])
-    ranks = state.get("rng_ranks")
-    if run.world.distributed and ranks is not None and len(ranks) == run.world.size:
-        ckpts.set_rng_state(ranks[run.world.rank])
-    else:  # one process, or another number of ranks than wrote it: rank 0's stream (dropout masks differ)
-        ckpts.set_rng_state(state["rng"])
-    step = int(state["step"])
+    step = run_state.restore(state, run.par, run.opt, run.sched, run.scaler, run.checkpoint)
     if step >= run.total_steps:
         say(f"{run.out} already holds a finished run ({run.checkpoint.name}); writing its adapter and plots again")
     else:
@@ -271,15 +253,9 @@ def _save(run: _Run, step: int) -> Path:
     On N ranks every rank takes part (the sharded adapter and optimizer state are gathered, each rank's
     RNG state collected), rank 0 writes, and all wait for it: a rank killed after this returns loses nothing.
     """
-    optimizer = parallel.optimizer_state(run.par, run.opt)
-    rngs = parallel.gather_objects(run.world, ckpts.rng_state())
+    st = run_state.collect(run.par, run.opt, run.sched, run.scaler, step)
     path = run.out / f"checkpoint-{step:07d}"
-    if run.world.main:
-        st = {"step": step, "optimizer": optimizer, "scheduler": run.sched.state_dict(), "rng": rngs[0]}
-        if run.world.distributed:
-            st["rng_ranks"] = rngs
-        if run.scaler is not None:
-            st["scaler"] = run.scaler.state_dict()
+    if st is not None:
         resolved = recipe_to_dict(run.recipe)
         path = ckpts.save_checkpoint(run.out, step, run.save_adapter, st, resolved, run.recipe.keep_checkpoints)
     else:
