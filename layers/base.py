@@ -267,13 +267,40 @@ class AdapterLinear(nn.Module):
         device = self.device
 
         def copy(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=device, dtype=dtype or t.dtype, copy=True)
+            # contiguous whatever the source's strides (an SVD's factors are column-major): the layer's
+            # matmuls then take one path, so a resumed run replays the same arithmetic
+            return t.detach().to(device=device, dtype=dtype or t.dtype, copy=True,
+                                 memory_format=torch.contiguous_format)
 
         self.lora_A, self.lora_B = LoRAFactor(copy(lora_A), trainable), LoRAFactor(copy(lora_B), trainable)
         self._put_magnitude(magnitude, trainable)
         self.alpha, self.use_rslora, self.lora_dropout = float(alpha), bool(use_rslora), drop
         for fresh in (self.lora_A, self.lora_B, self.lora_dropout):  # new modules start in training mode;
             fresh.train(self.training)  # follow the layer's, without touching the (maybe shared) base's
+
+    @torch.no_grad()
+    def rebase(self, weight: torch.Tensor) -> None:
+        """Make ``weight`` ``(out, in)`` the frozen base: re-quantized for a 4-bit base, copied for a dense one.
+
+        For the inits that move part of ``W`` into the adapter (:mod:`layers.inits`); the base keeps its
+        format, dtype and device.
+
+        Raises:
+            InputError: a merged layer, a weight of another shape, or a base that is neither.
+        """
+        if self._merged:
+            raise InputError("Cannot rebase a merged layer; unmerge it first.")
+        base = self.base_layer
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise InputError(f"rebase got a {tuple(weight.shape)} weight for a layer with "
+                             f"in={self.in_features}, out={self.out_features}.")
+        if hasattr(base, "requantize"):
+            base.requantize(weight)
+        elif isinstance(base, nn.Linear):
+            base.weight.copy_(weight.to(base.weight.dtype))
+        else:
+            raise InputError(f"Cannot rebase a {type(base).__name__} base; it is neither nn.Linear nor 4-bit.")
+        self._base_norm = None  # W0 changed
 
     def clear(self) -> None:
         """Drop the adapter: the layer becomes a pass-through running only its base."""

@@ -150,6 +150,23 @@ class NF4Linear(nn.Module):
             self.offset = state.offset.reshape(())
         self.weight_dtype = state.dtype
 
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Replace the codes with those of a new dense ``(out, in)`` weight, in this layer's format and device.
+
+        For inits that move part of the weight into an adapter (PiSSA, LoftQ: :mod:`layers.inits`):
+        what stays in the base is quantized. The weight is cast to the layer's 16-bit dtype first, as
+        a checkpoint's weight would be. Costs one quantization (a few dense temporaries of the weight).
+
+        Raises:
+            InputError: a weight of another shape.
+        """
+        expect = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expect:
+            raise InputError(f"requantize got a {tuple(weight.shape)} weight for a layer of shape {expect}.")
+        device = self.weight.device
+        w = weight.detach().to(device=device, dtype=self.weight_dtype)
+        self.load_quantized(*quantize_4bit(w, self.quant_type, self.blocksize, self.double_quant))
+
     @property
     def quant_state(self) -> QuantState4bit:
         return QuantState4bit(

@@ -109,12 +109,15 @@ def adapter_from_model(model: nn.Module) -> Adapter:
     return Adapter(mods, most_common(dropouts), name_or_path, base=base_record(model))
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 initial=None) -> Path:
     """Write the model's active adapter as a PEFT adapter folder (atomically). Returns the folder.
 
     ``base_model_name_or_path`` defaults to ``model.config._name_or_path``. The
     base's format (4-bit type, blocksize, double quant, or 16-bit; and its
     dtype) is found from the model's layers and recorded in the weights file.
+    ``initial``: the :class:`qlora.lora.inits.InitialFactors` of a PiSSA/OLoRA/LoftQ init; the adapter is
+    then written for the original base (rank 2r, :func:`qlora.lora.inits.to_original_base`).
 
     Raises:
         InputError: no adapter on the model, or a mix PEFT cannot express
@@ -123,6 +126,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     adapter = adapter_from_model(model)
     if base_model_name_or_path is not None:
         adapter.base_model_name_or_path = base_model_name_or_path
+    if initial is not None:
+        from qlora.lora.inits import to_original_base
+
+        adapter.modules = to_original_base(adapter.modules, initial)
     return write_adapter(adapter, out_dir, list(linear_layers(model)))
 
 

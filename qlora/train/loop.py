@@ -159,14 +159,14 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     if world.distributed:
         last = parallel.gather_objects(world, last)[0]
     state = ckpts.load_trainer_state(last) if last is not None else None
-    model, _ = build_model(
+    model, _, initial = build_model(
         plan.model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype, recipe.gradient_checkpointing,
         recipe.offload_activations, resume_adapter=None if last is None else last / "adapter",
         attn_implementation=recipe.model.attn_implementation,
         tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms, tile_tokens=plan.tile_tokens,
     )
     chunk = CHUNK_TOKENS if recipe.chunked_loss else None
-    saver = parallel.adapter_saver(model, plan.model_dir)
+    saver = parallel.adapter_saver(model, plan.model_dir, initial)
     par = ParallelModel(model, world, strategy, chunk, plan.autocast_dtype, device, plan.offload_params)
     if world.distributed and world.rank:
         torch.manual_seed(recipe.seed + world.rank)  # LoRA dropout draws its own masks on each rank

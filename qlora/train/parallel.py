@@ -49,6 +49,7 @@ from torch import nn
 
 from memory.distributed import FSDP_OPTIMIZERS  # the planner's rule: bitsandbytes cannot step DTensors
 from qlora.adapters.files import adapter_from_model, write_adapter
+from qlora.lora.inits import to_original_base
 from qlora.lora.targets import linear_layers
 from qlora.train.loss import forward_loss
 from quant.errors import InputError, choices
@@ -374,8 +375,11 @@ def _fully_shard(model: nn.Module, root: StepModule, offload: bool, pin: bool) -
              "pinned host memory" if offload else "device memory")
 
 
-def adapter_saver(model: nn.Module, model_dir: Path):
+def adapter_saver(model: nn.Module, model_dir: Path, initial=None):
     """``save(par, folder)``: write the model's adapter in PEFT format into ``folder`` (None: write nothing).
+
+    ``initial``: a PiSSA/OLoRA/LoftQ init's step-0 factors: the adapter is written for the original base
+    (:func:`qlora.lora.inits.to_original_base`).
 
     Made before any sharding (the linear names and the base path are read then). Under FSDP2 every rank
     must call it, because the adapter's shards are gathered first; only rank 0 passes a folder.
@@ -394,6 +398,8 @@ def adapter_saver(model: nn.Module, model_dir: Path):
             }
         if folder is not None:
             adapter.base_model_name_or_path = base
+            if initial is not None:
+                adapter.modules = to_original_base(adapter.modules, initial)
             write_adapter(adapter, folder, names)
 
     return save

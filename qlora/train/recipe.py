@@ -84,7 +84,11 @@ class LoraConfig:
     dropout: Fraction = 0.0
     variant: Literal["lora", "dora"] = "lora"
     use_rslora: Bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    # kaiming/gaussian: A random, B zero. pissa/olora/loftq: the adapter starts from the weights (layers.inits)
+    # and the rest is the (re-quantized) base; the saved adapter is rank 2r, for the original base
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = "kaiming"
+    loftq_iters: Positive = 1  # loftq: alternations of quantize / low-rank fit
+    pissa_niter: Union[Positive, None] = None  # pissa: randomized SVD with this many iterations; null: exact
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     freeze_A: Bool = False  # LoRA-FA
     loraplus_ratio: Union[PositiveFloat, None] = None  # LoRA+: lr(B) = ratio * lr
@@ -278,6 +282,15 @@ def _check(recipe: Recipe) -> Recipe:
     if recipe.quant.blocksize not in BLOCKSIZES:
         raise InputError(f"Recipe key 'quant.blocksize' is {recipe.quant.blocksize!r}; "
                          f"valid choices are {choices(BLOCKSIZES)}.")
+    init, lora = recipe.lora.init, recipe.lora
+    if init in ("pissa", "olora", "loftq") and lora.variant == "dora":
+        raise InputError(f"Recipe keys 'lora.init' {init!r} and 'lora.variant' 'dora' do not go together: the DoRA "
+                         f"magnitude would need its own init from the moved weights. Use lora.variant lora with "
+                         f"{init}, or lora.init kaiming/gaussian with dora.")
+    if init == "loftq" and recipe.quant.quant_type == "none":
+        raise InputError("Recipe keys 'lora.init' 'loftq' and 'quant.quant_type' 'none' do not go together: LoftQ "
+                         "fits the adapter to the 4-bit base's quantization error, and a 16-bit base has none. Use "
+                         "lora.init pissa or olora on a 16-bit base, or quant.quant_type nf4/fp4 with loftq.")
     if recipe.offload_activations and not recipe.gradient_checkpointing:
         raise InputError("Recipe key 'offload_activations' is true but 'gradient_checkpointing' is false: only "
                          "checkpointed layer inputs are offloaded. Set gradient_checkpointing: true or "

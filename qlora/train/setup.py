@@ -11,15 +11,17 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
+from layers.inits import INITS_FROM_WEIGHTS
 from layers.tiling import tile_mlps, tile_norms
-from qlora.adapters.files import load_adapter, save_adapter
+from qlora.adapters.files import install_adapter, read_adapter, save_adapter
 from qlora.data import detect_format, load_records, pack_rows, split_eval, tokenize_dataset
 from qlora.lora.diagnostics import lora_diagnostics, summarize
+from qlora.lora.inits import InitialFactors, from_original_base, init_from_weights
 from qlora.lora.param_groups import lora_param_groups
 from qlora.lora.surgery import apply_lora, lora_modules
 from qlora.tasks import TaskExample, task_examples
@@ -108,6 +110,14 @@ def load_data(data: DataConfig, tokenizer: Any, seq_len: int, seed: int) -> RunD
     return RunData(rows, eval_rows, row_targets(rows), summary, tasks)
 
 
+class BuiltModel(NamedTuple):
+    """What :func:`build_model` returns."""
+
+    model: nn.Module
+    save: Callable[[Path], Path]
+    initial: InitialFactors | None
+
+
 def build_model(
     model_dir: Path,
     device: torch.device,
@@ -121,7 +131,7 @@ def build_model(
     tiled_mlp: bool = False,
     tiled_norms: bool = False,
     tile_tokens: int = 4096,
-) -> tuple[nn.Module, Callable[[Path], Path]]:
+) -> BuiltModel:
     """NF4 base (streamed) + LoRA + gradient checkpointing, ready to train.
 
     Args:
@@ -138,8 +148,10 @@ def build_model(
             tokens (:mod:`layers.tiling`).
 
     Returns:
-        ``(model, save)``: ``save(folder)`` writes the PEFT adapter into ``folder`` (new or existing, file by
-        file, weights before config: :func:`qlora.adapters.files.save_adapter`) and returns the folder.
+        A :class:`BuiltModel` ``(model, save, initial)``: ``save(folder)`` writes the PEFT adapter into
+        ``folder`` (new or existing, file by file, weights before config: :func:`qlora.adapters.files.save_adapter`;
+        for the original base after a PiSSA/OLoRA/LoftQ init) and returns the folder; ``initial`` the
+        init's step-0 factors (None for kaiming/gaussian).
 
     Raises:
         InputError: an unresolved rank, a model folder the loader cannot read, targets that match
@@ -157,12 +169,21 @@ def build_model(
     if attn_implementation is not None:
         log.info("attention %s: recipe model.attn_implementation (the planner models the same)", attn_implementation)
     model.config.use_cache = False  # no KV cache in training: keeps packed-sequence masking on (see qlora.data)
+    from_weights = lora.init in INITS_FROM_WEIGHTS
     apply_lora(
         model, lora.targets, lora.rank, lora.alpha, lora.dropout, lora.use_rslora, lora.variant == "dora",
-        lora.init, adapter_dtype, lora.rank_pattern or None, lora.alpha_pattern or None, lora.freeze_A,
+        "kaiming" if from_weights else lora.init, adapter_dtype, lora.rank_pattern or None,
+        lora.alpha_pattern or None, lora.freeze_A,
     )
+    initial = None
+    if from_weights:  # the same factors and base on a resume: the SVD/QR of the same weights
+        initial = init_from_weights(model, lora.init, None if quant.quant_type == "none" else model_dir,
+                                    loftq_iters=lora.loftq_iters, pissa_niter=lora.pissa_niter)
     if resume_adapter is not None:
-        load_adapter(model, resume_adapter, dtype=adapter_dtype, trainable=True)
+        adapter = read_adapter(resume_adapter)
+        if initial is not None:  # checkpoints hold the adapter for the original base: take the trained half
+            adapter.modules = from_original_base(adapter.modules, initial)
+        install_adapter(model, adapter, dtype=adapter_dtype, trainable=True)
         if lora.freeze_A:  # install made fresh trainable factors: LoRA-FA freezes A again
             for _, m in lora_modules(model):
                 m.freeze_A()
@@ -183,9 +204,9 @@ def build_model(
     base = str(Path(model_dir).resolve())  # the folder actually trained on, so other tools can find the base
 
     def save(folder: Path) -> Path:
-        return save_adapter(model, folder, base_model_name_or_path=base)
+        return save_adapter(model, folder, base_model_name_or_path=base, initial=initial)
 
-    return model, save
+    return BuiltModel(model, save, initial)
 
 
 def enable_checkpointing(model, offload_activations: bool = False):

@@ -172,7 +172,7 @@ def test_gradient_accumulation_does_not_depend_on_split(tmp_path):
     # fp32 end to end (FAST), so that only the normalization (not bf16 rounding) could make splits differ
     recipe = _recipe(tmp_path, "lora.dropout=0.0", "micro_batch_size=1")
     plan = plan_run(recipe, resolve_device("cpu"))
-    model, _ = build_model(plan.model_dir, torch.device("cpu"), recipe.quant, recipe.lora, recipe.model.dtype,
+    model, _, _ = build_model(plan.model_dir, torch.device("cpu"), recipe.quant, recipe.lora, recipe.model.dtype,
                            recipe.gradient_checkpointing)
     model.train()
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ FAST = ["seq_len=64", "micro_batch_size=2", "effective_batch_size=4", "lora.rank
 def _optimizer(tmp_path, *overrides):
     recipe = load_recipe(TINY, FAST + [f"output_dir={tmp_path / 'out'}", *overrides])
     device = resolve_device("cpu")
-    model, _ = build_model(plan_run(recipe, device).model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype,
+    model, _, _ = build_model(plan_run(recipe, device).model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype,
                            recipe.gradient_checkpointing)
     o = recipe.optimizer
     opt = build_optimizer(param_groups(model, o, recipe.lora.loraplus_ratio), o.name, o.lr, o.weight_decay,
@@ -68,12 +68,12 @@ def test_resumed_lora_fa_keeps_A_frozen_and_the_trained_values(tmp_path):
     recipe = load_recipe(TINY, FAST + [f"output_dir={tmp_path / 'out'}", "lora.freeze_A=true"])
     device = resolve_device("cpu")
     model_dir = plan_run(recipe, device).model_dir
-    model, save = build_model(model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype)
+    model, save, _ = build_model(model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype)
     with torch.no_grad():
         for _, kind, p in named_lora_parameters(model, trainable_only=False):
             p.add_(0.01 if kind == "lora_B" else 0.0)
     save(tmp_path / "adapter")
-    again, _ = build_model(model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype,
+    again, _, _ = build_model(model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype,
                            resume_adapter=tmp_path / "adapter")
     before = {(n, k): p for n, k, p in named_lora_parameters(model, trainable_only=False)}
     after = named_lora_parameters(again, trainable_only=False)
@@ -86,7 +86,7 @@ def test_recipe_attention_reaches_the_model(tmp_path, attn):
     """model.attn_implementation is what the planner plans, so it must be what the model runs."""
     recipe = load_recipe(TINY, FAST + [f"output_dir={tmp_path / 'out'}", f"model.attn_implementation={attn}"])
     device = resolve_device("cpu")
-    model, _ = build_model(plan_run(recipe, device).model_dir, device, recipe.quant, recipe.lora,
+    model, _, _ = build_model(plan_run(recipe, device).model_dir, device, recipe.quant, recipe.lora,
                            recipe.model.dtype, attn_implementation=recipe.model.attn_implementation)
     assert model.config._attn_implementation == attn
 
