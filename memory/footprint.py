@@ -20,6 +20,8 @@ closed form for the chunked loss):
     ``optimizer_step``         temporaries of ``optimizer.step()`` (phase "optimizer" only)
     ``ddp_buckets``            on N GPUs with DDP: the adapter gradients' all-reduce buffers
     ``fsdp_gathered``          on N GPUs with FSDP2: the units gathered at that moment (:mod:`memory.distributed`)
+    ``init_transient``         PiSSA/OLoRA/LoftQ at load time: the largest target layer's decomposition
+                               (phase ``init``, before any step: weights and adapter only)
 
 Phases: ``forward`` (embeddings through the final norm), ``loss`` (logits
 and loss, forward and backward), ``backward`` (the decoder stack, top layer
@@ -50,7 +52,9 @@ from .settings import ATTN, Settings, with_changes
 from .spec import ModelSpec, load_spec
 from .targets import resolve_targets
 from .terms import (
+    INIT_TRANSIENT,
     chunked_loss_segment,
+    init_transient_bytes,
     lora_tensors,
     optimizer_shared_bytes,
     optimizer_state_bytes,
@@ -75,6 +79,7 @@ TERMS = {
     "lora_grads": "LoRA gradients",
     "optimizer_step": "optimizer step temporaries",
     "ddp_buckets": "DDP gradient buckets",
+    "init_transient": "init from the weights: one layer's SVD/QR",
     "fsdp_gathered": "FSDP units gathered (transient)",
 }
 _TAG_TERM = {
@@ -327,6 +332,10 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
             candidates[phase]["saved_activations"] = max(0, kept - offloaded)
         pinned = len(spec.layer_types) * per_layer
     candidates["optimizer"] = dict(persistent, **_terms(peaks.after), optimizer_step=step_tmp)
+    if s.init in INIT_TRANSIENT:  # at load time: the model and adapter, no optimizer state yet
+        largest = max(lin.numel for lin in spec.linears if lin.quantized and lin.short in shorts)
+        weights = {k: v for k, v in persistent.items() if k != "optimizer_state"}
+        candidates["init"] = dict(weights, init_transient=init_transient_bytes(s.init, largest))
     candidates, offloaded_params = per_gpu(candidates, spec, s, shorts)
     phases = {p: sum(v.values()) for p, v in candidates.items()}
     peak_phase = max(phases, key=phases.get)

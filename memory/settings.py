@@ -25,7 +25,7 @@ from quant.dtypes import ITEMSIZE
 from quant.errors import InputError, choices
 from quant.formats import check_base_format
 
-from .terms import OPTIMIZERS
+from .terms import INITS, OPTIMIZERS
 
 ATTN = ("auto", "sdpa", "eager")
 LOSSES = ("hf", "chunked")
@@ -106,6 +106,8 @@ class Settings:
         adapter_dtype: bfloat16, float16 or float32.
         optimizer: adamw (torch), adamw_8bit, paged_adamw_8bit or paged_adamw_32bit (bitsandbytes).
         gradient_checkpointing: one non-reentrant checkpoint per decoder layer.
+        init: the LoRA init; ``pissa``, ``olora`` and ``loftq`` add an ``init`` phase (one layer's
+            SVD/QR at load time, :data:`memory.terms.INIT_TRANSIENT`).
         attn: sdpa, eager, or auto (sdpa where the architecture has it).
         loss: ``chunked`` (qlora's loss, ``loss_chunk_tokens`` rows per chunk;
             the trainer's default) or ``hf`` (transformers' loss on full fp32 logits).
@@ -157,6 +159,9 @@ class Settings:
         "--adapter-dtype", "bfloat16, float16 or float32", "DTYPE", str))
     optimizer: str = field(default="paged_adamw_8bit", metadata=_opt(
         "--optimizer", "paged_adamw_8bit, paged_adamw_32bit, adamw_8bit or adamw", "NAME", str))
+    init: str = field(default="kaiming", metadata=_opt(
+        "--init", "LoRA init: kaiming, gaussian, pissa, olora or loftq (the last three decompose each weight at "
+        "load time)", "INIT", str))
     gradient_checkpointing: bool = field(default=True, metadata=_opt(
         "--no-gradient-checkpointing", "keep every layer's activations instead of recomputing them", const=False))
     attn: str = field(default="auto", metadata=_opt(
@@ -218,6 +223,7 @@ class Settings:
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _one_of(self.adapter_dtype, tuple(ITEMSIZE), "adapter dtype")
         _one_of(self.optimizer, OPTIMIZERS, "optimizer")
+        _one_of(self.init, INITS, "LoRA init")
         _one_of(self.attn, ATTN, "attention implementation")
         _one_of(self.loss, LOSSES, "loss")
         _one_of(self.device, DEVICES, "device")

@@ -22,6 +22,17 @@ from __future__ import annotations
 from .profile import TAGS, Segment, Vec
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
+# Peak extra bytes of initializing one layer from its weight (layers.inits via qlora.lora.inits), as a multiple
+# of its float32 weight (4·out·in): the float32 copy, the SVD's (QR's) factors, the residual and the
+# re-quantization's temporaries. Measured with memory.tracker on CPU (tests/qlora/test_lora_inits.py):
+# 5.75 for PiSSA and OLoRA, 8.07-8.25 for LoftQ (its round trip through 4 bits adds a dequantized copy).
+INIT_TRANSIENT = {"pissa": 5.75, "olora": 5.75, "loftq": 8.25}
+
+
+def init_transient_bytes(init: str, largest_linear: int) -> int:
+    """Bytes an init from the weights holds on the device at its worst layer (``largest_linear`` = out·in)."""
+    return int(INIT_TRANSIENT.get(init, 0.0) * 4 * largest_linear)
 _PAGED_MIN = 100_000  # bitsandbytes pages a state tensor only from this many elements
 _MIN_8BIT = 4096  # bitsandbytes keeps 32-bit state below this many elements
 _BLOCK_8BIT = 256  # bitsandbytes blockwise 8-bit optimizer state block

@@ -123,3 +123,46 @@ def test_inits_that_do_not_go_together_are_refused_naming_both():
         load_recipe(TINY, ["lora.init=loftq", "quant.quant_type=none"])
     with pytest.raises(InputError, match="lora.init.*'kaiming', 'gaussian', 'pissa', 'olora' or 'loftq'"):
         load_recipe(TINY, ["lora.init=svd"])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])
+@pytest.mark.parametrize("shape", [(512, 256), (256, 768)])
+def test_init_transient_matches_the_planner(init, shape):
+    """memory.terms.INIT_TRANSIENT against the live tensors of one layer's init (memory.tracker)."""
+    from torch import nn
+
+    from layers import LoRALinear
+    from layers.inits import loftq, olora, pissa
+    from memory.terms import init_transient_bytes
+    from memory.tracker import LiveTensorTracker
+    from qlora.lora.inits import _roundtrip
+    from quant import NF4Linear
+
+    out, inp = shape
+    lin = nn.Linear(inp, out, bias=False).to(torch.bfloat16)
+    layer = LoRALinear(NF4Linear.from_linear(lin), 16, 32.0, dtype=torch.float32)
+    w = lin.weight.detach()
+    tracker = LiveTensorTracker("cpu")
+    with tracker:
+        tracker.track([*layer.parameters(), *layer.buffers(), w])
+        start = tracker.current
+        wf = w.to(torch.float32)
+        if init == "loftq":
+            a, b, base = loftq(wf, 16, 2.0, _roundtrip(layer), 2)
+        else:
+            a, b, base = (pissa if init == "pissa" else olora)(wf, 16, 2.0)
+        layer.install(a, b, 32.0, trainable=True, dtype=torch.float32)
+        layer.rebase(base)
+        del wf, a, b, base
+    assert init_transient_bytes(init, out * inp) == pytest.approx(tracker.peak - start, rel=0.05)
+
+
+def test_the_planner_adds_an_init_phase():
+    import memory
+
+    plain = memory.estimate("llama-3.1-8b", memory.Settings())
+    loft = memory.estimate("llama-3.1-8b", memory.Settings(init="loftq"))
+    # Llama-3.1-8B at seq 2048: LoftQ's decomposition of a 14336 x 4096 MLP weight outgrows the step's peak
+    assert "init" not in plain.phases and loft.peak_phase == "init" and loft.breakdown["init_transient"] > 0
+    assert loft.phases["init"] > plain.phases["optimizer"]
+    assert {k: v for k, v in loft.phases.items() if k != "init"} == plain.phases
