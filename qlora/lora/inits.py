@@ -108,7 +108,11 @@ def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None 
         if init == "loftq" and not quantized:
             raise InputError("lora.init loftq fits the adapter to the 4-bit base's quantization error, but this base "
                              "is 16-bit (quant.quant_type none). Use pissa or olora there, or an nf4/fp4 base.")
-        w = ckpt.get(f"{name}.weight") if ckpt is not None else layer.base_layer.weight
+        key = f"{name}.weight"
+        if ckpt is not None and key not in ckpt:
+            raise InputError(f"lora.init {init!r} reads each adapted layer's original weight, but {str(model_dir)!r} "
+                             f"has no tensor {key!r}; its tensor names do not follow the model's module names.")
+        w = ckpt.get(key) if ckpt is not None else layer.base_layer.weight
         dev = layer.device
         w = w.to(dev, torch.float32)
         if init == "pissa":
