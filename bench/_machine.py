@@ -1,7 +1,8 @@
-"""What a benchmark ran on: the device's name and the library versions (shared by bench scripts)."""
+"""What a benchmark ran on (the device's name, the library versions) and where its results go (bench scripts)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -32,3 +33,12 @@ def package_versions(*names: str) -> dict:
         except PackageNotFoundError:
             out[n] = "not installed"
     return out
+
+
+def write_results(name: str, result: dict, markdown: str) -> None:
+    """Write ``bench/results/<name>.json`` (``result``) and ``<name>.md`` (``markdown``), then print the markdown."""
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.md").write_text(markdown)
+    print(markdown)

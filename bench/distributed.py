@@ -28,10 +28,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import device_name, package_versions  # noqa: E402
+from _machine import device_name, package_versions, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"
 RUN = ["seq_len=128", "micro_batch_size=2", "effective_batch_size=8", "eval_steps=1000", "save_steps=1000",
        "lora.rank=8", "lora.dropout=0.0", "data.eval_fraction=0.02", "optimizer.name=adamw", "optimizer.lr=1e-3",
@@ -183,10 +182,7 @@ def main() -> int:
                   "versions": ", ".join(f"{k} {v}" for k, v in package_versions("torch", "transformers").items()),
                   "command": "python bench/distributed.py" + (" --quick" if args.quick else ""), "steps": steps,
                   "agreement": _agreement(steps, tmp), "memory": _memory(tmp), "planner": _planner()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distributed-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "distributed-cpu.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("distributed-cpu", result, markdown(result))
     return 0
 
 

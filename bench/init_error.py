@@ -18,7 +18,6 @@ training did. Time is the init alone (SVD/QR and re-quantization), wall clock on
 from __future__ import annotations
 
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import device_name, package_versions  # noqa: E402
+from _machine import device_name, package_versions, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 INITS = [("kaiming", {}), ("pissa", {}), ("pissa", {"pissa_niter": 4}), ("olora", {}), ("loftq", {"loftq_iters": 1}),
          ("loftq", {"loftq_iters": 2}), ("loftq", {"loftq_iters": 4})]
 
@@ -82,10 +80,7 @@ def main() -> int:
     result = {"device": device_name("cpu"), "date": datetime.date.today().isoformat(),
               "versions": ", ".join(f"{k} {v}" for k, v in package_versions("torch", "transformers").items()),
               "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "init-error-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "init-error-cpu.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("init-error-cpu", result, markdown(result))
     return 0
 
 

@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import device_name, package_versions  # noqa: E402
+from _machine import device_name, package_versions, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 QLORA = [sys.executable, "-m", "qlora.cli"]
 
 _ESTIMATES = """
@@ -156,10 +155,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     args = parser.parse_args()
     r = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "plan-speed-cpu.json").write_text(json.dumps(r, indent=2) + "\n")
-    (RESULTS / "plan-speed-cpu.md").write_text(markdown(r))
-    print(markdown(r))
+    write_results("plan-speed-cpu", r, markdown(r))
     return 0
 
 

@@ -153,7 +153,8 @@ class Tiled:
             del self.module.forward
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers (``model.<base>.layers``), or ``[]`` when it has none."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
     layers = getattr(base, "layers", None)
     return list(layers) if isinstance(layers, nn.ModuleList) else []
@@ -165,7 +166,7 @@ def decoder_mlps(model: nn.Module) -> list[nn.Module]:
     Raises:
         InputError: the model has no ``layers`` whose members have an ``mlp``.
     """
-    mlps = [getattr(layer, "mlp", None) for layer in _decoder_layers(model)]
+    mlps = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
     if not mlps or not all(isinstance(m, nn.Module) for m in mlps):
         raise InputError(
             f"{type(model).__name__} has no decoder layers with an 'mlp' module, so its MLP cannot be tiled; "

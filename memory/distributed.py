@@ -41,6 +41,7 @@ context; a few hundred MiB per process on recent NCCL versions, set by
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from quant.dtypes import ITEMSIZE
@@ -159,8 +160,6 @@ def choose(plan_fn, gpu, spec: ModelSpec, base: Settings, ram):
     on N > 1: ddp when it fits (no gathers, and bitsandbytes' optimizers work), else fsdp, planned
     with optimizer adamw when the settings name a bitsandbytes one (the plan says so).
     """
-    import dataclasses
-
     if base.gpus == "auto":
         first = None
         for n in range(1, MAX_GPUS + 1):

@@ -110,7 +110,7 @@ def adapter_from_model(model: nn.Module) -> Adapter:
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 initial=None) -> Path:
+                 initial=None, *, adapter: Adapter | None = None, linear_names: list[str] | None = None) -> Path:
     """Write the model's active adapter as a PEFT adapter folder (atomically). Returns the folder.
 
     ``base_model_name_or_path`` defaults to ``model.config._name_or_path``. The
@@ -118,19 +118,22 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     dtype) is found from the model's layers and recorded in the weights file.
     ``initial``: the :class:`qlora.lora.inits.InitialFactors` of a PiSSA/OLoRA/LoftQ init; the adapter is
     then written for the original base (rank 2r, :func:`qlora.lora.inits.to_original_base`).
+    ``adapter``, ``linear_names``: the model's adapter and linear-layer names when the caller has them already
+    (gathered from FSDP2's shards, read before sharding); default: read off ``model``.
 
     Raises:
         InputError: no adapter on the model, or a mix PEFT cannot express
             (DoRA on some modules only, rsLoRA on some modules only).
     """
-    adapter = adapter_from_model(model)
+    adapter = adapter_from_model(model) if adapter is None else adapter
     if base_model_name_or_path is not None:
         adapter.base_model_name_or_path = base_model_name_or_path
     if initial is not None:
         from qlora.lora.inits import to_original_base
 
         adapter.modules = to_original_base(adapter.modules, initial)
-    return write_adapter(adapter, out_dir, list(linear_layers(model)))
+    names = list(linear_layers(model)) if linear_names is None else linear_names
+    return write_adapter(adapter, out_dir, names)
 
 
 def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names: list[str] | None = None) -> Path:

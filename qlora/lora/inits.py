@@ -174,8 +174,6 @@ def from_original_base(modules: dict, initial: InitialFactors) -> dict:
             raise InputError(f"Module {name!r}: the adapter has rank {m.lora_A.shape[0]}, but an adapter saved for "
                              f"the original base after lora.init {initial.init} has rank {2 * r}.")
         alpha = m.alpha / (2**0.5 if m.use_rslora else 2.0)
-        # contiguous copies: a column slice of B keeps its parent's strides, and a strided parameter takes
-        # other matmul paths (last-bit differences: a resume would not replay the run exactly)
-        out[name] = dataclasses.replace(m, lora_A=m.lora_A[:r].contiguous(), lora_B=m.lora_B[:, :r].contiguous(),
-                                        alpha=alpha)
+        # views: AdapterLinear.install copies them into contiguous parameters
+        out[name] = dataclasses.replace(m, lora_A=m.lora_A[:r], lora_B=m.lora_B[:, :r], alpha=alpha)
     return out

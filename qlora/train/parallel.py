@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from layers.tiling import decoder_layers
 from memory.distributed import FSDP_OPTIMIZERS  # the planner's rule: bitsandbytes cannot step DTensors
-from qlora.adapters.files import adapter_from_model, write_adapter
-from qlora.lora.inits import to_original_base
+from qlora.adapters.files import adapter_from_model, save_adapter
 from qlora.lora.targets import linear_layers
 from qlora.train.loss import forward_loss
 from quant.errors import InputError, choices
@@ -152,8 +152,7 @@ def check_same(world: World, what: str, value: object) -> None:
     if not world.distributed:
         return
     digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-    seen: list[str | None] = [None] * world.size
-    dist.all_gather_object(seen, digest)
+    seen = gather_objects(world, digest)
     odd = [r for r, d in enumerate(seen) if d != seen[0]]
     if odd:
         raise InputError(
@@ -235,12 +234,11 @@ class StepModule(nn.Module):
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
+    layers = decoder_layers(model)
+    if not layers:
         raise InputError(f"{type(model).__name__} has no decoder layers (model.layers) to shard with FSDP; "
                          f"use distributed.strategy: ddp.")
-    return list(layers)
+    return layers
 
 
 def check_rows(world: World, n_rows: int, micro_batch_size: int) -> None:
@@ -397,10 +395,7 @@ def adapter_saver(model: nn.Module, model_dir: Path, initial=None):
                 for name, m in adapter.modules.items()
             }
         if folder is not None:
-            adapter.base_model_name_or_path = base
-            if initial is not None:
-                adapter.modules = to_original_base(adapter.modules, initial)
-            write_adapter(adapter, folder, names)
+            save_adapter(par.model, folder, base, initial, adapter=adapter, linear_names=names)
 
     return save
 
