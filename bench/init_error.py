@@ -13,6 +13,10 @@ where ``Q`` is the dequantized 4-bit base. For kaiming/gaussian (B0 = 0) that is
 PiSSA, OLoRA and LoftQ it is also exactly what separates the trained model from its saved adapter applied to
 the original base ``W`` (qlora saves ``[A; A0]``, ``[B, -B0]``: see qlora/lora/inits.py), whatever the
 training did. Time is the init alone (SVD/QR and re-quantization), wall clock on this machine.
+
+A second table measures what one layer's init holds on top of the model (:func:`init_transient`: live tensors,
+memory.tracker), as a multiple of the layer's float32 weight, next to the planner's
+``memory.terms.INIT_TRANSIENT``; tests/qlora/test_lora_inits.py checks the same within 5%.
 """
 
 from __future__ import annotations
@@ -56,6 +60,38 @@ def measure(model_dir: Path, init: str, kw: dict, rank: int = 16, alpha: float =
     return {"init": label, "error": (num / den) ** 0.5, "init_seconds": seconds}
 
 
+SHAPES = [(1536, 576), (576, 1536), (512, 256)]  # SmolLM2-135M's MLP up/down projections, and a small one
+
+
+def init_transient(init: str, out: int, inp: int, rank: int = 16) -> int:
+    """Peak bytes one ``(out, inp)`` NF4 layer's init holds beyond the layer and its weight (memory.tracker)."""
+    from torch import nn
+
+    from layers import LoRALinear
+    from layers.inits import loftq, olora, pissa
+    from memory.tracker import LiveTensorTracker
+    from qlora.lora.inits import _roundtrip
+    from quant import NF4Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(inp, out, bias=False).to(torch.bfloat16)
+    layer = LoRALinear(NF4Linear.from_linear(lin), rank, 2.0 * rank, dtype=torch.float32)
+    w = lin.weight.detach()
+    tracker = LiveTensorTracker("cpu")
+    with tracker:
+        tracker.track([*layer.parameters(), *layer.buffers(), w])
+        start = tracker.current
+        wf = w.to(torch.float32)
+        if init == "loftq":
+            a, b, base = loftq(wf, rank, 2.0, _roundtrip(layer), 2)
+        else:
+            a, b, base = (pissa if init == "pissa" else olora)(wf, rank, 2.0)
+        layer.install(a, b, 2.0 * rank, trainable=True, dtype=torch.float32)
+        layer.rebase(base)
+        del wf, a, b, base
+    return tracker.peak - start
+
+
 def markdown(r: dict) -> str:
     base = r["rows"][0]["error"]
     lines = [f"# The 4-bit error each LoRA init leaves, {r['device']}", "",
@@ -66,6 +102,11 @@ def markdown(r: dict) -> str:
              "| init | relative error | vs NF4 alone | init time (s) |", "|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['init']} | {row['error']:.5f} | {row['error'] / base:.3f}x | {row['init_seconds']:.1f} |")
+    lines += ["", "## One layer's init memory (NF4 base, rank 16; LoftQ with 2 iterations)", "",
+              "| init | layer (out x in) | measured / float32 weight | planner (memory.terms.INIT_TRANSIENT) |",
+              "|---|---|---|---|"]
+    for t in r["transient"]:
+        lines.append(f"| {t['init']} | {t['out']} x {t['in']} | {t['ratio']:.2f}x | {t['planned']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,9 +118,13 @@ def main() -> int:
     for init, kw in INITS:
         rows.append(measure(model_dir, init, kw))
         print(rows[-1], flush=True)
+    from memory.terms import INIT_TRANSIENT
+
+    transient = [{"init": init, "out": o, "in": i, "ratio": init_transient(init, o, i) / (4 * o * i),
+                  "planned": INIT_TRANSIENT[init]} for init in ("pissa", "olora", "loftq") for o, i in SHAPES]
     result = {"device": device_name("cpu"), "date": datetime.date.today().isoformat(),
               "versions": ", ".join(f"{k} {v}" for k, v in package_versions("torch", "transformers").items()),
-              "rows": rows}
+              "rows": rows, "transient": transient}
     write_results("init-error-cpu", result, markdown(result))
     return 0
 

@@ -128,33 +128,13 @@ def test_inits_that_do_not_go_together_are_refused_naming_both():
 @pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])
 @pytest.mark.parametrize("shape", [(512, 256), (256, 768)])
 def test_init_transient_matches_the_planner(init, shape):
-    """memory.terms.INIT_TRANSIENT against the live tensors of one layer's init (memory.tracker)."""
-    from torch import nn
+    """memory.terms.INIT_TRANSIENT against the live tensors of one layer's init (bench/init_error.py measures)."""
+    from init_error import init_transient
 
-    from layers import LoRALinear
-    from layers.inits import loftq, olora, pissa
     from memory.terms import init_transient_bytes
-    from memory.tracker import LiveTensorTracker
-    from qlora.lora.inits import _roundtrip
-    from quant import NF4Linear
 
     out, inp = shape
-    lin = nn.Linear(inp, out, bias=False).to(torch.bfloat16)
-    layer = LoRALinear(NF4Linear.from_linear(lin), 16, 32.0, dtype=torch.float32)
-    w = lin.weight.detach()
-    tracker = LiveTensorTracker("cpu")
-    with tracker:
-        tracker.track([*layer.parameters(), *layer.buffers(), w])
-        start = tracker.current
-        wf = w.to(torch.float32)
-        if init == "loftq":
-            a, b, base = loftq(wf, 16, 2.0, _roundtrip(layer), 2)
-        else:
-            a, b, base = (pissa if init == "pissa" else olora)(wf, 16, 2.0)
-        layer.install(a, b, 32.0, trainable=True, dtype=torch.float32)
-        layer.rebase(base)
-        del wf, a, b, base
-    assert init_transient_bytes(init, out * inp) == pytest.approx(tracker.peak - start, rel=0.05)
+    assert init_transient_bytes(init, out * inp) == pytest.approx(init_transient(init, out, inp), rel=0.05)
 
 
 def test_the_planner_adds_an_init_phase():
