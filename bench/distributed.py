@@ -11,7 +11,9 @@ Writes bench/results/distributed-<device>.json and .md:
    speed column shows the cost of the collectives and of gloo, not what a second GPU would add.
 2. One rank's live tensors at rest and over a training step (:func:`memcheck.check_rank`), ddp and fsdp, next to
    the planner's per-GPU prediction for the same settings.
-3. The planner on catalog models: per-GPU peaks for 1 GPU, ddp and fsdp on 2, and the fewest GPUs that fit.
+3. Loading under fsdp (:func:`memcheck.check_load`): one rank's peak while a 16-layer checkpoint loads whole and
+   with each layer sharded as it loads, next to the planner's ``load`` phase.
+4. The planner on catalog models: per-GPU peaks for 1 GPU, ddp and fsdp on 2, and the fewest GPUs that fit.
 
 Speed is a finding, not a test; the memory rows and the agreement are what tests/qlora/test_parallel.py checks.
 """
@@ -106,6 +108,27 @@ def _worker(strategy: str, vocab: int, seq: int, arch: str, out: Path) -> None:
     close_world(world)
 
 
+def _load(tmp: Path) -> list[dict]:
+    d = tmp / "load"
+    d.mkdir()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    __file__, "--load-worker", str(d)],
+                   check=True, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    return [json.loads((d / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _load_worker(out: Path) -> None:
+    import memcheck
+    import torch
+
+    from qlora.train.parallel import close_world, init_world
+
+    world, _ = init_world(torch.device("cpu"), "gloo", 120)
+    row = dict(memcheck.check_load(world, out / "ckpt"), rank=world.rank)
+    (out / f"rank{world.rank}.json").write_text(json.dumps(row))
+    close_world(world)
+
+
 def _planner() -> list[dict]:
     import memory
 
@@ -122,7 +145,8 @@ def _planner() -> list[dict]:
             rows.append({"model": model, "gpu": gpu, "setting": label, "fits": p.fits, "gpus": fp.gpus,
                          "strategy": fp.strategy, "offload_params": fp.offload_params,
                          "peak_gib": round(p.peak_bytes / 2**30, 2), "usable_gib": round(p.usable_bytes / 2**30, 2),
-                         "host_gib": round(fp.host.total_bytes / 2**30, 2)})
+                         "host_gib": round(fp.host.total_bytes / 2**30, 2),
+                         "load_gib": round(fp.phases["load"] / 2**30, 2) if "load" in fp.phases else None})
     return rows
 
 
@@ -156,13 +180,25 @@ def markdown(r: dict) -> str:
                      f"{m['predicted_peak'] / 2**20:.2f} MiB | {e2:+.2%} | {m['phase']} |")
     lines += ["", "DDP's at-rest figures leave out its gradient buckets on both sides (they live inside DDP's reducer, "
               "out of reach of a parameter walk); the step peak includes them.", "",
+              "## Loading under fsdp", "",
+              "One rank's live tensors at the peak of `qlora.train.build.build_model` for a 16-layer Llama checkpoint "
+              "(hidden 64, bf16, LoRA r=8 on all linears): as one process loads it (the whole base), and with FSDP2 "
+              "sharding each layer as it loads, next to the planner's `load` phase for the sharded one.", "",
+              "| rank | whole base (4-bit) | peak, whole load | peak, sharded load | predicted | error |",
+              "|---|---|---|---|---|---|"]
+    for m in r["load"]:
+        lines.append(f"| {m['rank']} | {m['base'] / 2**10:.1f} KiB | {m['whole'] / 2**10:.1f} KiB | "
+                     f"{m['sharded'] / 2**10:.1f} KiB | {m['predicted'] / 2**10:.1f} KiB | "
+                     f"{(m['predicted'] - m['sharded']) / m['sharded']:+.2%} |")
+    lines += ["",
               "## The planner per GPU (seq 2048, micro-batch 1, rank 16 on all linears, AdamW)", "",
               "| model | GPU | setting | fits | GPUs | strategy | offload_params | per-GPU peak GiB | usable GiB | "
-              "host GiB per process |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "host GiB per process | per-GPU while loading GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["planner"]:
+        load = "-" if p["load_gib"] is None else f"{p['load_gib']:.2f}"
         lines.append(f"| {p['model']} | {p['gpu']} | {p['setting']} | {'yes' if p['fits'] else 'no'} | {p['gpus']} | "
                      f"{p['strategy']} | {'on' if p['offload_params'] else 'off'} | {p['peak_gib']:.2f} | "
-                     f"{p['usable_gib']:.2f} | {p['host_gib']:.2f} |")
+                     f"{p['usable_gib']:.2f} | {p['host_gib']:.2f} | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +206,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 steps instead of 12")
     ap.add_argument("--worker", nargs=5, metavar=("STRATEGY", "VOCAB", "SEQ", "ARCH", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--load-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_worker:
+        _load_worker(Path(args.load_worker))
+        return 0
     if args.worker:
         strategy, vocab, seq, arch, out = args.worker
         _worker(strategy, int(vocab), int(seq), arch, Path(out))
@@ -181,7 +221,8 @@ def main() -> int:
         result = {"device": device_name("cpu"), "date": datetime.date.today().isoformat(),
                   "versions": ", ".join(f"{k} {v}" for k, v in package_versions("torch", "transformers").items()),
                   "command": "python bench/distributed.py" + (" --quick" if args.quick else ""), "steps": steps,
-                  "agreement": _agreement(steps, tmp), "memory": _memory(tmp), "planner": _planner()}
+                  "agreement": _agreement(steps, tmp), "memory": _memory(tmp), "load": _load(tmp),
+                  "planner": _planner()}
     write_results("distributed-cpu", result, markdown(result))
     return 0
 

@@ -358,3 +358,52 @@ def check_rank(world, strategy: str, config: dict, batch: int, seq: int, rank: i
     persistent = sum(fp.breakdown[k] for k in ("nf4_weights", "embeddings_16bit", "lm_head_16bit",
                                                 "norms_biases_buffers", "lora_params", "optimizer_state"))
     return RankCheck(at_rest, persistent, tracker.peak, fp.tensor_peak_bytes, fp)
+
+
+LOAD_CONFIG = dict(model_type="llama", hidden_size=64, intermediate_size=256, num_hidden_layers=16,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+
+
+def check_load(world, folder, config: dict = LOAD_CONFIG, rank: int = 8) -> dict:
+    """One rank's live tensor bytes at the peak of :func:`qlora.train.build.build_model`, whole and sharded.
+
+    Rank 0 writes a bf16 checkpoint of ``config`` (random weights) into ``folder``; then every rank builds the
+    QLoRA model twice: as one process does (the whole base on this rank), and with FSDP2 sharding each layer as
+    it loads (:func:`qlora.train.parallel.unit_sharder`). Every rank of the process group must call it.
+
+    Returns:
+        ``{"whole": peak, "sharded": peak, "base": the whole base's 4-bit bytes, "predicted": the planner's
+        phase "load" for the sharded build}``.
+    """
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.train.build import build_model
+    from qlora.train.parallel import unit_sharder
+    from qlora.train.recipe import LoraConfig, QuantConfig
+    from quant import NF4Linear
+
+    if world.main:
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model(**config)
+        AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(folder)
+    dist.barrier()
+    quant, lora = QuantConfig(compute_dtype="bfloat16"), LoraConfig(rank=rank, dtype="bfloat16")
+    cpu = torch.device("cpu")
+    quantize_model(nn.Sequential(nn.Linear(64, 64)))  # the 8-bit code table is built once per process
+    got: dict[str, int] = {}
+    for mode, shard in (("whole", None), ("sharded", unit_sharder(world, "fsdp", False, cpu))):
+        torch.manual_seed(0)
+        tracker = LiveTensorTracker("cpu")
+        with tracker:
+            model = build_model(folder, cpu, quant, lora, "bfloat16", shard_unit=shard).model
+        got[mode] = tracker.peak
+        if shard is None:
+            got["base"] = sum(getattr(m, t).nbytes for m in model.modules() if isinstance(m, NF4Linear)
+                              for t in NF4Linear.SHARDED)
+        del model
+    fp = memory.estimate(memory.spec_from_config(config, name="load-check"), memory.Settings(
+        seq_len=64, micro_batch_size=1, rank=rank, optimizer="adamw", device="cpu", gpus=world.size,
+        strategy="fsdp"))
+    got["predicted"] = fp.phases["load"]
+    return got

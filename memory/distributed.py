@@ -34,6 +34,12 @@ are. What changes is who holds the frozen base and the adapter:
     of parameters, gradients and optimizer state). Every rank on a node
     holds its own, so a node with k GPUs needs k times the host figure.
 
+Loading (phase ``load``, fsdp only)
+    The trainer shards each decoder layer as soon as it has loaded, so no rank
+    ever holds the whole base: the peak while loading is the shards so far plus
+    one whole layer (and its PiSSA/OLoRA/LoftQ decomposition), or the embedding
+    and head, which load whole after the last layer.
+
 Not modelled: NCCL's own buffers (outside torch's allocator, like the CUDA
 context; a few hundred MiB per process on recent NCCL versions, set by
 ``NCCL_BUFFSIZE`` and the channel count) -- part of why the margin exists.
@@ -50,7 +56,7 @@ from quant.formats import NO_QUANT, weight_bytes
 
 from .settings import Settings
 from .spec import ModelSpec
-from .terms import lora_tensors
+from .terms import lora_tensors, quantize_transient_bytes
 
 FSDP_OPTIMIZERS = ("adamw",)  # the trainer's rule (qlora.train.parallel): bitsandbytes cannot step DTensors
 _SHARDED = ("nf4_weights", "base_weights_16bit", "embeddings_16bit", "lm_head_16bit", "lora_params",
@@ -128,6 +134,7 @@ def per_gpu(candidates: dict[str, dict[str, int]], spec: ModelSpec, s: Settings,
     emb = candidates["loss"]["embeddings_16bit"]
     offload = s.offload_params is True
     host = 0
+    init = out.pop("init", None)  # under fsdp a layer's init runs while it loads whole: part of "load" below
     for phase, terms in out.items():
         shards = {k: -(-terms.get(k, 0) // n) for k in _SHARDED}
         grads = terms.get("lora_grads", 0)
@@ -147,7 +154,30 @@ def per_gpu(candidates: dict[str, dict[str, int]], spec: ModelSpec, s: Settings,
             terms["fsdp_gathered"] = {"loss": emb, "forward": emb + stack, "backward": emb + stack}.get(phase, 0)
         else:  # the forward starts with the embedding gathered alone; the head is gathered for the loss
             terms["fsdp_gathered"] = {"loss": head, "forward": max(stack, emb), "backward": stack}.get(phase, 0)
+    largest = max((lin.numel for lin in spec.linears if lin.layer is not None and lin.quantized), default=0)
+    out["load"] = _load_phase(candidates["forward"], n, offload, frozen_layer + lora_layer, emb,
+                              0 if spec.tied_embeddings else head, quantize_transient_bytes(largest, s.device),
+                              init["init_transient"] if init else 0)
     return out, host if offload else 0
+
+
+def _load_phase(persistent: dict[str, int], n: int, offload: bool, layer: int, emb: int, head: int,
+                quantize: int, init: int) -> dict[str, int]:
+    """Loading under fsdp (``qlora.train.build``): each decoder layer is sharded as soon as it has loaded.
+
+    So a rank holds the layers' shards (on the host with ``offload_params``) and, on top, the worse of
+    three moments: the loading layer's largest weight being quantized (``quantize`` bytes of temporaries,
+    before the layer's adapter exists); the layer whole with its adapter, and its PiSSA/OLoRA/LoftQ
+    decomposition (``init``) when there is one; the embedding and head, which load after the last layer,
+    whole until the trainer shards them. The shards counted include the loading layer's: ``fully_shard``
+    copies them out before it frees the whole tensors.
+    """
+    shards = {k: 0 if offload else -(-persistent.get(k, 0) // n)
+              for k in ("nf4_weights", "base_weights_16bit", "lora_params")}
+    shards["norms_biases_buffers"] = persistent.get("norms_biases_buffers", 0)
+    moments = (dict(shards, load_transient=quantize), dict(shards, fsdp_gathered=layer, load_transient=init),
+               dict(shards, embeddings_16bit=emb, lm_head_16bit=head))
+    return max(moments, key=lambda t: sum(t.values()))
 
 
 MAX_GPUS = 64  # how far gpus="auto" looks

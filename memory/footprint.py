@@ -22,6 +22,8 @@ closed form for the chunked loss):
     ``fsdp_gathered``          on N GPUs with FSDP2: the units gathered at that moment (:mod:`memory.distributed`)
     ``init_transient``         PiSSA/OLoRA/LoftQ at load time: the largest target layer's decomposition
                                (phase ``init``, before any step: weights and adapter only)
+    ``load_transient``         fsdp only (phase ``load``): the loading layer's quantization or init
+                               temporaries, while the layers before it are already shards
 
 Phases: ``forward`` (embeddings through the final norm), ``loss`` (logits
 and loss, forward and backward), ``backward`` (the decoder stack, top layer
@@ -80,6 +82,7 @@ TERMS = {
     "optimizer_step": "optimizer step temporaries",
     "ddp_buckets": "DDP gradient buckets",
     "init_transient": "init from the weights: one layer's SVD/QR",
+    "load_transient": "loading: a weight's quantization or init",
     "fsdp_gathered": "FSDP units gathered (transient)",
 }
 _TAG_TERM = {

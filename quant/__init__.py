@@ -34,7 +34,8 @@ Public API
 quantize_4bit / dequantize_4bit / QuantState4bit   blockwise 4-bit tensors
 NF4Linear / nf4_linear                             the frozen layer
 quantize_model                                     nn.Linear -> NF4Linear in place
-load_quantized_model                               stream a checkpoint dir (16-bit or bnb 4-bit) into a 4-bit model
+load_quantized_model / UnitHook                    stream a checkpoint dir (16-bit or bnb 4-bit) into a 4-bit model,
+                                                   optionally unit by unit (FSDP2 shards each unit as it loads)
 save_quantized / QuantizeReport                    write the bitsandbytes pre-quantized layout, with sizes
 quantize_checkpoint                                16-bit dir -> 4-bit dir, tensor by tensor (the CLI's path)
 Checkpoint                                         a validated safetensors checkpoint directory
@@ -54,7 +55,7 @@ _API = {
     "Checkpoint": "checkpoint",
     "InputError": "errors",
     "NF4Linear": "linear", "nf4_linear": "linear",
-    "load_quantized_model": "loading",
+    "UnitHook": "loading", "load_quantized_model": "loading",
     "DEFAULT_SKIP": "model", "linear_names": "model", "quantize_model": "model",
     "QuantizeReport": "saving", "save_quantized": "saving",
     "quantize_checkpoint": "streaming",

@@ -22,11 +22,7 @@ import torch
 from ._codebook import NESTED_BLOCKSIZE, code4, dynamic_code, midpoints4
 from .dtypes import FLOAT_DTYPES
 from .errors import InputError
-from .formats import bits_per_param, check_args  # noqa: F401  (bits_per_param re-exported)
-
-# Elements per chunk. 4M float32 temporaries cost ~16 MiB per live buffer:
-# big enough to amortize kernel launches, small next to any real weight.
-_CHUNK = 1 << 22
+from .formats import QUANTIZE_CHUNK, bits_per_param, check_args  # noqa: F401  (bits_per_param re-exported)
 
 
 @dataclass
@@ -144,7 +140,7 @@ def quantize_4bit(
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
     absmax = torch.empty((n + blocksize - 1) // blocksize, dtype=torch.float32, device=x.device)
     mids, order = midpoints4(quant_type, x.device)
-    step = max(blocksize, (_CHUNK // blocksize) * blocksize)  # whole blocks, even length
+    step = max(blocksize, (QUANTIZE_CHUNK // blocksize) * blocksize)  # whole blocks, even length
     for start in range(0, n, step):
         chunk = flat[start : start + step].float()
         scaled, am = _block_scales(chunk, blocksize)
@@ -292,7 +288,7 @@ def dequantize_4bit(
     code = code4(state.quant_type, packed.device)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     flat = packed.reshape(-1)
-    step = max(bs, (_CHUNK // bs) * bs)
+    step = max(bs, (QUANTIZE_CHUNK // bs) * bs)
     for start in range(0, n, step):
         stop = min(start + step, n)
         b = flat[start // 2 : (stop + 1) // 2]

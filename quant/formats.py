@@ -17,6 +17,9 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # second-level (double quantization) block size, fixed by the format
 NO_QUANT = "none"  # the quant_type of a 16-bit base: no linear is quantized (plain LoRA)
 BASE_QUANT_TYPES = QUANT_TYPES + (NO_QUANT,)
+# Elements per chunk of quant.blockwise's loops: 4M float32 temporaries cost ~16 MiB per live buffer, big
+# enough to amortize kernel launches, small next to any real weight. Here so the planner can price them.
+QUANTIZE_CHUNK = 1 << 22
 _CODE_TABLE_BYTES = 16 * 4  # the 16-entry float32 code table every 4-bit weight carries
 _NESTED_TABLE_BYTES = 256 * 4  # the 256-entry float32 table of double quantization
 

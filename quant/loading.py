@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +131,25 @@ def empty_model(config, dtype: torch.dtype, attn_implementation: str | None = No
         raise InputError(f"transformers cannot build a causal LM from this config: {first}") from None
 
 
+@dataclass(frozen=True)
+class UnitHook:
+    """Load a model one unit (a module: a decoder layer) at a time, acting on each unit as it completes.
+
+    With FSDP2 this is what keeps a base larger than one GPU loadable: ``done`` shards the unit
+    (``fully_shard``), so only one unit is ever whole on the device, not the model.
+
+    Attributes:
+        names: ``names(model)`` -> the units' qualified module names, in loading order. Called once on the
+            empty model (every parameter on the meta device) before any tensor is read, so it is also the
+            place to check a plan against the model's structure.
+        done: ``done(model, name)``, called once every tensor under ``name`` is in, before the next unit's
+            are read. Tensors outside every unit (embeddings, final norm, head) load after the last unit.
+    """
+
+    names: Callable[[nn.Module], Sequence[str]]
+    done: Callable[[nn.Module, str], None]
+
+
 @dataclass
 class CheckpointPlan:
     """Which checkpoint tensors become 4-bit, checked against the model before any data is read.
@@ -231,6 +250,7 @@ def load_quantized_model(
     dtype: torch.dtype | str | None = None,
     progress: Progress | None = None,
     attn_implementation: str | None = None,
+    units: UnitHook | None = None,
 ) -> nn.Module:
     """Load a local checkpoint directly into a 4-bit model on ``device``.
 
@@ -255,6 +275,7 @@ def load_quantized_model(
         dtype: dtype of the unquantized tensors; None: config.json's, else bfloat16.
         progress: optional callback ``(bytes_done, bytes_total, key)`` after each tensor.
         attn_implementation: transformers' attention (``sdpa``, ``eager``...); None: its default.
+        units: load unit by unit and call ``units.done`` after each (:class:`UnitHook`); None: in file order.
 
     Returns:
         A transformers ``PreTrainedModel`` in eval mode whose quantized
@@ -305,7 +326,19 @@ def load_quantized_model(
         for name, buf in mod._buffers.items():
             if buf is not None and not buf.is_meta and buf.device != dev:
                 mod._buffers[name] = buf.to(dev)
-    _stream(model, ckpt, plan, dev, dtype, compute_dtype, (quant_type, blocksize, double_quant), progress)
+    stream = _Stream(model, ckpt, plan, dev, dtype, compute_dtype, (quant_type, blocksize, double_quant), progress)
+    if units is None:
+        stream(ckpt.keys())
+    else:
+        names = list(units.names(model))
+        groups: dict[str | None, list[str]] = {n: [] for n in names}
+        for key in ckpt.keys():
+            groups.setdefault(next((n for n in names if key.startswith(n + ".")), None), []).append(key)
+        for name in names:
+            stream(groups[name])
+            units.done(model, name)
+        stream(groups.get(None, []))
+    stream.log_casts()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     left = sorted(
@@ -326,38 +359,50 @@ def load_quantized_model(
     return model
 
 
-def _stream(model, ckpt, plan, dev, dtype, compute_dtype, fmt, progress) -> None:
-    quant_type, blocksize, double_quant = fmt
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    total, done = ckpt.total_bytes(), 0
-    casts: dict[tuple[torch.dtype, torch.dtype], int] = {}
-    for key in ckpt.keys():
-        owner = plan.module_of(key)
-        if owner is not None and plan.prequantized:
-            if not key.endswith(".weight"):
-                continue  # a companion: read together with its weight below
-            packed, state = ckpt.read_bnb_weight(owner + ".")
-            _install_4bit(model, owner, packed.to(dev), state.to(dev), compute_dtype)
-            done += sum(ckpt.nbytes(owner + "." + s) for s in ("weight",) + BNB_SUFFIXES if owner + "." + s in ckpt)
-        else:
-            t = ckpt.get(key)
-            done += ckpt.nbytes(key)
-            if key in params and t.dtype != dtype:
-                # Parameters (and weights about to be quantized, so the quant
-                # state records `dtype`, as transformers does) take `dtype`.
-                # Narrowing casts run on the host (less to transfer), widening ones on the device.
-                casts[(t.dtype, dtype)] = casts.get((t.dtype, dtype), 0) + 1
-                t = t.to(dtype) if t.element_size() >= dtype.itemsize else t.to(dev).to(dtype)
-            t = t.to(dev)
-            if owner is not None:
-                _install_4bit(model, owner, *quantize_4bit(t, quant_type, blocksize, double_quant), compute_dtype)
+class _Stream:
+    """Reads checkpoint tensors into the model, a list of keys at a time (progress counts across calls)."""
+
+    def __init__(self, model, ckpt, plan, dev, dtype, compute_dtype, fmt, progress):
+        self.model, self.ckpt, self.plan, self.dev, self.dtype = model, ckpt, plan, dev, dtype
+        self.compute_dtype, self.fmt, self.progress = compute_dtype, fmt, progress
+        self.params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self.total, self.done = ckpt.total_bytes(), 0
+        self.casts: dict[tuple[torch.dtype, torch.dtype], int] = {}
+
+    def __call__(self, keys: Iterable[str]) -> None:
+        model, ckpt, plan, dev, dtype = self.model, self.ckpt, self.plan, self.dev, self.dtype
+        quant_type, blocksize, double_quant = self.fmt
+        for key in keys:
+            owner = plan.module_of(key)
+            if owner is not None and plan.prequantized:
+                if not key.endswith(".weight"):
+                    continue  # a companion: read together with its weight below
+                packed, state = ckpt.read_bnb_weight(owner + ".")
+                _install_4bit(model, owner, packed.to(dev), state.to(dev), self.compute_dtype)
+                self.done += sum(ckpt.nbytes(owner + "." + s) for s in ("weight",) + BNB_SUFFIXES
+                                 if owner + "." + s in ckpt)
             else:
-                _assign(model, key, t)
-            del t
-        if progress is not None:
-            progress(done, total, key)
-    for (src, dst), n in casts.items():
-        log.info("cast %d checkpoint tensors from %s to %s", n, src, dst)
+                t = ckpt.get(key)
+                self.done += ckpt.nbytes(key)
+                if key in self.params and t.dtype != dtype:
+                    # Parameters (and weights about to be quantized, so the quant
+                    # state records `dtype`, as transformers does) take `dtype`.
+                    # Narrowing casts run on the host (less to transfer), widening ones on the device.
+                    self.casts[(t.dtype, dtype)] = self.casts.get((t.dtype, dtype), 0) + 1
+                    t = t.to(dtype) if t.element_size() >= dtype.itemsize else t.to(dev).to(dtype)
+                t = t.to(dev)
+                if owner is not None:
+                    packed, state = quantize_4bit(t, quant_type, blocksize, double_quant)
+                    _install_4bit(model, owner, packed, state, self.compute_dtype)
+                else:
+                    _assign(model, key, t)
+                del t
+            if self.progress is not None:
+                self.progress(self.done, self.total, key)
+
+    def log_casts(self) -> None:
+        for (src, dst), n in self.casts.items():
+            log.info("cast %d checkpoint tensors from %s to %s", n, src, dst)
 
 
 def _install_4bit(model: nn.Module, name: str, packed: torch.Tensor, state: QuantState4bit, compute_dtype) -> None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -310,8 +311,9 @@ def adapter_layer(
 
 
 def install_adapter(
-    model: nn.Module, adapter: Adapter, dtype: torch.dtype | str | None = None, trainable: bool = False
-) -> LoRAReport:
+    model: nn.Module, adapter: Adapter, dtype: torch.dtype | str | None = None, trainable: bool = False,
+    only: Collection[str] | None = None,
+) -> LoRAReport | None:
     """Install ``adapter`` into ``model`` in place, wrapping layers in ``LoRALinear``/``DoRALinear`` where needed.
 
     The whole model is frozen first; adapter parameters get
@@ -321,17 +323,23 @@ def install_adapter(
     base. LoRA modules the adapter does not cover become pass-throughs.
     ``dtype=None`` keeps the file's dtype.
 
+    ``only``: touch (and freeze) just these modules, for a loader going unit by unit (check the whole
+    adapter with :func:`check_adapter_fits` first); returns None then, as the model is not complete yet.
+
     Raises:
         InputError: see :func:`check_adapter_fits`; nothing is changed then.
     """
     dtype = None if dtype is None else adapter_dtype(dtype)
+    if only is not None:
+        adapter = replace(adapter, modules={n: m for n, m in adapter.modules.items() if n in only})
     layers = check_adapter_fits(model, adapter)
     merged = [n for n, m in lora_modules(model) if m.merged]
     if merged:
         raise InputError(
             f"Cannot load an adapter while LoRA modules are merged ({merged[0]}, ...); call qlora.unmerge first."
         )
-    freeze_model(model)
+    for part in [model] if only is None else [model.get_submodule(n) for n in only]:
+        freeze_model(part)  # with ``only``, not the others: they may hold trainable adapters already
     for name, layer in layers.items():
         m = adapter.modules[name]
         if isinstance(layer, layer_class(m)):
@@ -339,9 +347,11 @@ def install_adapter(
         else:
             replace_module(model, name, adapter_layer(layer, m, dtype, trainable, adapter.dropout))
     for name, mod in lora_modules(model):
-        if name not in adapter.modules and mod.has_adapter:
+        if name not in adapter.modules and mod.has_adapter and (only is None or name in only):
             mod.clear()
             log.info("module %s is not covered by the loaded adapter; it now runs the base layer only", name)
+    if only is not None:
+        return None
     report = lora_report(model)
     log.info("installed adapter (%s) on %d modules; trainable=%s", dtype or "file dtype", len(layers), trainable)
     return report

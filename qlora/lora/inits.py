@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ def _roundtrip(layer: nn.Module):
 
 
 def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None = None, *, loftq_iters: int = 1,
-                      pissa_niter: int | None = None) -> InitialFactors:
+                      pissa_niter: int | None = None, only: Collection[str] | None = None) -> InitialFactors:
     """Re-initialize every LoRA layer of ``model`` from its original weight (see the module docstring).
 
     Args:
@@ -72,6 +73,7 @@ def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None 
         model_dir: the 16-bit checkpoint the model was loaded from (the original weights are read from it,
             one at a time); None: a dense (16-bit) base's own weights.
         loftq_iters: LoftQ's alternations. pissa_niter: PiSSA by a randomized SVD with that many iterations.
+        only: just these adapter layers (a loader going unit by unit); their factors may then be none.
 
     Returns:
         The step-0 factors, for :func:`to_original_base`.
@@ -96,7 +98,7 @@ def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None 
             )
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in lora_modules(model):
-        if not layer.has_adapter:
+        if not layer.has_adapter or (only is not None and name not in only):
             continue
         if type(layer).__name__ == "DoRALinear":
             raise InputError(f"lora.init {init!r} with DoRA is not supported: the magnitude would need its own "
@@ -132,8 +134,10 @@ def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None 
         factors[name] = (layer.lora_A.weight.detach().to("cpu", torch.float32, copy=True),
                          layer.lora_B.weight.detach().to("cpu", torch.float32, copy=True))
         del w, a, b, base
-    if not factors:
+    if not factors and only is None:
         raise InputError("The model has no LoRA layers to initialize; apply_lora first.")
+    if only is not None:
+        return InitialFactors(init, factors)
     log.info("lora.init %s: %d layers' adapters from their weights' %s, the rest in the base%s", init, len(factors),
              {"pissa": "top singular directions", "olora": "QR factors", "loftq": "4-bit error"}[init],
              " (re-quantized)" if ckpt is not None else "")

@@ -219,6 +219,41 @@ def apply_lora(
             model that already has LoRA modules.
     """
     dtype = adapter_dtype(dtype)
+    plan = plan_lora(model, targets, rank, alpha, dropout, init, dtype, rank_pattern, alpha_pattern)
+    was = freeze_model(model)
+    wrap_targets(model, plan, dropout, use_rslora, use_dora, init, dtype, freeze_A)
+    report = lora_report(model)
+    log.info(
+        "LoRA on %d modules (targets=%r, r=%d, alpha=%g, rslora=%s, dora=%s, LoRA-FA=%s); adapter dtype %s "
+        "(DoRA magnitudes float32); "
+        "froze %d previously trainable base parameters; %s",
+        len(plan), targets, rank, alpha, use_rslora, use_dora, freeze_A, dtype, was,
+        report.format(per_module=False),
+    )
+    return report
+
+
+def plan_lora(
+    model: nn.Module,
+    targets: str | Sequence[str] = "all-linear",
+    rank: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    dtype: torch.dtype | str = torch.bfloat16,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+) -> list[tuple[str, int, float]]:
+    """Check :func:`apply_lora`'s arguments against ``model`` and list ``(name, rank, alpha)`` per target.
+
+    Reads only the model's structure, so it runs on a model whose parameters are still on the meta
+    device: a loader going unit by unit checks everything before any weight is read, then wraps each
+    unit's targets with :func:`wrap_targets` as it arrives.
+
+    Raises:
+        InputError: see :func:`apply_lora`.
+    """
+    adapter_dtype(dtype)
     if init not in INITS:
         raise InputError(f"Unknown LoRA init {init!r}; valid choices are {choices(INITS)}.")
     if not 0.0 <= dropout < 1.0:
@@ -235,27 +270,37 @@ def apply_lora(
     check_patterns(alpha_pattern, names, "alpha_pattern")
     plan = []
     for name in names:
-        layer = model.get_submodule(name)
         r = pattern_value(rank_pattern, name, rank)
         a = pattern_value(alpha_pattern, name, alpha)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise InputError(f"LoRA rank must be a positive integer, got {r!r} for module {name!r}.")
         if not isinstance(a, (int, float)) or not a > 0:
             raise InputError(f"LoRA alpha must be a positive number, got {a!r} for module {name!r}.")
-        plan.append((name, layer, r, float(a)))
-    was = freeze_model(model)
+        plan.append((name, r, float(a)))
+    return plan
+
+
+def wrap_targets(
+    model: nn.Module,
+    plan: Sequence[tuple[str, int, float]],
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    init: str = "kaiming",
+    dtype: torch.dtype | str = torch.bfloat16,
+    freeze_A: bool = False,
+) -> None:
+    """Wrap each ``(name, rank, alpha)`` of ``plan`` (:func:`plan_lora`) in a new adapter layer, in order.
+
+    The adapters are built on each base layer's device, so every named layer must be loaded (a DoRA
+    magnitude is the base's row norms). Initial values draw from torch's RNG in ``plan`` order: wrapping
+    a plan in pieces, in order, gives the same adapters as wrapping it at once when nothing else draws
+    in between.
+    """
+    dtype = adapter_dtype(dtype)
     cls = DoRALinear if use_dora else LoRALinear
-    for name, layer, r, a in plan:
-        module = cls(layer, r, a, dropout, use_rslora, init, dtype)
+    for name, r, a in plan:
+        module = cls(model.get_submodule(name), r, a, dropout, use_rslora, init, dtype)
         if freeze_A:
             module.freeze_A()
         replace_module(model, name, module)
-    report = lora_report(model)
-    log.info(
-        "LoRA on %d modules (targets=%r, r=%d, alpha=%g, rslora=%s, dora=%s, LoRA-FA=%s); adapter dtype %s "
-        "(DoRA magnitudes float32); "
-        "froze %d previously trainable base parameters; %s",
-        len(plan), targets, rank, alpha, use_rslora, use_dora, freeze_A, dtype, was,
-        report.format(per_module=False),
-    )
-    return report

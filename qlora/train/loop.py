@@ -37,6 +37,7 @@ from qlora.tasks import TaskScore, evaluate_task
 from qlora.train import checkpoints as ckpts
 from qlora.train import parallel
 from qlora.train import state as run_state
+from qlora.train.build import build_model
 from qlora.train.loss import CHUNK_TOKENS
 from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
 from qlora.train.optim import build_optimizer, build_scheduler
@@ -44,7 +45,7 @@ from qlora.train.parallel import ParallelModel, World
 from qlora.train.plan import RunPlan, plan_run
 from qlora.train.precision import resolve_dtypes
 from qlora.train.recipe import Recipe, recipe_to_dict
-from qlora.train.setup import RunData, build_model, diagnostics_fn, load_data, param_groups, resolve_device
+from qlora.train.setup import RunData, diagnostics_fn, load_data, param_groups, resolve_device
 from qlora.train.step import accumulate_gradients, batch_of, evaluate
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
         recipe.offload_activations, resume_adapter=None if last is None else last / "adapter",
         attn_implementation=recipe.model.attn_implementation,
         tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms, tile_tokens=plan.tile_tokens,
+        shard_unit=parallel.unit_sharder(world, strategy, plan.offload_params, device),
     )
     chunk = CHUNK_TOKENS if recipe.chunked_loss else None
     saver = parallel.adapter_saver(model, plan.model_dir, initial)

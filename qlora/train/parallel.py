@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -336,41 +337,59 @@ class ParallelModel:
         return self.world.size if self.world.distributed else 1
 
 
-def _fully_shard(model: nn.Module, root: StepModule, offload: bool, pin: bool) -> None:
-    """FSDP2 units: each decoder layer, the input embedding, the output head (one unit when tied), then the root.
+def unit_sharder(world: World, strategy: str, offload: bool, device: torch.device):
+    """``shard(unit)`` for :func:`qlora.train.build.build_model`: FSDP2 shards each decoder layer as it loads.
+
+    So a rank never holds more than one whole layer of the base, and a base larger than one GPU loads when
+    its shards fit. None unless the run is fsdp on 2 or more ranks. ``offload``: ``offload_params``.
+    """
+    if not world.distributed or strategy != "fsdp":
+        return None
+    return functools.partial(_shard_unit, offload=offload, pin=device.type == "cuda")
+
+
+def _shard_unit(unit: nn.Module, offload: bool, pin: bool) -> None:
+    """One FSDP2 unit: its 4-bit codes and scales become frozen parameters (so they shard), then ``fully_shard``.
 
     ``offload``: the shards live in host memory (pinned when ``pin``), FSDP2's ``CPUOffloadPolicy``: the GPU
     holds only the gathered units, and the optimizer steps the host shards.
     """
-    import functools
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    from torch.distributed.fsdp import CPUOffloadPolicy
-    from torch.distributed.fsdp import fully_shard as _shard
-
-    fully_shard = functools.partial(_shard, offload_policy=CPUOffloadPolicy(pin_memory=pin)) if offload else _shard
-
-    n = 0
-    for m in model.modules():
+    for m in unit.modules():
         if isinstance(m, NF4Linear):
             m.make_shardable()
-            n += 1
+    fully_shard(unit, **({"offload_policy": CPUOffloadPolicy(pin_memory=pin)} if offload else {}))
+
+
+def _fully_shard(model: nn.Module, root: StepModule, offload: bool, pin: bool) -> None:
+    """FSDP2 units: each decoder layer (unless sharded as it loaded), the input embedding, the output head (one
+    unit when tied), then the root."""
+    from torch.distributed.fsdp import FSDPModule
+
+    shard = functools.partial(_shard_unit, offload=offload, pin=pin)
+    at_load = 0
     for layer in _decoder_layers(model):
-        fully_shard(layer)
+        if isinstance(layer, FSDPModule):
+            at_load += 1
+        else:
+            shard(layer)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is not None and head.weight is emb.weight:
         # tied: one parameter, so one unit, and the root's (FSDP2 keeps the root gathered from its forward
         # to the end of its backward, so the loss finds the head whole); costs the embedding whole all step
         log.info("fsdp: the tied embedding and head stay in the outermost unit, gathered for the whole step")
     else:
-        fully_shard(emb)
+        shard(emb)
         if head is not None:
-            fully_shard(head)
+            shard(head)
             root.shard_head_with(head)
-    fully_shard(root)
-    log.info("fsdp: %d decoder layers, the embedding and the head sharded over %d ranks (%d 4-bit linears hold "
-             "their codes and scales as frozen sharded parameters); adapter and optimizer state sharded too; "
-             "shards in %s (distributed.offload_params)", len(_decoder_layers(model)), dist.get_world_size(), n,
-             "pinned host memory" if offload else "device memory")
+    shard(root)  # the rest: the final norm, any 4-bit linear outside the layers
+    n = sum(isinstance(m, NF4Linear) for m in model.modules())
+    log.info("fsdp: %d decoder layers (%d of them sharded as they loaded), the embedding and the head sharded over "
+             "%d ranks (%d 4-bit linears hold their codes and scales as frozen sharded parameters); adapter and "
+             "optimizer state sharded too; shards in %s (distributed.offload_params)", len(_decoder_layers(model)),
+             at_load, dist.get_world_size(), n, "pinned host memory" if offload else "device memory")
 
 
 def adapter_saver(model: nn.Module, model_dir: Path, initial=None):

@@ -10,6 +10,9 @@ one JSON file per rank into OUT, mode -> result (one launch for all: each costs 
 * ``memory-STRATEGY-VOCAB-SEQ``: one rank's live tensor bytes (:class:`memory.tracker.LiveTensorTracker`) at
   rest and over a training step of a small Llama wrapped by ``ParallelModel``, next to ``memory.estimate`` for
   the same per-GPU settings.
+* ``load``: :func:`qlora.train.build.build_model` of a 16-layer Llama checkpoint, whole and with FSDP2 sharding
+  each layer as it loads: one rank's live tensor bytes at the peak of each, the whole base's bytes, and the
+  planner's ``load`` phase for the sharded one.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ def _memory(world: World, strategy: str, vocab: int, seq: int, arch: str) -> dic
             "phase": got.footprint.peak_phase}
 
 
+def _load(world: World, out: Path) -> dict:
+    import memcheck
+
+    return memcheck.check_load(world, out / "load-ckpt")
+
+
 def main() -> None:
     *modes, out = sys.argv[1:]
     world, _ = init_world(torch.device("cpu"), "gloo", 60)
@@ -81,6 +90,8 @@ def main() -> None:
         if mode.startswith("memory-"):  # memory-STRATEGY-VOCAB-SEQ[-ARCH], ARCH a memory_accuracy.TINY model
             _, strategy, vocab, seq, *arch = mode.split("-", 4)
             results[mode] = _memory(world, strategy, int(vocab), int(seq), arch[0] if arch else "tiny-llama")
+        elif mode == "load":
+            results[mode] = _load(world, Path(out))
         else:
             results[mode] = {"nf4": _nf4, "agree": _agree}[mode](world)
     Path(out, f"rank{world.rank}.json").write_text(json.dumps(results))

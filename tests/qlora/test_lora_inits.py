@@ -24,9 +24,9 @@ from qlora.adapters.files import save_adapter
 from qlora.builtin_models import resolve_model_dir
 from qlora.lora.inits import init_from_weights
 from qlora.lora.surgery import apply_lora, lora_modules
+from qlora.train.build import build_model
 from qlora.train.loop import train
 from qlora.train.recipe import load_recipe
-from qlora.train.setup import build_model
 from quant import InputError
 
 ROOT = Path(__file__).resolve().parents[2]

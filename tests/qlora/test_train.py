@@ -166,8 +166,9 @@ def test_final_adapter_loads_in_peft(tmp_path):
 
 
 def test_gradient_accumulation_does_not_depend_on_split(tmp_path):
+    from qlora.train.build import build_model
     from qlora.train.plan import plan_run
-    from qlora.train.setup import build_model, resolve_device
+    from qlora.train.setup import resolve_device
 
     # fp32 end to end (FAST), so that only the normalization (not bf16 rounding) could make splits differ
     recipe = _recipe(tmp_path, "lora.dropout=0.0", "micro_batch_size=1")
@@ -368,7 +369,7 @@ def test_tiled_mlp_and_norms_train_the_same_run(tmp_path, caplog):
     untiled = tmp_path / "untiled"
     train(_recipe(untiled, "lora.dropout=0.0", "tiled_mlp=false", "tiled_norms=false"), say=lambda m: None,
           progress=False)
-    with caplog.at_level("INFO", logger="qlora.train.setup"):
+    with caplog.at_level("INFO", logger="qlora.train.build"):
         res = train(_recipe(tmp_path, "lora.dropout=0.0", "tiled_mlp=true", "tiled_norms=true", "tile_tokens=16"),
                     say=lambda m: None, progress=False)
     assert res.stopped == "done" and "MLPs run in tiles of 16 tokens" in caplog.text

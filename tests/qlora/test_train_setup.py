@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.train.build import build_model
 from qlora.train.optim import build_optimizer
 from qlora.train.plan import plan_run
 from qlora.train.recipe import load_recipe
-from qlora.train.setup import build_model, param_groups, resolve_device
+from qlora.train.setup import param_groups, resolve_device
 
 TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny-cpu.yaml"
 FAST = ["seq_len=64", "micro_batch_size=2", "effective_batch_size=4", "lora.rank=4"]
