@@ -136,6 +136,7 @@ class _Units:
         self.plan: list[tuple[str, int, float]] = []
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.initial: InitialFactors | None = None
+        self.frozen = 0  # base parameters that were trainable before names() froze them
 
     def names(self, model: nn.Module) -> Sequence[str]:
         """On the empty model: check the adapter plan (and a resumed adapter) and freeze every parameter."""
