@@ -136,12 +136,18 @@ def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None 
         del w, a, b, base
     if not factors and only is None:
         raise InputError("The model has no LoRA layers to initialize; apply_lora first.")
-    if only is not None:
-        return InitialFactors(init, factors)
-    log.info("lora.init %s: %d layers' adapters from their weights' %s, the rest in the base%s", init, len(factors),
-             {"pissa": "top singular directions", "olora": "QR factors", "loftq": "4-bit error"}[init],
-             " (re-quantized)" if ckpt is not None else "")
-    return InitialFactors(init, factors)
+    initial = InitialFactors(init, factors)
+    if only is None:
+        log_initial(initial, requantized=ckpt is not None)
+    return initial
+
+
+def log_initial(initial: InitialFactors, requantized: bool) -> None:
+    """The one log line of an init from the weights, once all its layers are done."""
+    log.info("lora.init %s: %d layers' adapters from their weights' %s, the rest in the base%s", initial.init,
+             len(initial.factors),
+             {"pissa": "top singular directions", "olora": "QR factors", "loftq": "4-bit error"}[initial.init],
+             " (re-quantized)" if requantized else "")
 
 
 def to_original_base(modules: dict, initial: InitialFactors) -> dict:

@@ -222,12 +222,18 @@ def apply_lora(
     plan = plan_lora(model, targets, rank, alpha, dropout, init, dtype, rank_pattern, alpha_pattern)
     was = freeze_model(model)
     wrap_targets(model, plan, dropout, use_rslora, use_dora, init, dtype, freeze_A)
+    return log_lora(model, len(plan), targets, rank, alpha, use_rslora, use_dora, freeze_A, dtype, was)
+
+
+def log_lora(model: nn.Module, n_modules: int, targets, rank: int, alpha: float, use_rslora: bool, use_dora: bool,
+             freeze_A: bool, dtype: torch.dtype, frozen: int) -> LoRAReport:
+    """The one log line of a finished :func:`apply_lora` (or a loader's wrapping, unit by unit); its report."""
     report = lora_report(model)
     log.info(
         "LoRA on %d modules (targets=%r, r=%d, alpha=%g, rslora=%s, dora=%s, LoRA-FA=%s); adapter dtype %s "
         "(DoRA magnitudes float32); "
         "froze %d previously trainable base parameters; %s",
-        len(plan), targets, rank, alpha, use_rslora, use_dora, freeze_A, dtype, was,
+        n_modules, targets, rank, alpha, use_rslora, use_dora, freeze_A, dtype, frozen,
         report.format(per_module=False),
     )
     return report

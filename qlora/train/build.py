@@ -23,8 +23,8 @@ from torch import nn
 from layers.inits import INITS_FROM_WEIGHTS
 from layers.tiling import decoder_layers, tile_mlps, tile_norms
 from qlora.adapters.files import check_adapter_fits, install_adapter, read_adapter, save_adapter
-from qlora.lora.inits import InitialFactors, from_original_base, init_from_weights
-from qlora.lora.surgery import freeze_model, lora_modules, lora_report, plan_lora, wrap_targets
+from qlora.lora.inits import InitialFactors, from_original_base, init_from_weights, log_initial
+from qlora.lora.surgery import freeze_model, log_lora, lora_modules, plan_lora, wrap_targets
 from qlora.train.precision import torch_dtype
 from qlora.train.recipe import LoraConfig, QuantConfig
 from qlora.train.setup import enable_checkpointing
@@ -162,14 +162,9 @@ class _Units:
         lo = self.lora
         if self.from_weights:
             self.initial = InitialFactors(lo.init, self.factors)
-            log.info("lora.init %s: %d layers' adapters from their weights, the rest in the base%s", lo.init,
-                     len(self.factors), " (re-quantized)" if self.checkpoint is not None else "")
-        log.info(
-            "LoRA on %d modules (targets=%r, r=%d, alpha=%g, rslora=%s, dora=%s, LoRA-FA=%s); adapter dtype %s "
-            "(DoRA magnitudes float32); froze %d previously trainable base parameters; %s",
-            len(self.plan), lo.targets, lo.rank, lo.alpha, lo.use_rslora, lo.variant == "dora", lo.freeze_A,
-            self.adapter_dtype, self.frozen, lora_report(model).format(per_module=False),
-        )
+            log_initial(self.initial, requantized=self.checkpoint is not None)
+        log_lora(model, len(self.plan), lo.targets, lo.rank, lo.alpha, lo.use_rslora, lo.variant == "dora",
+                 lo.freeze_A, self.adapter_dtype, self.frozen)
         if self.resume is not None:
             log.info("resumed the adapter of %d modules", len(self.resume.modules))
 
@@ -192,6 +187,5 @@ class _Units:
                                                                                                        self.factors)))
             install_adapter(model, adapter, dtype=self.adapter_dtype, trainable=True, only=names)
             if lo.freeze_A:  # install made fresh trainable factors: LoRA-FA freezes A again
-                for name, m in lora_modules(model):
-                    if name in names:
-                        m.freeze_A()
+                for name in names:
+                    model.get_submodule(name).freeze_A()
