@@ -34,6 +34,7 @@ import memory
 from layers.tiling import tile_mlps, tile_norms
 from memory.tracker import LiveTensorTracker
 from qlora.lora.surgery import apply_lora, lora_parameters
+from qlora.lora.vera import apply_vera
 from qlora.train.optim import build_optimizer
 from qlora.train.setup import enable_checkpointing
 from qlora.train.step import accumulate_gradients
@@ -64,13 +65,14 @@ def random_qlora_model(
     tiled_mlp: bool = False,
     tiled_norms: bool = False,
     tile_tokens: int = 4096,
+    vera: bool = False,
 ) -> nn.Module:
     """A trainable QLoRA model with random weights, built from config.json facts.
 
     The 16-bit model is created on ``device`` (bf16), its linears are
     quantized one at a time (the 16-bit copy of each is freed as it goes;
     ``quant_type="none"`` keeps them 16-bit),
-    LoRA wraps ``targets``, and every decoder layer is checkpointed; with
+    LoRA (VeRA with ``vera``) wraps ``targets``, and every decoder layer is checkpointed; with
     ``tiled_mlp`` / ``tiled_norms`` every MLP / norm runs in tiles of ``tile_tokens`` tokens (the trainer's calls).
 
     Raises:
@@ -86,7 +88,10 @@ def random_qlora_model(
     model.config.use_cache = False
     if quant_type != NO_QUANT:  # none: the bf16 linears stay as built (plain LoRA, what the loader gives)
         quantize_model(model, quant_type, blocksize, double_quant, torch.bfloat16)
-    apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype)
+    if vera:
+        apply_vera(model, targets, rank, dropout=dropout, dtype=adapter_dtype)
+    else:
+        apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype)
     if gradient_checkpointing:
         enable_checkpointing(model)  # the trainer's call: non-reentrant, one checkpoint per layer
     if tiled_mlp:
@@ -246,6 +251,7 @@ def check(
     tiled_mlp: bool = False,
     tiled_norms: bool = False,
     tile_tokens: int = 4096,
+    vera: bool = False,
 ) -> Check:
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
 
@@ -257,12 +263,12 @@ def check(
         seq_len=seq, micro_batch_size=batch, rank=rank, targets=targets, dropout=dropout, dora=dora,
         adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
         attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
-        quant_type=quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens,
+        quant_type=quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens, vera=vera,
     )
     fp = memory.estimate(spec, settings)
     model = random_qlora_model(
         config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn,
-        quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens,
+        quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens, vera=vera,
     )
     opt = make_optimizer(model, optimizer)
     m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None)

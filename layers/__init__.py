@@ -1,10 +1,10 @@
 """layers: the trainable adapter layers themselves, torch-only.
 
-``LoRALinear`` and ``DoRALinear`` wrap a frozen base linear layer -- an
-``nn.Linear`` or a ``quant.NF4Linear`` -- and add a small trainable update.
-Both derive from ``AdapterLinear`` (:mod:`layers.base`), which owns the
+``LoRALinear``, ``DoRALinear`` and ``VeRALinear`` wrap a frozen base linear
+layer -- an ``nn.Linear`` or a ``quant.NF4Linear`` -- and add a small trainable
+update. All derive from ``AdapterLinear`` (:mod:`layers.base`), which owns the
 operations on an adapter layer (install, clear, merge, enable, LoRA-FA);
-``lora`` and ``dora`` do not import each other. The package lives below both
+the variants do not import each other. The package lives below both
 ``memory`` and ``qlora``, so the planner's meta-device dry runs execute
 exactly the code the trainer runs while ``memory`` never imports ``qlora``.
 Depends on torch and :mod:`quant.errors` only.
@@ -13,6 +13,7 @@ Depends on torch and :mod:`quant.errors` only.
 from .base import INITS, AdapterLinear, LoRAFactor, base_dtype, base_weight, dense_linear, module_device
 from .dora import DoRALinear
 from .lora import LoRALinear
+from .vera import VeRALinear, VeRAProjections
 
 __all__ = [
     "INITS",
@@ -20,6 +21,8 @@ __all__ = [
     "DoRALinear",
     "LoRAFactor",
     "LoRALinear",
+    "VeRALinear",
+    "VeRAProjections",
     "base_dtype",
     "base_weight",
     "dense_linear",

@@ -113,13 +113,7 @@ class AdapterLinear(nn.Module):
             raise InputError(f"LoRA rank must be a positive integer, got {rank!r}.")
         if init is not None and init not in INITS:
             raise InputError(f"Unknown LoRA init {init!r}; valid choices are {choices(INITS)}.")
-        if not hasattr(base_layer, "in_features") or not hasattr(base_layer, "out_features"):
-            raise InputError(f"LoRA needs a linear base layer with in/out features, got {type(base_layer).__name__}.")
-        drop = _dropout(dropout)
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)  # nothing of W0 is trained
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self._wrap(base_layer, dropout)
         device = module_device(base_layer)
         a = torch.empty(rank, self.in_features, dtype=dtype, device=device)
         if init == "kaiming":
@@ -130,14 +124,28 @@ class AdapterLinear(nn.Module):
             a.zero_()
         self.lora_A = LoRAFactor(a)
         self.lora_B = LoRAFactor(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
-        self.lora_dropout = drop
         self.alpha, self.use_rslora = float(alpha), bool(use_rslora)
+        self.train(base_layer.training)  # start in the base's train/eval mode (a fresh module would be training)
+
+    def _wrap(self, base_layer: nn.Module, dropout: float) -> None:
+        """The half of construction every variant shares: freeze and keep the base, the dropout, the states.
+
+        A variant whose trainable tensors are not two factors (:class:`layers.vera.VeRALinear`) calls this
+        from its own ``__init__`` instead of :meth:`__init__`.
+        """
+        if not hasattr(base_layer, "in_features") or not hasattr(base_layer, "out_features"):
+            raise InputError(f"LoRA needs a linear base layer with in/out features, got {type(base_layer).__name__}.")
+        drop = _dropout(dropout)
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)  # nothing of W0 is trained
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_dropout = drop
         self._enabled, self._merged = True, False
         self._base_norm: float | None = None
         # The original base while merged with keep_base; a plain attribute, not a submodule, so it is
         # not in state_dict and model.to() does not move it (unmerge moves it back).
         object.__setattr__(self, "_unmerged_base", None)
-        self.train(base_layer.training)  # start in the base's train/eval mode (a fresh module would be training)
 
     @classmethod
     def passthrough(cls, base_layer: nn.Module) -> AdapterLinear:
@@ -180,7 +188,7 @@ class AdapterLinear(nn.Module):
     @property
     def active(self) -> bool:
         """True when the forward pass adds an unmerged adapter update."""
-        return self._enabled and not self._merged and self.lora_A is not None
+        return self._enabled and not self._merged and self.has_adapter
 
     @property
     def can_unmerge(self) -> bool:
@@ -339,7 +347,7 @@ class AdapterLinear(nn.Module):
         Raises:
             InputError: a pass-through layer (nothing to merge).
         """
-        if self.lora_A is None:
+        if not self.has_adapter:
             raise InputError("This layer has no adapter (a pass-through); there is nothing to merge.")
         w = self._merge_fp32(base_weight(self.base_layer, torch.float32))
         return w.to(dtype or base_dtype(self.base_layer))

@@ -6,7 +6,9 @@ Persistent (alive all step, exact from shapes, :mod:`memory.terms`):
     ``embeddings_16bit``       input embeddings (a tied head is counted here, once)
     ``lm_head_16bit``          an untied output head (never quantized)
     ``norms_biases_buffers``   norm weights, linear biases, RoPE buffers
-    ``lora_params``            A (r, in), B (out, r) [, DoRA m (out,)] in the adapter dtype
+    ``lora_params``            A (r, in), B (out, r) [, DoRA m (out,)] in the adapter dtype; VeRA: d (r,), b (out,)
+                               in float32
+    ``vera_matrices``          VeRA's shared frozen A (r, max_in) and B (max_out, r) in the adapter dtype
     ``optimizer_state``        on the device (paged state is reported as ``host_bytes``)
 
 Phase terms (from the meta-device dry runs, :mod:`memory.profile`, or
@@ -72,6 +74,7 @@ TERMS = {
     "lm_head_16bit": "lm_head (16-bit)",
     "norms_biases_buffers": "norms, biases, buffers",
     "lora_params": "LoRA parameters",
+    "vera_matrices": "VeRA shared matrices",
     "optimizer_state": "optimizer state (device)",
     "inputs": "input ids + labels",
     "saved_activations": "activations kept for backward",
@@ -149,6 +152,7 @@ class Footprint:
     gpus: int = 1
     strategy: str = "single"
     offload_params: bool = False
+    vera: bool = False
 
     @property
     def host_bytes(self) -> int:
@@ -218,14 +222,24 @@ def weight_terms(
 
 
 def adapter_tensors(
-    spec: ModelSpec, targets: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str
+    spec: ModelSpec, targets: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str, vera: bool = False,
 ) -> list[tuple[int, int]]:
-    """(elements, bytes per element) of every trainable adapter tensor."""
+    """(elements, bytes per element) of every trainable adapter tensor (VeRA: b and d, float32)."""
     out: list[tuple[int, int]] = []
     for lin in spec.linears:
         if lin.layer is not None and lin.quantized and lin.short in targets:
-            out.extend(lora_tensors(lin.in_features, lin.out_features, rank, dora, ITEMSIZE[adapter_dtype]))
+            if vera:
+                out.extend([(lin.out_features, 4), (rank, 4)])
+            else:
+                out.extend(lora_tensors(lin.in_features, lin.out_features, rank, dora, ITEMSIZE[adapter_dtype]))
     return out
+
+
+def vera_matrix_bytes(spec: ModelSpec, targets: tuple[str, ...], rank: int, adapter_dtype: str) -> int:
+    """VeRA's shared frozen ``(r, max_in)`` and ``(max_out, r)`` in the adapter dtype, over the targets."""
+    lins = [lin for lin in spec.linears if lin.layer is not None and lin.quantized and lin.short in targets]
+    widest_in, widest_out = max(lin.in_features for lin in lins), max(lin.out_features for lin in lins)
+    return rank * (widest_in + widest_out) * ITEMSIZE[adapter_dtype]
 
 
 def optimizer_terms(tensors: list[tuple[int, int]], optimizer: str, device: str) -> tuple[int, int]:
@@ -282,7 +296,7 @@ def _resolved(spec: ModelSpec, attn: str, targets: str | tuple[str, ...]) -> tup
 @functools.lru_cache(maxsize=1024)
 def _persistent(
     spec: ModelSpec, shorts: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str, optimizer: str,
-    quant_type: str, blocksize: int, double_quant: bool, device: str,
+    quant_type: str, blocksize: int, double_quant: bool, device: str, vera: bool = False,
 ) -> tuple[MappingProxyType, int, int, int]:
     """What does not depend on batch or sequence.
 
@@ -290,8 +304,10 @@ def _persistent(
         (persistent terms, host-backed optimizer state bytes, optimizer step temporaries, LoRA elements).
     """
     persistent = weight_terms(spec, quant_type, blocksize, double_quant, device)
-    tensors = adapter_tensors(spec, shorts, rank, dora, adapter_dtype)
+    tensors = adapter_tensors(spec, shorts, rank, dora, adapter_dtype, vera)
     persistent["lora_params"] = sum(n * size for n, size in tensors)
+    if vera:  # frozen: no gradient, no optimizer state
+        persistent["vera_matrices"] = vera_matrix_bytes(spec, shorts, rank, adapter_dtype)
     state_dev, state_host = optimizer_terms(tensors, optimizer, device)
     persistent["optimizer_state"] = state_dev
     step_tmp = optimizer_step_temporaries(tensors, optimizer, device)
@@ -304,14 +320,15 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
     batch, seq_len, rank, device = s.micro_batch_size, s.seq_len, s.rank, s.device
     checkpointing = s.gradient_checkpointing
     persistent, state_host, step_tmp, lora_elements = _persistent(
-        spec, shorts, rank, s.dora, s.adapter_dtype, s.optimizer, s.quant_type, s.blocksize, s.double_quant, device
+        spec, shorts, rank, s.dora, s.adapter_dtype, s.optimizer, s.quant_type, s.blocksize, s.double_quant, device,
+        s.vera,
     )
 
     mlp, norms = s.tiled_mlp is True, s.tiled_norms is True  # estimate reads "auto" as off; memory.plan decides
     tile = min(s.tile_tokens, batch * seq_len) if mlp or norms else 0
     profile = body_profile(
         spec, shorts, s.dropout, s.dora, s.adapter_dtype, attn, checkpointing, device, s.quant_type, s.blocksize,
-        s.double_quant, probe_window(spec, seq_len), mlp, norms,
+        s.double_quant, probe_window(spec, seq_len), mlp, norms, s.vera,
     )
     if s.loss == "hf":
         head = hf_head_segment(spec, batch, seq_len, attn, device)
@@ -347,7 +364,7 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
     on_gpu = device == "cuda"
     return Footprint(
         model=spec.name, device=device, seq_len=seq_len, micro_batch_size=batch, rank=rank, targets=shorts,
-        dropout=s.dropout, dora=s.dora, adapter_dtype=s.adapter_dtype, optimizer=s.optimizer,
+        dropout=s.dropout, dora=s.dora, vera=s.vera, adapter_dtype=s.adapter_dtype, optimizer=s.optimizer,
         gradient_checkpointing=checkpointing, attn=attn, loss=s.loss,
         loss_chunk_tokens=s.loss_chunk_tokens if s.loss == "chunked" else None,
         breakdown=breakdown, phases=phases, peak_phase=peak_phase, tensor_peak_bytes=tensor_peak,

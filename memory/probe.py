@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from layers import DoRALinear, LoRALinear
+from layers import DoRALinear, LoRALinear, VeRALinear, VeRAProjections
 from layers.tiling import tile_mlps, tile_norms
 from quant.dtypes import DTYPES
 from quant.errors import InputError
@@ -91,14 +91,15 @@ def probe_layer_types(spec: ModelSpec) -> tuple[str, ...]:
 def probe_model(
     spec: ModelSpec, num_layers: int, targets: tuple[str, ...], rank: int, dropout: float, dora: bool,
     adapter_dtype: str, attn: str, checkpointing: bool, device: str, quant_type: str, blocksize: int,
-    double_quant: bool, tracker: LiveTensorTracker, window: int | None = None,
+    double_quant: bool, tracker: LiveTensorTracker, window: int | None = None, vera: bool = False,
 ) -> nn.Module:
     """The probe model on meta: 4-bit linears, LoRA (or DoRA) on ``targets``, everything else frozen.
 
     ``num_layers`` decoder layers (:func:`probe_layer_types`; 0 for the head run). Quantized linears are
     :class:`~memory.kernels.ProbeNF4Linear` reporting to ``tracker`` (with ``quant_type="none"`` they
     stay the model's frozen bf16 ``nn.Linear``, as the loader leaves them); in-layer ``targets``
-    (``self_attn.q_proj``) are wrapped in the real ``layers.LoRALinear`` / ``layers.DoRALinear``.
+    (``self_attn.q_proj``) are wrapped in the real ``layers.LoRALinear`` / ``layers.DoRALinear`` /
+    ``layers.VeRALinear`` (on meta shared matrices sized to the targets).
     ``window`` replaces the config's ``sliding_window`` (:func:`probe_window`).
     """
     facts = spec.config
@@ -111,6 +112,7 @@ def probe_model(
     model.requires_grad_(False)
     keep16 = skipped_names(model)
     prefix = layers_prefix(model) if num_layers else ""
+    projections = _meta_projections(model, targets, prefix, rank, adapter_dtype) if vera and num_layers else None
     for name in linear_names(model):
         if name in keep16:
             continue
@@ -128,8 +130,11 @@ def probe_model(
         short = name[len(prefix):].partition(".")[2] if prefix and name.startswith(prefix) else name
         if short in targets:
             # init=None: meta tensors hold no values, so skip the RNG draw (and DoRA's norm at build)
-            layer = DoRALinear if dora else LoRALinear
-            q = layer(q, rank, 2.0 * rank, dropout, init=None, dtype=DTYPES[adapter_dtype])
+            if projections is not None:
+                q = VeRALinear(q, projections, dropout=dropout)
+            else:
+                layer = DoRALinear if dora else LoRALinear
+                q = layer(q, rank, 2.0 * rank, dropout, init=None, dtype=DTYPES[adapter_dtype])
         setattr(parent, child, q)
     model.config.use_cache = False
     if checkpointing:
@@ -142,6 +147,16 @@ def probe_model(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     return model
+
+
+def _meta_projections(model: nn.Module, targets: tuple[str, ...], prefix: str, rank: int,
+                      adapter_dtype: str) -> VeRAProjections:
+    """VeRA's shared matrices on meta, sized to the probe model's in-layer targets (as the trainer sizes them)."""
+    lins = [model.get_submodule(n) for n in linear_names(model)
+            if n.startswith(prefix) and n[len(prefix):].partition(".")[2] in targets]
+    dt = DTYPES[adapter_dtype]
+    a = torch.empty(rank, max(m.in_features for m in lins), dtype=dt, device="meta")
+    return VeRAProjections(a, torch.empty(max(m.out_features for m in lins), rank, dtype=dt, device="meta"))
 
 
 class _Seed(torch.autograd.Function):
@@ -178,6 +193,7 @@ def body_run(
     dora: bool = False, adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True,
     device: str = "cuda", quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
     window: int | None = None, mlp_tile_tokens: int | None = None, norm_tile_tokens: int | None = None,
+    vera: bool = False,
 ) -> Timeline:
     """Forward and backward of the decoder stack (``1 + p`` layers) on meta.
 
@@ -204,7 +220,7 @@ def body_run(
     tracker = LiveTensorTracker("meta", record=True)
     model = probe_model(
         spec, len(probe_layer_types(spec)), targets, rank, dropout, dora, adapter_dtype, attn, checkpointing,
-        device, quant_type, blocksize, double_quant, tracker, window,
+        device, quant_type, blocksize, double_quant, tracker, window, vera,
     )
     if mlp_tile_tokens:
         tile_mlps(model, mlp_tile_tokens, max_tiles=2)

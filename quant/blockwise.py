@@ -15,6 +15,7 @@ instead of the ~16 bytes per element a one-shot float32 path costs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -235,11 +236,22 @@ def first_level_absmax(state: QuantState4bit) -> torch.Tensor:
 
 def import_bitsandbytes():
     """``bitsandbytes``, or None where it is not installed; the one place qlora imports it
-    (:mod:`quant` quiets its import-time warning about an optional kernel package)."""
+    (:mod:`quant` quiets its import-time warning about an optional kernel package).
+
+    On a CPU with AVX512-BF16, bitsandbytes' import asks the ``kernels`` package for a hub kernel,
+    and offline (qlora's runs and tests) ``kernels`` logs that it skipped a trust check. qlora never
+    runs that kernel and a library must not print, so ``kernels``' logger is raised to ERROR for the
+    import only, and put back after.
+    """
+    hub = logging.getLogger("kernels")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
         return None
+    finally:
+        hub.setLevel(level)
     return bitsandbytes
 
 

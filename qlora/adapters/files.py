@@ -31,6 +31,7 @@ from torch import nn
 from layers.base import AdapterLinear
 from layers.dora import DoRALinear
 from layers.lora import LoRALinear
+from layers.vera import VeRALinear
 from qlora.adapters.peft_config import adapter_config, check_config, most_common
 from qlora.adapters.record import BaseRecord, base_record, parse_record, record_metadata
 from qlora.lora.surgery import LoRAReport, adapter_dtype, freeze_model, lora_modules, lora_report, replace_module
@@ -48,13 +49,18 @@ _KINDS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "
 
 @dataclass
 class ModuleAdapter:
-    """One module's adapter: ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``, DoRA ``magnitude`` ``(out,)`` or None."""
+    """One module's adapter: ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``, DoRA ``magnitude`` ``(out,)`` or None.
+
+    ``wide_A``: ``lora_A`` is a VeRA adapter's ``(r, max_in)`` (:func:`qlora.adapters.vera.as_lora`): a layer
+    takes its first ``in`` columns, which is exactly VeRA's slice.
+    """
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     alpha: float
     use_rslora: bool = False
     magnitude: torch.Tensor | None = None
+    wide_A: bool = False
 
     @property
     def rank(self) -> int:
@@ -84,7 +90,13 @@ class Adapter:
 
 
 def module_adapter(layer: AdapterLinear) -> ModuleAdapter:
-    """One adapter layer's adapter as a :class:`ModuleAdapter` (tensors are detached references, not copies)."""
+    """One adapter layer's adapter as a :class:`ModuleAdapter` (tensors are detached references, not copies).
+
+    A VeRA layer gives its equal LoRA (float32 copies ``d ⊙ A`` and ``b ⊙ B``, scale 1).
+    """
+    if isinstance(layer, VeRALinear):
+        a, b = layer.lora_factors()
+        return ModuleAdapter(a, b, float(layer.rank))
     t = {kind: p.detach() for kind, p in layer.adapter_tensors()}
     return ModuleAdapter(t["lora_A"], t["lora_B"], layer.alpha, layer.use_rslora, t.get("lora_magnitude_vector"))
 
@@ -126,6 +138,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         InputError: no adapter on the model, or a mix PEFT cannot express
             (DoRA on some modules only, rsLoRA on some modules only).
     """
+    if adapter is None and any(isinstance(m, VeRALinear) for _, m in lora_modules(model)):
+        from qlora.adapters.vera import vera_from_model, write_vera
+
+        vera = vera_from_model(model)
+        vera.base_model_name_or_path = base_model_name_or_path or vera.base_model_name_or_path
+        return write_vera(vera, out_dir, list(linear_layers(model)) if linear_names is None else linear_names)
     adapter = adapter_from_model(model) if adapter is None else adapter
     if base_model_name_or_path is not None:
         adapter.base_model_name_or_path = base_model_name_or_path
@@ -151,8 +169,12 @@ def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names
     into the weights file's metadata (:func:`qlora.adapters.record.record_metadata`).
 
     Raises:
-        InputError: ``out_dir`` is an existing file; see :func:`adapter_config`.
+        InputError: ``out_dir`` is an existing file; a VeRA adapter read as LoRA (write it with
+            :func:`qlora.adapters.vera.write_vera`); see :func:`adapter_config`.
     """
+    if any(m.wide_A for m in adapter.modules.values()):
+        raise InputError("This adapter is a VeRA adapter read as its equal LoRA; it is written as VeRA "
+                         "(qlora.adapters.vera.write_vera) or, once installed in a model, saved from the model.")
     config = adapter_config(adapter, all_linear_names)
     tensors: dict[str, torch.Tensor] = {}
     for name, m in adapter.modules.items():
@@ -172,7 +194,8 @@ def write_adapter(adapter: Adapter, out_dir: str | os.PathLike, all_linear_names
 def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     """Read and validate a PEFT LoRA adapter folder (tensors stay in their file dtype, on CPU).
 
-    The returned adapter's ``base`` is the file's record of its training base, or None.
+    The returned adapter's ``base`` is the file's record of its training base, or None. A VeRA
+    folder (``peft_type: VERA``) is read as the LoRA it equals (:func:`qlora.adapters.vera.as_lora`).
 
     Raises:
         InputError: missing files, ``peft_type`` other than ``LORA``, options
@@ -190,6 +213,10 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg_path} is not valid JSON ({e}).") from None
+    if isinstance(cfg, dict) and cfg.get("peft_type") == "VERA":
+        from qlora.adapters.vera import as_lora, read_vera
+
+        return as_lora(read_vera(d))
     check_config(cfg, cfg_path)
     try:
         with safe_open(str(w_path), "pt") as f:  # what safetensors' load_file does, plus the metadata
@@ -261,7 +288,8 @@ def check_adapter_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Modul
                 "base model?"
             )
         din, dout = layer.in_features, layer.out_features
-        checks = [("lora_A", tuple(m.lora_A.shape), (m.rank, din)), ("lora_B", tuple(m.lora_B.shape), (dout, m.rank))]
+        a_in = din if not m.wide_A or m.lora_A.shape[1] < din else m.lora_A.shape[1]  # VeRA: the first din columns
+        checks = [("lora_A", tuple(m.lora_A.shape), (m.rank, a_in)), ("lora_B", tuple(m.lora_B.shape), (dout, m.rank))]
         if m.magnitude is not None:
             checks.append(("lora_magnitude_vector", tuple(m.magnitude.shape), (dout,)))
         for what, got, want in checks:
@@ -284,8 +312,9 @@ def install_module_adapter(
     Raises:
         InputError: ``m`` does not fit ``module`` (shapes, or DoRA into a ``LoRALinear`` and back).
     """
+    a = m.lora_A[:, : module.in_features] if m.wide_A else m.lora_A
     module.install(
-        m.lora_A, m.lora_B, m.alpha, use_rslora=m.use_rslora, magnitude=m.magnitude, dropout=dropout,
+        a, m.lora_B, m.alpha, use_rslora=m.use_rslora, magnitude=m.magnitude, dropout=dropout,
         trainable=trainable, dtype=dtype,
     )
 

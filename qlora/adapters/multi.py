@@ -230,10 +230,14 @@ def combine_adapters(
     out: dict[str, ModuleAdapter] = {}
     for n in names:
         parts = [(a.modules[n], float(w)) for a, w in zip(adapters, weights) if n in a.modules]
-        a_cat = torch.cat([m.lora_A.float() for m, _ in parts], dim=0)
+        # a VeRA adapter's A holds the shared width (wide_A); its first `in` columns are the layer's, and
+        # any LoRA part, or the narrowest shared width, is at least that wide
+        width = min(m.lora_A.shape[1] for m, _ in parts)
+        a_cat = torch.cat([m.lora_A[:, :width].float() for m, _ in parts], dim=0)
         b_cat = torch.cat([m.lora_B.float() * (w * m.scale) for m, w in parts], dim=1)
         rank = a_cat.shape[0]
-        out[n] = ModuleAdapter(a_cat.to(dtype), b_cat.to(dtype), float(rank), False, None)
+        wide = all(m.wide_A for m, _ in parts)
+        out[n] = ModuleAdapter(a_cat.to(dtype), b_cat.to(dtype), float(rank), False, None, wide_A=wide)
     log.info("combined %d adapters with weights %s into one of %d modules", len(adapters), list(weights), len(out))
     return Adapter(out, 0.0, adapters[0].base_model_name_or_path)
 

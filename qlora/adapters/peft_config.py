@@ -104,8 +104,8 @@ def check_config(cfg: dict, path: Path) -> None:
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
         raise InputError(
-            f"{path} has peft_type {peft_type!r}; qlora reads LoRA adapters only (peft_type 'LORA'), "
-            "including DoRA and rsLoRA ones."
+            f"{path} has peft_type {peft_type!r}; qlora reads LoRA adapters (peft_type 'LORA', "
+            "including DoRA and rsLoRA ones) and VeRA adapters (peft_type 'VERA')."
         )
     task = cfg.get("task_type")
     if task not in (None, "CAUSAL_LM"):

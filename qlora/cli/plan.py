@@ -154,6 +154,7 @@ def plan_dict(p, alpha: float) -> dict:
         "targets": list(fp.targets),
         "dropout": fp.dropout,
         "dora": fp.dora,
+        "vera": fp.vera,
         "adapter_dtype": fp.adapter_dtype,
         "optimizer": fp.optimizer,
         "gradient_checkpointing": fp.gradient_checkpointing,
@@ -209,8 +210,9 @@ def render(p, alpha: float, console, notes: bool = True) -> None:
     console.print(
         f"seq_len {p.seq_len} | micro-batch {p.micro_batch_size} x {p.gradient_accumulation_steps} accumulation "
         + (f"x {fp.gpus} GPUs " if fp.gpus > 1 else "") + "= "
-        f"{p.effective_batch_size} per step | LoRA r={p.rank}, alpha={alpha:g} on "
-        f"{', '.join(t.rsplit('.', 1)[-1] for t in fp.targets)}"
+        f"{p.effective_batch_size} per step | "
+        + (f"VeRA r={p.rank} on " if fp.vera else f"LoRA r={p.rank}, alpha={alpha:g} on ")
+        + f"{', '.join(t.rsplit('.', 1)[-1] for t in fp.targets)}"
         f"{' (DoRA)' if fp.dora else ''} | {fp.adapter_dtype} adapters | {fp.optimizer} | checkpointing "
         f"{'on' if fp.gradient_checkpointing else 'off'} | attention {fp.attn} | loss "
         + (f"chunked, {fp.loss_chunk_tokens} tokens" if fp.loss == "chunked" else "transformers (full fp32 logits)")

@@ -13,7 +13,8 @@
   (LoRA+ exists because B usually needs the larger step).
 
 For DoRA modules the ratio describes the ``s·B·A`` part only; the magnitude
-vector rescales rows on top of it.
+vector rescales rows on top of it. For VeRA modules the update is
+``(b⊙B)·(d⊙A)`` and the gradient ratio is ``‖∇d‖ / ‖∇b‖`` (d scales A's rows, b B's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from layers.base import AdapterLinear
+from layers.vera import VeRALinear
 from qlora.lora.surgery import lora_modules
 
 
@@ -43,7 +45,10 @@ class ModuleDiagnostics:
 @torch.no_grad()
 def update_norm(module: AdapterLinear) -> float:
     """``‖s·B·A‖_F`` via ``sqrt(tr((BᵀB)(AAᵀ)))``, float32 math, no ``out×in`` temporary."""
-    a, b = module.lora_A.weight.float(), module.lora_B.weight.float()
+    if isinstance(module, VeRALinear):
+        a, b = module.lora_factors()  # float32 (r, in) and (out, r), scale 1
+    else:
+        a, b = module.lora_A.weight.float(), module.lora_B.weight.float()
     gram = (b.T @ b) * (a @ a.T)  # elementwise product of symmetric r×r matrices; its sum is the trace
     return abs(module.scale) * float(gram.sum().clamp_min(0).sqrt())
 
@@ -59,7 +64,10 @@ def lora_diagnostics(model: nn.Module) -> list[ModuleDiagnostics]:
         if not m.has_adapter:
             continue
         u, w = update_norm(m), m.base_norm()
-        ga, gb = _grad_norm(m.lora_A.weight), _grad_norm(m.lora_B.weight)
+        if isinstance(m, VeRALinear):
+            ga, gb = _grad_norm(m.vera_lambda_d), _grad_norm(m.vera_lambda_b)
+        else:
+            ga, gb = _grad_norm(m.lora_A.weight), _grad_norm(m.lora_B.weight)
         if ga is None or gb is None:
             gr = None
         else:

@@ -5,7 +5,7 @@ LoRA+ gives B a learning rate ``ratio`` times A's (the paper suggests about
 slowly for wide layers. DoRA magnitude vectors go with B's rate, as PEFT's
 ``create_loraplus_optimizer`` does, and never get weight decay: decaying m
 would shrink each row's norm toward zero, which is not a regularizer of the
-update.
+update. VeRA's vectors ``b`` and ``d`` take the base rate and the decay.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ def lora_param_groups(
         "lora_A": {"params": [], "lr": lr, "weight_decay": weight_decay},
         "lora_B": {"params": [], "lr": lr_b, "weight_decay": weight_decay},
         "lora_magnitude_vector": {"params": [], "lr": lr_b, "weight_decay": 0.0},
+        # VeRA's vectors are the update's only trainable numbers (b starts at zero like LoRA's B): both take
+        # the base rate and the weight decay; LoRA+ has no B-like factor to speed up in VeRA
+        "vera_lambda_b": {"params": [], "lr": lr, "weight_decay": weight_decay},
+        "vera_lambda_d": {"params": [], "lr": lr, "weight_decay": weight_decay},
     }
     for _, kind, p in params:
         groups[kind]["params"].append(p)

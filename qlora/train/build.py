@@ -22,9 +22,12 @@ from torch import nn
 
 from layers.inits import INITS_FROM_WEIGHTS
 from layers.tiling import decoder_layers, tile_mlps, tile_norms
+from layers.vera import VeRAProjections
 from qlora.adapters.files import check_adapter_fits, install_adapter, read_adapter, save_adapter
+from qlora.adapters.vera import install_vera, read_vera
 from qlora.lora.inits import InitialFactors, from_original_base, init_from_weights, log_initial
 from qlora.lora.surgery import freeze_model, log_lora, lora_modules, plan_lora, wrap_targets
+from qlora.lora.vera import attach_projections, log_vera, plan_vera, wrap_vera
 from qlora.train.precision import torch_dtype
 from qlora.train.recipe import LoraConfig, QuantConfig
 from qlora.train.setup import enable_checkpointing
@@ -89,8 +92,9 @@ def build_model(
         raise InputError(f"build_model needs a resolved LoRA rank, got {lora.rank!r}; plan the run first (qlora plan).")
     dtype, adapter_dtype = torch_dtype(model_dtype, device), torch_dtype(lora.dtype, device)
     log.info("non-quantized parameters (embeddings, norms, head) stay %s: recipe model.dtype", dtype)
+    read = read_vera if lora.variant == "vera" else read_adapter
     units = _Units(lora, adapter_dtype, None if quant.quant_type == "none" else model_dir,
-                   None if resume_adapter is None else read_adapter(resume_adapter), shard_unit)
+                   None if resume_adapter is None else read(resume_adapter), shard_unit, device)
     model = load_quantized_model(
         model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant,
         torch_dtype(quant.compute_dtype, device),
@@ -129,9 +133,10 @@ class _Units:
     """The per-layer half of :func:`build_model`: the adapter of each decoder layer as that layer loads."""
 
     def __init__(self, lora: LoraConfig, adapter_dtype: torch.dtype, checkpoint: Path | None, resume,
-                 shard_unit: Callable[[nn.Module], None] | None):
+                 shard_unit: Callable[[nn.Module], None] | None, device: torch.device):
         self.lora, self.adapter_dtype, self.checkpoint, self.resume = lora, adapter_dtype, checkpoint, resume
-        self.shard_unit = shard_unit
+        self.shard_unit, self.device = shard_unit, device
+        self.vera = lora.variant == "vera"
         self.from_weights = lora.init in INITS_FROM_WEIGHTS
         self.plan: list[tuple[str, int, float]] = []
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -141,14 +146,36 @@ class _Units:
     def names(self, model: nn.Module) -> Sequence[str]:
         """On the empty model: check the adapter plan (and a resumed adapter) and freeze every parameter."""
         lo = self.lora
-        self.plan = plan_lora(model, lo.targets, lo.rank, lo.alpha, lo.dropout,
-                              "kaiming" if self.from_weights else lo.init, self.adapter_dtype,
-                              lo.rank_pattern or None, lo.alpha_pattern or None)
-        if self.resume is not None:
+        if self.vera:
+            self._plan_vera(model)
+        else:
+            self.plan = plan_lora(model, lo.targets, lo.rank, lo.alpha, lo.dropout,
+                                  "kaiming" if self.from_weights else lo.init, self.adapter_dtype,
+                                  lo.rank_pattern or None, lo.alpha_pattern or None)
+        if self.resume is not None and not self.vera:
             check_adapter_fits(model, self.resume)
         self.frozen = freeze_model(model)  # before any shard: FSDP2 treats a trainable parameter as one to reduce
         index = {id(m): n for n, m in model.named_modules()}
         return [index[id(layer)] for layer in decoder_layers(model)]
+
+    def _plan_vera(self, model: nn.Module) -> None:
+        """VeRA's plan and its shared matrices: seeded, or on a resume the checkpoint's (checked to fit)."""
+        lo = self.lora
+        names, max_in, max_out = plan_vera(model, lo.targets, lo.rank)
+        self.plan = [(n, lo.rank, 1.0) for n in names]
+        want = (lo.rank, max_in, max_out)
+        if self.resume is None:
+            proj = VeRAProjections.seeded(*want, lo.projection_prng_key, self.adapter_dtype, self.device)
+        else:
+            r = self.resume
+            got = (r.rank, r.vera_A.shape[1], r.vera_B.shape[0])
+            if got != want or set(r.modules) != set(names):
+                raise InputError(f"The checkpoint's VeRA adapter (r, max_in, max_out = {got}, {len(r.modules)} "
+                                 f"modules) does not fit this recipe's ({want}, {len(names)} modules); resume with "
+                                 "the recipe it was trained with.")
+            proj = VeRAProjections(r.vera_A.to(self.device, self.adapter_dtype),
+                                   r.vera_B.to(self.device, self.adapter_dtype), r.projection_prng_key)
+        attach_projections(model, proj)
 
     def done(self, model: nn.Module, unit: str) -> None:
         self._adapt(model, [p for p in self.plan if p[0].startswith(unit + ".")])
@@ -163,8 +190,11 @@ class _Units:
         if self.from_weights:
             self.initial = InitialFactors(lo.init, self.factors)
             log_initial(self.initial, requantized=self.checkpoint is not None)
-        log_lora(model, len(self.plan), lo.targets, lo.rank, lo.alpha, lo.use_rslora, lo.variant == "dora",
-                 lo.freeze_A, self.adapter_dtype, self.frozen)
+        if self.vera:
+            log_vera(model, lo.targets, lo.rank, lo.d_initial, lo.projection_prng_key, self.adapter_dtype, self.frozen)
+        else:
+            log_lora(model, len(self.plan), lo.targets, lo.rank, lo.alpha, lo.use_rslora, lo.variant == "dora",
+                     lo.freeze_A, self.adapter_dtype, self.frozen)
         if self.resume is not None:
             log.info("resumed the adapter of %d modules", len(self.resume.modules))
 
@@ -173,6 +203,11 @@ class _Units:
             return
         lo = self.lora
         names = {p[0] for p in plan}
+        if self.vera:
+            wrap_vera(model, [p[0] for p in plan], lo.d_initial, lo.dropout)
+            if self.resume is not None:
+                install_vera(model, self.resume, trainable=True, only=names)
+            return
         wrap_targets(model, plan, lo.dropout, lo.use_rslora, lo.variant == "dora",
                      "kaiming" if self.from_weights else lo.init, self.adapter_dtype, lo.freeze_A)
         if self.from_weights:  # the same factors and base on a resume: the SVD/QR of the same weights

@@ -52,6 +52,7 @@ from layers.tiling import decoder_layers
 from memory.distributed import FSDP_OPTIMIZERS  # the planner's rule: bitsandbytes cannot step DTensors
 from qlora.adapters.files import adapter_from_model, save_adapter
 from qlora.lora.targets import linear_layers
+from qlora.lora.vera import vera_projections
 from qlora.train.loss import forward_loss
 from quant.errors import InputError, choices
 from quant.linear import NF4Linear
@@ -404,7 +405,13 @@ def adapter_saver(model: nn.Module, model_dir: Path, initial=None):
     names = list(linear_layers(model))
     base = str(Path(model_dir).resolve())  # the folder actually trained on, so other tools can find the base
 
+    vera = vera_projections(model) is not None  # one process only (the planner refuses VeRA on several)
+
     def save(par: ParallelModel, folder: Path | None) -> None:
+        if vera:
+            if folder is not None:
+                save_adapter(par.model, folder, base, linear_names=names)
+            return
         adapter = adapter_from_model(par.model)
         if par.strategy == "fsdp":
             adapter.modules = {

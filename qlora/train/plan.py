@@ -83,6 +83,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         targets=lora.targets,
         dropout=lora.dropout,
         dora=lora.variant == "dora",
+        vera=lora.variant == "vera",
         init=lora.init,
         adapter_dtype=dtype_name(lora.dtype, device),
         optimizer=recipe.optimizer.name,
@@ -143,7 +144,7 @@ def settings_to_recipe(settings: memory.Settings, base: dict | None = None) -> d
     data["quant"].update(quant_type=s.quant_type, blocksize=s.blocksize, double_quant=s.double_quant)
     data["lora"].update(
         targets=s.targets if isinstance(s.targets, str) else list(s.targets), rank=s.rank, dropout=s.dropout,
-        variant="dora" if s.dora else "lora", dtype=s.adapter_dtype, init=s.init,
+        variant="dora" if s.dora else "vera" if s.vera else "lora", dtype=s.adapter_dtype, init=s.init,
     )
     data["optimizer"]["name"] = s.optimizer
     data.update(

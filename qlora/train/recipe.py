@@ -82,7 +82,10 @@ class LoraConfig:
     rank: Union[Positive, Auto] = 16
     alpha: PositiveFloat = 32.0
     dropout: Fraction = 0.0
-    variant: Literal["lora", "dora"] = "lora"
+    # vera: shared frozen random matrices, trainable vectors only (layers.vera); no alpha, rslora or patterns
+    variant: Literal["lora", "dora", "vera"] = "lora"
+    d_initial: Float = 0.1  # vera: the start of every d (b starts at zero)
+    projection_prng_key: NonNegative = 0  # vera: the seed of the shared matrices (PEFT's key draws PEFT's)
     use_rslora: Bool = False
     # kaiming/gaussian: A random, B zero. pissa/olora/loftq: the adapter starts from the weights (layers.inits)
     # and the rest is the (re-quantized) base; the saved adapter is rank 2r, for the original base
@@ -287,6 +290,8 @@ def _check(recipe: Recipe) -> Recipe:
         raise InputError(f"Recipe keys 'lora.init' {init!r} and 'lora.variant' 'dora' do not go together: the DoRA "
                          f"magnitude would need its own init from the moved weights. Use lora.variant lora with "
                          f"{init}, or lora.init kaiming/gaussian with dora.")
+    if lora.variant == "vera":
+        _check_vera(lora)
     if init == "loftq" and recipe.quant.quant_type == "none":
         raise InputError("Recipe keys 'lora.init' 'loftq' and 'quant.quant_type' 'none' do not go together: LoftQ "
                          "fits the adapter to the 4-bit base's quantization error, and a 16-bit base has none. Use "
@@ -296,6 +301,23 @@ def _check(recipe: Recipe) -> Recipe:
                          "checkpointed layer inputs are offloaded. Set gradient_checkpointing: true or "
                          "offload_activations: false.")
     return recipe
+
+
+def _check_vera(lora: LoraConfig) -> None:
+    """VeRA's cross-key rules: the LoRA options that have no meaning for shared matrices and vectors."""
+    clashes = [
+        ("lora.init", lora.init, lora.init != "kaiming", "VeRA's matrices are seeded random ones and b starts at zero"),
+        ("lora.rank_pattern", lora.rank_pattern, bool(lora.rank_pattern), "one shared pair of matrices has one rank"),
+        ("lora.alpha_pattern", lora.alpha_pattern, bool(lora.alpha_pattern), "VeRA has no alpha"),
+        ("lora.use_rslora", lora.use_rslora, lora.use_rslora, "VeRA has no alpha/r scale to stabilize"),
+        ("lora.freeze_A", lora.freeze_A, lora.freeze_A, "VeRA's A is frozen already"),
+        ("lora.loraplus_ratio", lora.loraplus_ratio, lora.loraplus_ratio is not None,
+         "VeRA has no B factor to speed up"),
+    ]
+    for key, value, bad, why in clashes:
+        if bad:
+            raise InputError(f"Recipe keys 'lora.variant' 'vera' and {key!r} {value!r} do not go together: {why}. "
+                             f"Remove {key} for VeRA, or use lora.variant lora/dora with it.")
 
 
 def recipe_from_dict(data: dict) -> Recipe:

@@ -6,7 +6,7 @@ test parses every ``.py`` under ``qlora/``, ``memory/`` and ``bench/`` and
 fails on any assignment (or deletion) of a layer field on anything but
 ``self``: ``m.lora_A = ...``, ``object.__setattr__(m, "_unmerged_base", ...)``,
 ``m.__dict__[KEY] = ...``, ``setattr(m, "enabled", ...)``. It also checks that
-``layers/lora.py`` and ``layers/dora.py`` do not import each other.
+``layers/lora.py``, ``layers/dora.py`` and ``layers/vera.py`` do not import each other.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("qlora", "memory", "bench")
 FIELDS = frozenset({
-    "lora_A", "lora_B", "lora_magnitude_vector", "alpha", "use_rslora", "lora_dropout", "merged", "enabled",
+    "lora_A", "lora_B", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d", "alpha", "use_rslora",
+    "lora_dropout", "merged", "enabled",
     "base_layer",
 })
 # private attributes outside code once kept on the layers (merging's kept base, diagnostics' cached norm)
@@ -211,10 +212,12 @@ def _imported_modules(path: Path) -> set[str]:
     return out
 
 
-def test_lora_and_dora_do_not_import_each_other():
-    lora, dora = _imported_modules(ROOT / "layers/lora.py"), _imported_modules(ROOT / "layers/dora.py")
-    assert not any(m.startswith("layers.dora") for m in lora), lora
-    assert not any(m.startswith("layers.lora") for m in dora), dora
+def test_the_variants_do_not_import_each_other():
+    variants = ("lora", "dora", "vera")
+    for name in variants:
+        imported = _imported_modules(ROOT / f"layers/{name}.py")
+        others = [f"layers.{v}" for v in variants if v != name]
+        assert not any(m.startswith(o) for m in imported for o in others), (name, imported)
 
 
 def test_layers_depend_on_torch_and_quant_errors_only():

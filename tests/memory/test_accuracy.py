@@ -23,6 +23,8 @@ CASES = [
     ("gemma2", dict(batch=2, seq=48, rank=8)),  # eager, soft-capping, sliding/full layers
     ("phi3", dict(batch=3, seq=32, rank=8, loss="chunked", chunk_tokens=16)),
     ("qwen3", dict(batch=2, seq=32, rank=8, dora=True)),
+    ("llama", dict(batch=2, seq=64, rank=64, vera=True)),  # VeRA: shared matrices, out-wide saved products
+    ("qwen2", dict(batch=2, seq=48, rank=32, vera=True, dropout=0.1, gradient_checkpointing=False)),
     ("mistral", dict(batch=2, seq=48, rank=16, optimizer="adamw_8bit", adapter_dtype="float32")),
     ("qwen2", dict(batch=2, seq=48, rank=8, targets="qv", quant_type="none")),  # 16-bit base, plain LoRA
     ("llama", dict(batch=1, seq=512, rank=8, tiled_mlp=True, tile_tokens=64)),  # 8 tiles, the dry run runs 2
