@@ -66,13 +66,15 @@ def random_qlora_model(
     tiled_norms: bool = False,
     tile_tokens: int = 4096,
     vera: bool = False,
+    delta_ratio: float | None = None,
 ) -> nn.Module:
     """A trainable QLoRA model with random weights, built from config.json facts.
 
     The 16-bit model is created on ``device`` (bf16), its linears are
     quantized one at a time (the 16-bit copy of each is freed as it goes;
     ``quant_type="none"`` keeps them 16-bit),
-    LoRA (VeRA with ``vera``) wraps ``targets``, and every decoder layer is checkpointed; with
+    LoRA (VeRA with ``vera``, Delta-LoRA with ``delta_ratio``) wraps ``targets``, and every decoder layer
+    is checkpointed; with
     ``tiled_mlp`` / ``tiled_norms`` every MLP / norm runs in tiles of ``tile_tokens`` tokens (the trainer's calls).
 
     Raises:
@@ -91,7 +93,7 @@ def random_qlora_model(
     if vera:
         apply_vera(model, targets, rank, dropout=dropout, dtype=adapter_dtype)
     else:
-        apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype)
+        apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype, delta_ratio=delta_ratio)
     if gradient_checkpointing:
         enable_checkpointing(model)  # the trainer's call: non-reentrant, one checkpoint per layer
     if tiled_mlp:
@@ -252,8 +254,11 @@ def check(
     tiled_norms: bool = False,
     tile_tokens: int = 4096,
     vera: bool = False,
+    delta_ratio: float | None = None,
 ) -> Check:
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
+
+    ``delta_ratio``: run Delta-LoRA, which the planner plans as LoRA (the trainer's mapping, qlora.train.plan).
 
     Raises:
         InputError: invalid settings (as :func:`memory.estimate` and :func:`random_qlora_model`).
@@ -269,6 +274,7 @@ def check(
     model = random_qlora_model(
         config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn,
         quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens, vera=vera,
+        delta_ratio=delta_ratio,
     )
     opt = make_optimizer(model, optimizer)
     m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None)

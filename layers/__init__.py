@@ -4,13 +4,15 @@
 layer -- an ``nn.Linear`` or a ``quant.NF4Linear`` -- and add a small trainable
 update. All derive from ``AdapterLinear`` (:mod:`layers.base`), which owns the
 operations on an adapter layer (install, clear, merge, enable, LoRA-FA);
-the variants do not import each other. The package lives below both
+the variants do not import each other, except ``DeltaLoRALinear`` (:mod:`layers.delta`),
+which is a ``LoRALinear`` with another forward. The package lives below both
 ``memory`` and ``qlora``, so the planner's meta-device dry runs execute
 exactly the code the trainer runs while ``memory`` never imports ``qlora``.
 Depends on torch and :mod:`quant.errors` only.
 """
 
 from .base import INITS, AdapterLinear, LoRAFactor, base_dtype, base_weight, dense_linear, module_device
+from .delta import DeltaLoRALinear
 from .dora import DoRALinear
 from .lora import LoRALinear
 from .vera import VeRALinear, VeRAProjections
@@ -18,6 +20,7 @@ from .vera import VeRALinear, VeRAProjections
 __all__ = [
     "INITS",
     "AdapterLinear",
+    "DeltaLoRALinear",
     "DoRALinear",
     "LoRAFactor",
     "LoRALinear",

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from layers.base import AdapterLinear
+from layers.delta import DeltaLoRALinear
 from layers.dora import DoRALinear
 from layers.lora import LoRALinear
 from layers.vera import VeRALinear
@@ -92,13 +93,15 @@ class Adapter:
 def module_adapter(layer: AdapterLinear) -> ModuleAdapter:
     """One adapter layer's adapter as a :class:`ModuleAdapter` (tensors are detached references, not copies).
 
-    A VeRA layer gives its equal LoRA (float32 copies ``d ⊙ A`` and ``b ⊙ B``, scale 1).
+    A VeRA layer gives its equal LoRA (float32 copies ``d ⊙ A`` and ``b ⊙ B``, scale 1); a Delta-LoRA layer
+    its update against the original base (alpha ``alpha·(1+λ)``: the base's implicit part included).
     """
     if isinstance(layer, VeRALinear):
         a, b = layer.lora_factors()
         return ModuleAdapter(a, b, float(layer.rank))
     t = {kind: p.detach() for kind, p in layer.adapter_tensors()}
-    return ModuleAdapter(t["lora_A"], t["lora_B"], layer.alpha, layer.use_rslora, t.get("lora_magnitude_vector"))
+    alpha = layer.saved_alpha if isinstance(layer, DeltaLoRALinear) else layer.alpha  # Delta-LoRA: with its base's part
+    return ModuleAdapter(t["lora_A"], t["lora_B"], alpha, layer.use_rslora, t.get("lora_magnitude_vector"))
 
 
 def adapter_from_model(model: nn.Module) -> Adapter:

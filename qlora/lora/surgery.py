@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from layers.base import INITS, AdapterLinear
+from layers.delta import DeltaLoRALinear
 from layers.dora import DoRALinear
 from layers.lora import LoRALinear
 from qlora.lora.targets import check_patterns, pattern_value, resolve_targets
@@ -191,6 +192,7 @@ def apply_lora(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
     freeze_A: bool = False,
+    delta_ratio: float | None = None,
 ) -> LoRAReport:
     """Freeze ``model`` and wrap the target linear layers in ``LoRALinear`` (``DoRALinear``), in place.
 
@@ -209,6 +211,8 @@ def apply_lora(
         dtype: adapter dtype, ``torch.bfloat16`` (default), ``torch.float16`` or ``torch.float32``.
         rank_pattern, alpha_pattern: per-module overrides, PEFT semantics (first matching key wins).
         freeze_A: LoRA-FA, A stays at its random init and only B (and m) train.
+        delta_ratio: Delta-LoRA with this λ (``layers.delta.DeltaLoRALinear``: the base follows λ times the
+            adapter's change, kept implicit); it takes no dropout and no DoRA.
 
     Returns:
         The :class:`LoRAReport` of the adapted model.
@@ -221,7 +225,7 @@ def apply_lora(
     dtype = adapter_dtype(dtype)
     plan = plan_lora(model, targets, rank, alpha, dropout, init, dtype, rank_pattern, alpha_pattern)
     was = freeze_model(model)
-    wrap_targets(model, plan, dropout, use_rslora, use_dora, init, dtype, freeze_A)
+    wrap_targets(model, plan, dropout, use_rslora, use_dora, init, dtype, freeze_A, delta_ratio)
     return log_lora(model, len(plan), targets, rank, alpha, use_rslora, use_dora, freeze_A, dtype, was)
 
 
@@ -295,18 +299,28 @@ def wrap_targets(
     init: str = "kaiming",
     dtype: torch.dtype | str = torch.bfloat16,
     freeze_A: bool = False,
+    delta_ratio: float | None = None,
 ) -> None:
     """Wrap each ``(name, rank, alpha)`` of ``plan`` (:func:`plan_lora`) in a new adapter layer, in order.
 
     The adapters are built on each base layer's device, so every named layer must be loaded (a DoRA
     magnitude is the base's row norms). Initial values draw from torch's RNG in ``plan`` order: wrapping
     a plan in pieces, in order, gives the same adapters as wrapping it at once when nothing else draws
-    in between.
+    in between. ``delta_ratio``: Delta-LoRA layers (:class:`layers.delta.DeltaLoRALinear`).
+
+    Raises:
+        InputError: Delta-LoRA with DoRA or with dropout.
     """
     dtype = adapter_dtype(dtype)
+    if delta_ratio is not None and (use_dora or dropout):
+        raise InputError(f"Delta-LoRA takes {'no DoRA' if use_dora else f'no dropout (got {dropout!r})'}: the base's "
+                         "update is the plain product B·A on the whole input.")
     cls = DoRALinear if use_dora else LoRALinear
     for name, r, a in plan:
-        module = cls(model.get_submodule(name), r, a, dropout, use_rslora, init, dtype)
+        if delta_ratio is not None:
+            module = DeltaLoRALinear(model.get_submodule(name), r, a, use_rslora, init, dtype, delta_ratio)
+        else:
+            module = cls(model.get_submodule(name), r, a, dropout, use_rslora, init, dtype)
         if freeze_A:
             module.freeze_A()
         replace_module(model, name, module)

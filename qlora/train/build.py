@@ -129,6 +129,23 @@ def build_model(
     return BuiltModel(model, save, initial)
 
 
+def _delta_alphas(adapter, plan: list[tuple[str, int, float]], delta: float) -> dict:
+    """A resumed Delta-LoRA adapter's modules with the plan's own alphas (the file holds ``alpha·(1+λ)``).
+
+    Raises:
+        InputError: a file alpha that is not the plan's times ``1+λ`` (another λ or alpha trained it).
+    """
+    out = {}
+    for name, _, alpha in plan:
+        m = adapter.modules[name]
+        if abs(m.alpha - alpha * (1 + delta)) > 1e-6 * max(1.0, abs(m.alpha)):
+            raise InputError(f"The checkpoint's Delta-LoRA adapter has alpha {m.alpha:g} for {name!r}, but this recipe "
+                             f"(alpha {alpha:g}, delta_ratio {delta:g}) saves {alpha * (1 + delta):g}; resume with "
+                             "the recipe it was trained with.")
+        out[name] = dataclasses.replace(m, alpha=alpha)
+    return out
+
+
 class _Units:
     """The per-layer half of :func:`build_model`: the adapter of each decoder layer as that layer loads."""
 
@@ -195,6 +212,9 @@ class _Units:
         else:
             log_lora(model, len(self.plan), lo.targets, lo.rank, lo.alpha, lo.use_rslora, lo.variant == "dora",
                      lo.freeze_A, self.adapter_dtype, self.frozen)
+        if lo.variant == "delta":
+            log.info("Delta-LoRA: the base follows %g x the adapter's change, kept implicit (the base stays frozen); "
+                     "the adapter is saved for the original base with alpha x %g", lo.delta_ratio, 1 + lo.delta_ratio)
         if self.resume is not None:
             log.info("resumed the adapter of %d modules", len(self.resume.modules))
 
@@ -208,8 +228,9 @@ class _Units:
             if self.resume is not None:
                 install_vera(model, self.resume, trainable=True, only=names)
             return
+        delta = lo.delta_ratio if lo.variant == "delta" else None
         wrap_targets(model, plan, lo.dropout, lo.use_rslora, lo.variant == "dora",
-                     "kaiming" if self.from_weights else lo.init, self.adapter_dtype, lo.freeze_A)
+                     "kaiming" if self.from_weights else lo.init, self.adapter_dtype, lo.freeze_A, delta)
         if self.from_weights:  # the same factors and base on a resume: the SVD/QR of the same weights
             got = init_from_weights(model, lo.init, self.checkpoint, loftq_iters=lo.loftq_iters,
                                     pissa_niter=lo.pissa_niter, only=names)
@@ -220,6 +241,8 @@ class _Units:
                 mine = {n: m for n, m in adapter.modules.items() if n in names}
                 adapter = dataclasses.replace(adapter, modules=from_original_base(mine, InitialFactors(lo.init,
                                                                                                        self.factors)))
+            if delta is not None:  # checkpoints hold alpha·(1+λ) (the base's part included): the layer takes alpha
+                adapter = dataclasses.replace(adapter, modules=_delta_alphas(adapter, plan, delta))
             install_adapter(model, adapter, dtype=self.adapter_dtype, trainable=True, only=names)
             if lo.freeze_A:  # install made fresh trainable factors: LoRA-FA freezes A again
                 for name in names:

@@ -83,7 +83,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         targets=lora.targets,
         dropout=lora.dropout,
         dora=lora.variant == "dora",
-        vera=lora.variant == "vera",
+        vera=lora.variant == "vera",  # delta: exactly LoRA's tensors (layers.delta), planned as LoRA
         init=lora.init,
         adapter_dtype=dtype_name(lora.dtype, device),
         optimizer=recipe.optimizer.name,

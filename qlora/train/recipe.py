@@ -83,7 +83,9 @@ class LoraConfig:
     alpha: PositiveFloat = 32.0
     dropout: Fraction = 0.0
     # vera: shared frozen random matrices, trainable vectors only (layers.vera); no alpha, rslora or patterns
-    variant: Literal["lora", "dora", "vera"] = "lora"
+    # delta: Delta-LoRA, the base follows delta_ratio times the adapter's change (layers.delta); no dropout
+    variant: Literal["lora", "dora", "vera", "delta"] = "lora"
+    delta_ratio: Annotated[Float, Field(ge=0)] = 1.0  # delta: λ
     d_initial: Float = 0.1  # vera: the start of every d (b starts at zero)
     projection_prng_key: NonNegative = 0  # vera: the seed of the shared matrices (PEFT's key draws PEFT's)
     use_rslora: Bool = False
@@ -292,6 +294,15 @@ def _check(recipe: Recipe) -> Recipe:
                          f"{init}, or lora.init kaiming/gaussian with dora.")
     if lora.variant == "vera":
         _check_vera(lora)
+    if lora.variant == "delta" and lora.dropout:
+        raise InputError(f"Recipe keys 'lora.variant' 'delta' and 'lora.dropout' {lora.dropout!r} do not go together: "
+                         "Delta-LoRA's base follows the product B·A on the whole input, so it takes no dropout (as in "
+                         "the paper). Set lora.dropout: 0, or use lora.variant lora with dropout.")
+    if lora.variant == "delta" and init in ("pissa", "olora", "loftq"):
+        raise InputError(f"Recipe keys 'lora.variant' 'delta' and 'lora.init' {init!r} do not go together: Delta-LoRA "
+                         "starts with B at zero, so that the base's whole update is λ times the adapter. Use "
+                         "lora.init kaiming/gaussian with delta, or lora.variant lora with "
+                         f"{init}.")
     if init == "loftq" and recipe.quant.quant_type == "none":
         raise InputError("Recipe keys 'lora.init' 'loftq' and 'quant.quant_type' 'none' do not go together: LoftQ "
                          "fits the adapter to the 4-bit base's quantization error, and a 16-bit base has none. Use "
