@@ -33,7 +33,7 @@ from _machine import device_name, package_versions, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 INITS = [("kaiming", {}), ("pissa", {}), ("pissa", {"pissa_niter": 4}), ("olora", {}), ("loftq", {"loftq_iters": 1}),
-         ("loftq", {"loftq_iters": 2}), ("loftq", {"loftq_iters": 4})]
+         ("loftq", {"loftq_iters": 2}), ("loftq", {"loftq_iters": 4}), ("nonzero", {})]
 
 
 def measure(model_dir: Path, init: str, kw: dict, rank: int = 16, alpha: float = 32.0) -> dict:
@@ -68,7 +68,7 @@ def init_transient(init: str, out: int, inp: int, rank: int = 16) -> int:
     from torch import nn
 
     from layers import LoRALinear
-    from layers.inits import loftq, olora, pissa
+    from layers.inits import loftq, nonzero, olora, pissa
     from memory.tracker import LiveTensorTracker
     from qlora.lora.inits import _roundtrip
     from quant import NF4Linear
@@ -84,6 +84,8 @@ def init_transient(init: str, out: int, inp: int, rank: int = 16) -> int:
         wf = w.to(torch.float32)
         if init == "loftq":
             a, b, base = loftq(wf, rank, 2.0, _roundtrip(layer), 2)
+        elif init == "nonzero":
+            a, b, base = nonzero(wf, rank, 2.0)
         else:
             a, b, base = (pissa if init == "pissa" else olora)(wf, rank, 2.0)
         layer.install(a, b, 2.0 * rank, trainable=True, dtype=torch.float32)
@@ -121,7 +123,8 @@ def main() -> int:
     from memory.terms import INIT_TRANSIENT
 
     transient = [{"init": init, "out": o, "in": i, "ratio": init_transient(init, o, i) / (4 * o * i),
-                  "planned": INIT_TRANSIENT[init]} for init in ("pissa", "olora", "loftq") for o, i in SHAPES]
+                  "planned": INIT_TRANSIENT[init]}
+                 for init in ("pissa", "olora", "loftq", "nonzero") for o, i in SHAPES]
     result = {"device": device_name("cpu"), "date": datetime.date.today().isoformat(),
               "versions": ", ".join(f"{k} {v}" for k, v in package_versions("torch", "transformers").items()),
               "rows": rows, "transient": transient}

@@ -11,6 +11,7 @@ exactly the code the trainer runs while ``memory`` never imports ``qlora``.
 Depends on torch and :mod:`quant.errors` only.
 """
 
+from .adalora import AdaLoRALinear
 from .base import INITS, AdapterLinear, LoRAFactor, base_dtype, base_weight, dense_linear, module_device
 from .delta import DeltaLoRALinear
 from .dora import DoRALinear
@@ -18,6 +19,7 @@ from .lora import LoRALinear
 from .vera import VeRALinear, VeRAProjections
 
 __all__ = [
+    "AdaLoRALinear",
     "INITS",
     "AdapterLinear",
     "DeltaLoRALinear",

@@ -13,6 +13,9 @@ format allows (LoftQ):
   smaller than quantizing ``W``.
 * **OLoRA**: from the QR decomposition ``W = Q·R``: ``B = Q[:, :r]/sqrt(s)``,
   ``A = R[:r]/sqrt(s)``, residual ``W - s·B·A``.
+* **nonzero**: A and B both Gaussian with one std, scaled so the starting
+  update's RMS is a set fraction of ``W``'s; the residual ``W - s·B·A`` is
+  the base, so the layer still starts at ``W``.
 * **LoftQ**: alternate ``Q = quantize(W - s·B·A)`` and
   ``(B, A) = the best rank-r fit of W - Q`` for ``iters`` rounds; the base is
   ``Q`` and the adapter soaks up the quantization error.
@@ -38,7 +41,8 @@ import torch
 
 from quant.errors import InputError
 
-INITS_FROM_WEIGHTS = ("pissa", "olora", "loftq")
+INITS_FROM_WEIGHTS = ("pissa", "olora", "loftq", "nonzero")
+NONZERO_RATIO = 0.1  # nonzero: the starting update's RMS as a fraction of the weight's
 
 
 def _check(w: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
@@ -46,8 +50,9 @@ def _check(w: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
         raise InputError(f"An init from the weights needs a 2-D (out, in) weight, got shape {tuple(w.shape)}.")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= min(w.shape):
         raise InputError(
-            f"LoRA rank {rank!r} does not fit a {tuple(w.shape)} layer: PiSSA, OLoRA and LoftQ take r of its "
-            f"singular (or QR) directions, so r must be between 1 and {min(w.shape)}."
+            f"LoRA rank {rank!r} does not fit a {tuple(w.shape)} layer: an r above the layer's smaller side adds "
+            f"nothing a rank-{min(w.shape)} update cannot hold (and PiSSA, OLoRA and LoftQ take r of its singular or "
+            f"QR directions), so r must be between 1 and {min(w.shape)}."
         )
     if not scale > 0:
         raise InputError(f"The LoRA scale must be positive, got {scale!r}.")
@@ -80,6 +85,28 @@ def olora(w: torch.Tensor, rank: int, scale: float):
     root = scale**0.5
     a, b = r[:rank] / root, q[:, :rank] / root
     return a.contiguous(), b.contiguous(), w - scale * (b @ a)
+
+
+def nonzero(w: torch.Tensor, rank: int, scale: float, ratio: float = NONZERO_RATIO,
+            generator: torch.Generator | None = None):
+    """Both factors Gaussian: ``(A, B, residual)``, with ``residual = W - s·B·A`` so the layer starts at ``W``.
+
+    A and B get one std ``σ`` each, chosen so that the starting update ``s·B·A`` (whose entries have
+    variance ``s²·r·σ⁴``) has RMS ``ratio·RMS(W)``: ``σ = sqrt(ratio·RMS(W) / (s·sqrt(r)))``. Balanced
+    factors give both A and B a gradient from the first step (with B at zero, A's is zero). Draws on the
+    CPU (torch's generator, or ``generator``), so a seed gives the same factors on every device.
+
+    Raises:
+        InputError: see the module; a ratio that is not a positive number.
+    """
+    w = _check(w, rank, scale)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
+        raise InputError(f"The nonzero init's ratio must be a positive number, got {ratio!r} (lora.nonzero_ratio).")
+    rms = float(w.pow(2).mean().sqrt())
+    sigma = (ratio * rms / (scale * rank**0.5)) ** 0.5
+    a = torch.randn(rank, w.shape[1], generator=generator).mul_(sigma).to(w.device)
+    b = torch.randn(w.shape[0], rank, generator=generator).mul_(sigma).to(w.device)
+    return a, b, w - scale * (b @ a)
 
 
 def loftq(w: torch.Tensor, rank: int, scale: float, quantize: Callable[[torch.Tensor], torch.Tensor],

@@ -107,8 +107,8 @@ class Settings:
         adapter_dtype: bfloat16, float16 or float32.
         optimizer: adamw (torch), adamw_8bit, paged_adamw_8bit or paged_adamw_32bit (bitsandbytes).
         gradient_checkpointing: one non-reentrant checkpoint per decoder layer.
-        init: the LoRA init; ``pissa``, ``olora`` and ``loftq`` add an ``init`` phase (one layer's
-            SVD/QR at load time, :data:`memory.terms.INIT_TRANSIENT`).
+        init: the LoRA init; ``pissa``, ``olora``, ``loftq`` and ``nonzero`` add an ``init`` phase (one
+            layer's SVD/QR or residual at load time, :data:`memory.terms.INIT_TRANSIENT`).
         attn: sdpa, eager, or auto (sdpa where the architecture has it).
         loss: ``chunked`` (qlora's loss, ``loss_chunk_tokens`` rows per chunk;
             the trainer's default) or ``hf`` (transformers' loss on full fp32 logits).
@@ -164,7 +164,7 @@ class Settings:
     optimizer: str = field(default="paged_adamw_8bit", metadata=_opt(
         "--optimizer", "paged_adamw_8bit, paged_adamw_32bit, adamw_8bit or adamw", "NAME", str))
     init: str = field(default="kaiming", metadata=_opt(
-        "--init", "LoRA init: kaiming, gaussian, pissa, olora or loftq (the last three decompose each weight at "
+        "--init", "LoRA init: kaiming, gaussian, pissa, olora, loftq or nonzero (the last four rework each weight at "
         "load time)", "INIT", str))
     gradient_checkpointing: bool = field(default=True, metadata=_opt(
         "--no-gradient-checkpointing", "keep every layer's activations instead of recomputing them", const=False))

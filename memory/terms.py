@@ -24,13 +24,14 @@ from quant.formats import QUANTIZE_CHUNK
 from .profile import TAGS, Segment, Vec
 
 OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw")
-INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq", "nonzero")
 # Peak extra bytes of initializing one layer from its weight (layers.inits via qlora.lora.inits), as a multiple
 # of its float32 weight (4·out·in): the float32 copy, the SVD's (QR's) factors, the residual and the
 # re-quantization's temporaries. Measured with memory.tracker on CPU (bench/init_error.py, checked by
-# tests/qlora/test_lora_inits.py): 5.69-5.75 for PiSSA and OLoRA, 8.07-8.25 for LoftQ (its round trip
-# through 4 bits adds a dequantized copy); the largest of each is used.
-INIT_TRANSIENT = {"pissa": 5.75, "olora": 5.75, "loftq": 8.25}
+# tests/qlora/test_lora_inits.py): 5.69-5.75 for PiSSA, OLoRA and nonzero (which has no decomposition: the
+# residual and the re-quantization dominate), 8.07-8.25 for LoftQ (its round trip through 4 bits adds a
+# dequantized copy); the largest of each is used.
+INIT_TRANSIENT = {"pissa": 5.75, "olora": 5.75, "loftq": 8.25, "nonzero": 5.75}
 
 
 # quant.blockwise.quantize_4bit's temporaries per element of one chunk (at most QUANTIZE_CHUNK elements): the

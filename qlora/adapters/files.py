@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from layers.adalora import AdaLoRALinear
 from layers.base import AdapterLinear
 from layers.delta import DeltaLoRALinear
 from layers.dora import DoRALinear
@@ -99,6 +100,9 @@ def module_adapter(layer: AdapterLinear) -> ModuleAdapter:
     if isinstance(layer, VeRALinear):
         a, b = layer.lora_factors()
         return ModuleAdapter(a, b, float(layer.rank))
+    if isinstance(layer, AdaLoRALinear):  # A ⊙ E with the same scale: alpha'/r = alpha/(r0 + 1e-5)
+        a, b = layer.lora_factors()
+        return ModuleAdapter(a, b, layer.rank * layer.scale)
     t = {kind: p.detach() for kind, p in layer.adapter_tensors()}
     alpha = layer.saved_alpha if isinstance(layer, DeltaLoRALinear) else layer.alpha  # Delta-LoRA: with its base's part
     return ModuleAdapter(t["lora_A"], t["lora_B"], alpha, layer.use_rslora, t.get("lora_magnitude_vector"))
@@ -126,7 +130,8 @@ def adapter_from_model(model: nn.Module) -> Adapter:
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 initial=None, *, adapter: Adapter | None = None, linear_names: list[str] | None = None) -> Path:
+                 initial=None, *, adapter: Adapter | None = None, linear_names: list[str] | None = None,
+                 adalora: dict | None = None) -> Path:
     """Write the model's active adapter as a PEFT adapter folder (atomically). Returns the folder.
 
     ``base_model_name_or_path`` defaults to ``model.config._name_or_path``. The
@@ -136,17 +141,24 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     then written for the original base (rank 2r, :func:`qlora.lora.inits.to_original_base`).
     ``adapter``, ``linear_names``: the model's adapter and linear-layer names when the caller has them already
     (gathered from FSDP2's shards, read before sharding); default: read off ``model``.
+    ``adalora``: an AdaLoRA model's schedule fields for its PEFT config (:func:`qlora.adapters.adalora.write_adalora`).
 
     Raises:
         InputError: no adapter on the model, or a mix PEFT cannot express
             (DoRA on some modules only, rsLoRA on some modules only).
     """
+    names = list(linear_layers(model)) if linear_names is None else linear_names
+    if adapter is None and any(isinstance(m, AdaLoRALinear) for _, m in lora_modules(model)):
+        from qlora.adapters.adalora import write_adalora
+
+        name_or_path = base_model_name_or_path or getattr(getattr(model, "config", None), "_name_or_path", None)
+        return write_adalora(model, out_dir, adalora, names, name_or_path or None)
     if adapter is None and any(isinstance(m, VeRALinear) for _, m in lora_modules(model)):
         from qlora.adapters.vera import vera_from_model, write_vera
 
         vera = vera_from_model(model)
         vera.base_model_name_or_path = base_model_name_or_path or vera.base_model_name_or_path
-        return write_vera(vera, out_dir, list(linear_layers(model)) if linear_names is None else linear_names)
+        return write_vera(vera, out_dir, names)
     adapter = adapter_from_model(model) if adapter is None else adapter
     if base_model_name_or_path is not None:
         adapter.base_model_name_or_path = base_model_name_or_path
@@ -154,7 +166,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         from qlora.lora.inits import to_original_base
 
         adapter.modules = to_original_base(adapter.modules, initial)
-    names = list(linear_layers(model)) if linear_names is None else linear_names
     return write_adapter(adapter, out_dir, names)
 
 
@@ -220,6 +231,10 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         from qlora.adapters.vera import as_lora, read_vera
 
         return as_lora(read_vera(d))
+    if isinstance(cfg, dict) and cfg.get("peft_type") == "ADALORA":
+        from qlora.adapters.adalora import as_lora, read_adalora
+
+        return as_lora(read_adalora(d))
     check_config(cfg, cfg_path)
     try:
         with safe_open(str(w_path), "pt") as f:  # what safetensors' load_file does, plus the metadata

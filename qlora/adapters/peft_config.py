@@ -105,7 +105,8 @@ def check_config(cfg: dict, path: Path) -> None:
     if peft_type != "LORA":
         raise InputError(
             f"{path} has peft_type {peft_type!r}; qlora reads LoRA adapters (peft_type 'LORA', "
-            "including DoRA and rsLoRA ones) and VeRA adapters (peft_type 'VERA')."
+            "including DoRA and rsLoRA ones), VeRA adapters (peft_type 'VERA') and AdaLoRA adapters "
+            "(peft_type 'ADALORA')."
         )
     task = cfg.get("task_type")
     if task not in (None, "CAUSAL_LM"):

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from layers.inits import INITS_FROM_WEIGHTS, loftq, olora, pissa
+from layers.inits import INITS_FROM_WEIGHTS, NONZERO_RATIO, loftq, nonzero, olora, pissa
 from qlora.lora.surgery import lora_modules
 from quant.errors import InputError, choices
 
@@ -65,7 +66,8 @@ def _roundtrip(layer: nn.Module):
 
 
 def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None = None, *, loftq_iters: int = 1,
-                      pissa_niter: int | None = None, only: Collection[str] | None = None) -> InitialFactors:
+                      pissa_niter: int | None = None, nonzero_ratio: float = NONZERO_RATIO, seed: int = 0,
+                      only: Collection[str] | None = None) -> InitialFactors:
     """Re-initialize every LoRA layer of ``model`` from its original weight (see the module docstring).
 
     Args:
@@ -73,6 +75,10 @@ def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None 
         model_dir: the 16-bit checkpoint the model was loaded from (the original weights are read from it,
             one at a time); None: a dense (16-bit) base's own weights.
         loftq_iters: LoftQ's alternations. pissa_niter: PiSSA by a randomized SVD with that many iterations.
+        nonzero_ratio: the nonzero init's starting update RMS, as a fraction of each weight's.
+        seed: the nonzero init draws each layer's factors from its own CPU generator, seeded from ``seed`` and
+            the layer's name: the same factors whatever else drew before, in any order of layers (a resume,
+            a rebuild of the trained model, a loader going unit by unit).
         only: just these adapter layers (a loader going unit by unit); their factors may then be none.
 
     Returns:
@@ -121,6 +127,9 @@ def init_from_weights(model: nn.Module, init: str, model_dir: str | Path | None 
             a, b, base = pissa(w, layer.rank, layer.scale, pissa_niter)
         elif init == "olora":
             a, b, base = olora(w, layer.rank, layer.scale)
+        elif init == "nonzero":
+            gen = torch.Generator().manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
+            a, b, base = nonzero(w, layer.rank, layer.scale, nonzero_ratio, gen)
         else:
             a, b, base = loftq(w, layer.rank, layer.scale, _roundtrip(layer), loftq_iters)
         dtype = layer.lora_A.weight.dtype
@@ -146,7 +155,8 @@ def log_initial(initial: InitialFactors, requantized: bool) -> None:
     """The one log line of an init from the weights, once all its layers are done."""
     log.info("lora.init %s: %d layers' adapters from their weights' %s, the rest in the base%s", initial.init,
              len(initial.factors),
-             {"pissa": "top singular directions", "olora": "QR factors", "loftq": "4-bit error"}[initial.init],
+             {"pissa": "top singular directions", "olora": "QR factors", "loftq": "4-bit error",
+              "nonzero": "Gaussian factors (both nonzero)"}[initial.init],
              " (re-quantized)" if requantized else "")
 
 

@@ -5,7 +5,8 @@ LoRA+ gives B a learning rate ``ratio`` times A's (the paper suggests about
 slowly for wide layers. DoRA magnitude vectors go with B's rate, as PEFT's
 ``create_loraplus_optimizer`` does, and never get weight decay: decaying m
 would shrink each row's norm toward zero, which is not a regularizer of the
-update. VeRA's vectors ``b`` and ``d`` take the base rate and the decay.
+update. VeRA's vectors ``b`` and ``d`` take the base rate and the decay; AdaLoRA's E the base rate, no
+decay.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def lora_param_groups(
         # the base rate and the weight decay; LoRA+ has no B-like factor to speed up in VeRA
         "vera_lambda_b": {"params": [], "lr": lr, "weight_decay": weight_decay},
         "vera_lambda_d": {"params": [], "lr": lr, "weight_decay": weight_decay},
+        # AdaLoRA's singular values: the base rate, and no decay (it would pull every triplet toward pruned)
+        "lora_E": {"params": [], "lr": lr, "weight_decay": 0.0},
     }
     for _, kind, p in params:
         groups[kind]["params"].append(p)

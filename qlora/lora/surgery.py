@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from layers.adalora import AdaLoRALinear
 from layers.base import INITS, AdapterLinear
 from layers.delta import DeltaLoRALinear
 from layers.dora import DoRALinear
@@ -193,6 +194,7 @@ def apply_lora(
     alpha_pattern: Mapping[str, float] | None = None,
     freeze_A: bool = False,
     delta_ratio: float | None = None,
+    adalora: bool = False,
 ) -> LoRAReport:
     """Freeze ``model`` and wrap the target linear layers in ``LoRALinear`` (``DoRALinear``), in place.
 
@@ -213,6 +215,8 @@ def apply_lora(
         freeze_A: LoRA-FA, A stays at its random init and only B (and m) train.
         delta_ratio: Delta-LoRA with this λ (``layers.delta.DeltaLoRALinear``: the base follows λ times the
             adapter's change, kept implicit); it takes no dropout and no DoRA.
+        adalora: AdaLoRA layers (``layers.adalora.AdaLoRALinear``: SVD form, pruned by
+            :class:`qlora.lora.adalora.RankAllocator`); ``rank`` is the starting rank.
 
     Returns:
         The :class:`LoRAReport` of the adapted model.
@@ -225,7 +229,7 @@ def apply_lora(
     dtype = adapter_dtype(dtype)
     plan = plan_lora(model, targets, rank, alpha, dropout, init, dtype, rank_pattern, alpha_pattern)
     was = freeze_model(model)
-    wrap_targets(model, plan, dropout, use_rslora, use_dora, init, dtype, freeze_A, delta_ratio)
+    wrap_targets(model, plan, dropout, use_rslora, use_dora, init, dtype, freeze_A, delta_ratio, adalora)
     return log_lora(model, len(plan), targets, rank, alpha, use_rslora, use_dora, freeze_A, dtype, was)
 
 
@@ -300,18 +304,30 @@ def wrap_targets(
     dtype: torch.dtype | str = torch.bfloat16,
     freeze_A: bool = False,
     delta_ratio: float | None = None,
+    adalora: bool = False,
 ) -> None:
     """Wrap each ``(name, rank, alpha)`` of ``plan`` (:func:`plan_lora`) in a new adapter layer, in order.
 
     The adapters are built on each base layer's device, so every named layer must be loaded (a DoRA
     magnitude is the base's row norms). Initial values draw from torch's RNG in ``plan`` order: wrapping
     a plan in pieces, in order, gives the same adapters as wrapping it at once when nothing else draws
-    in between. ``delta_ratio``: Delta-LoRA layers (:class:`layers.delta.DeltaLoRALinear`).
+    in between. ``delta_ratio``: Delta-LoRA layers (:class:`layers.delta.DeltaLoRALinear`); ``adalora``:
+    AdaLoRA layers (:class:`layers.adalora.AdaLoRALinear`, their own Gaussian init).
 
     Raises:
-        InputError: Delta-LoRA with DoRA or with dropout.
+        InputError: Delta-LoRA with DoRA or with dropout; AdaLoRA with DoRA, Delta-LoRA, rsLoRA or LoRA-FA.
     """
     dtype = adapter_dtype(dtype)
+    if adalora:
+        clash = next((what for what, on in (("DoRA", use_dora), ("Delta-LoRA", delta_ratio is not None),
+                                            ("rsLoRA", use_rslora), ("LoRA-FA (freeze_A)", freeze_A)) if on), None)
+        if clash:
+            raise InputError(f"AdaLoRA and {clash} do not go together: AdaLoRA's update is B·Λ·A with its own scale "
+                             f"alpha/r0, which {clash} would change. Use one of them.")
+        for name, r, a in plan:
+            replace_module(model, name, AdaLoRALinear(model.get_submodule(name), r, a, dropout,
+                                                      None if init is None else "gaussian", dtype))
+        return
     if delta_ratio is not None and (use_dora or dropout):
         raise InputError(f"Delta-LoRA takes {'no DoRA' if use_dora else f'no dropout (got {dropout!r})'}: the base's "
                          "update is the plain product B·A on the whole input.")

@@ -23,8 +23,10 @@ from torch import nn
 from layers.inits import INITS_FROM_WEIGHTS
 from layers.tiling import decoder_layers, tile_mlps, tile_norms
 from layers.vera import VeRAProjections
+from qlora.adapters.adalora import install_adalora, read_adalora
 from qlora.adapters.files import check_adapter_fits, install_adapter, read_adapter, save_adapter
 from qlora.adapters.vera import install_vera, read_vera
+from qlora.lora.adalora import AdaLoRASchedule
 from qlora.lora.inits import InitialFactors, from_original_base, init_from_weights, log_initial
 from qlora.lora.surgery import freeze_model, log_lora, lora_modules, plan_lora, wrap_targets
 from qlora.lora.vera import attach_projections, log_vera, plan_vera, wrap_vera
@@ -59,6 +61,8 @@ def build_model(
     tiled_norms: bool = False,
     tile_tokens: int = 4096,
     shard_unit: Callable[[nn.Module], None] | None = None,
+    seed: int = 0,
+    adalora: AdaLoRASchedule | None = None,
 ) -> BuiltModel:
     """NF4 base (streamed layer by layer) + LoRA + gradient checkpointing, ready to train.
 
@@ -76,6 +80,9 @@ def build_model(
             tokens (:mod:`layers.tiling`).
         shard_unit: called on each decoder layer once it is complete (frozen base, adapter filled), before
             the next is read: FSDP2's ``fully_shard``. None: nothing.
+        seed: the recipe's seed; the nonzero init's factors are drawn from it (per layer, by name).
+        adalora: with ``lora.variant`` adalora, its schedule (:class:`qlora.lora.adalora.AdaLoRASchedule`),
+            written into the saved adapter's config.
 
     Returns:
         A :class:`BuiltModel` ``(model, save, initial)``: ``save(folder)`` writes the PEFT adapter into
@@ -92,9 +99,9 @@ def build_model(
         raise InputError(f"build_model needs a resolved LoRA rank, got {lora.rank!r}; plan the run first (qlora plan).")
     dtype, adapter_dtype = torch_dtype(model_dtype, device), torch_dtype(lora.dtype, device)
     log.info("non-quantized parameters (embeddings, norms, head) stay %s: recipe model.dtype", dtype)
-    read = read_vera if lora.variant == "vera" else read_adapter
+    read = {"vera": read_vera, "adalora": read_adalora}.get(lora.variant, read_adapter)
     units = _Units(lora, adapter_dtype, None if quant.quant_type == "none" else model_dir,
-                   None if resume_adapter is None else read(resume_adapter), shard_unit, device)
+                   None if resume_adapter is None else read(resume_adapter), shard_unit, device, seed)
     model = load_quantized_model(
         model_dir, device, quant.quant_type, quant.blocksize, quant.double_quant,
         torch_dtype(quant.compute_dtype, device),
@@ -123,8 +130,10 @@ def build_model(
     base = str(Path(model_dir).resolve())  # the folder actually trained on, so other tools can find the base
     initial = units.initial
 
+    fields = None if adalora is None else adalora.peft_fields()
+
     def save(folder: Path) -> Path:
-        return save_adapter(model, folder, base_model_name_or_path=base, initial=initial)
+        return save_adapter(model, folder, base_model_name_or_path=base, initial=initial, adalora=fields)
 
     return BuiltModel(model, save, initial)
 
@@ -150,9 +159,9 @@ class _Units:
     """The per-layer half of :func:`build_model`: the adapter of each decoder layer as that layer loads."""
 
     def __init__(self, lora: LoraConfig, adapter_dtype: torch.dtype, checkpoint: Path | None, resume,
-                 shard_unit: Callable[[nn.Module], None] | None, device: torch.device):
+                 shard_unit: Callable[[nn.Module], None] | None, device: torch.device, seed: int = 0):
         self.lora, self.adapter_dtype, self.checkpoint, self.resume = lora, adapter_dtype, checkpoint, resume
-        self.shard_unit, self.device = shard_unit, device
+        self.shard_unit, self.device, self.seed = shard_unit, device, seed
         self.vera = lora.variant == "vera"
         self.from_weights = lora.init in INITS_FROM_WEIGHTS
         self.plan: list[tuple[str, int, float]] = []
@@ -169,7 +178,12 @@ class _Units:
             self.plan = plan_lora(model, lo.targets, lo.rank, lo.alpha, lo.dropout,
                                   "kaiming" if self.from_weights else lo.init, self.adapter_dtype,
                                   lo.rank_pattern or None, lo.alpha_pattern or None)
-        if self.resume is not None and not self.vera:
+        if self.resume is not None and lo.variant == "adalora":
+            if set(self.resume.modules) != {p[0] for p in self.plan} or self.resume.init_r != lo.rank:
+                raise InputError(f"The checkpoint's AdaLoRA adapter ({len(self.resume.modules)} modules, r0 "
+                                 f"{self.resume.init_r}) does not fit this recipe's ({len(self.plan)} modules, rank "
+                                 f"{lo.rank}); resume with the recipe it was trained with.")
+        elif self.resume is not None and not self.vera:
             check_adapter_fits(model, self.resume)
         self.frozen = freeze_model(model)  # before any shard: FSDP2 treats a trainable parameter as one to reduce
         index = {id(m): n for n, m in model.named_modules()}
@@ -230,10 +244,16 @@ class _Units:
             return
         delta = lo.delta_ratio if lo.variant == "delta" else None
         wrap_targets(model, plan, lo.dropout, lo.use_rslora, lo.variant == "dora",
-                     "kaiming" if self.from_weights else lo.init, self.adapter_dtype, lo.freeze_A, delta)
+                     "kaiming" if self.from_weights else lo.init, self.adapter_dtype, lo.freeze_A, delta,
+                     lo.variant == "adalora")
+        if lo.variant == "adalora":
+            if self.resume is not None:
+                install_adalora(model, self.resume, trainable=True, only=names)
+            return
         if self.from_weights:  # the same factors and base on a resume: the SVD/QR of the same weights
             got = init_from_weights(model, lo.init, self.checkpoint, loftq_iters=lo.loftq_iters,
-                                    pissa_niter=lo.pissa_niter, only=names)
+                                    pissa_niter=lo.pissa_niter, nonzero_ratio=lo.nonzero_ratio, seed=self.seed,
+                                    only=names)
             self.factors.update(got.factors)
         if self.resume is not None:
             adapter = self.resume

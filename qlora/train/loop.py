@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from qlora.data import epoch_order
+from qlora.lora.adalora import RankAllocator, adalora_schedule
 from qlora.tasks import TaskScore, evaluate_task
 from qlora.train import checkpoints as ckpts
 from qlora.train import parallel
@@ -113,6 +114,7 @@ class _Run:
     total_steps: int
     chunk: int | None
     checkpoint: Path | None
+    allocator: RankAllocator | None = None  # AdaLoRA's (lora.variant adalora)
 
     @property
     def world(self) -> World:
@@ -160,15 +162,17 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     if world.distributed:
         last = parallel.gather_objects(world, last)[0]
     state = ckpts.load_trainer_state(last) if last is not None else None
+    ada = adalora_schedule(recipe.lora, total_steps)
     model, _, initial = build_model(
         plan.model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype, recipe.gradient_checkpointing,
         recipe.offload_activations, resume_adapter=None if last is None else last / "adapter",
         attn_implementation=recipe.model.attn_implementation,
         tiled_mlp=plan.tiled_mlp, tiled_norms=plan.tiled_norms, tile_tokens=plan.tile_tokens,
-        shard_unit=parallel.unit_sharder(world, strategy, plan.offload_params, device),
+        shard_unit=parallel.unit_sharder(world, strategy, plan.offload_params, device), seed=recipe.seed,
+        adalora=ada,
     )
     chunk = CHUNK_TOKENS if recipe.chunked_loss else None
-    saver = parallel.adapter_saver(model, plan.model_dir, initial)
+    saver = parallel.adapter_saver(model, plan.model_dir, initial, None if ada is None else ada.peft_fields())
     par = ParallelModel(model, world, strategy, chunk, plan.autocast_dtype, device, plan.offload_params)
     if world.distributed and world.rank:
         torch.manual_seed(recipe.seed + world.rank)  # LoRA dropout draws its own masks on each rank
@@ -183,7 +187,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     scaler = torch.amp.GradScaler(device.type) if plan.autocast_dtype == torch.float16 else None
     params = [p for g in groups for p in g["params"]]
     run = _Run(recipe, plan, device, out, data, model, par, lambda f: saver(par, f), opt, sched, scaler, params,
-               total_steps, chunk, last)
+               total_steps, chunk, last, None if ada is None else RankAllocator(model, ada))
     return run, state
 
 
@@ -192,6 +196,8 @@ def _restore(run: _Run, state: dict | None, say: Callable[[str], None]) -> int:
     if state is None:
         return 0
     step = run_state.restore(state, run.par, run.opt, run.sched, run.scaler, run.checkpoint)
+    if run.allocator is not None:
+        run.allocator.load_state_dict(state["adalora"])
     if step >= run.total_steps:
         say(f"{run.out} already holds a finished run ({run.checkpoint.name}); writing its adapter and plots again")
     else:
@@ -224,6 +230,9 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
     mean_loss = accumulate_gradients(run.model, micro_batches, run.chunk, run.plan.autocast_dtype, run.scaler,
                                      [counts[m] for m in mine], parallel=run.par, step_targets=sum(counts))
     mean_loss = parallel.all_sum(world, mean_loss)  # each rank held its share of the global mean
+    if run.allocator is not None:  # AdaLoRA's orthogonality penalty, once per step (not in the logged loss)
+        pen = run.allocator.orth_penalty()
+        (run.scaler.scale(pen) if run.scaler is not None else pen).backward()
     if run.scaler is not None:
         run.scaler.unscale_(run.opt)
     diag = {}
@@ -244,6 +253,8 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
         else:
             run.opt.step()
         run.sched.step()
+        if run.allocator is not None:  # with the step's gradients still in place, as PEFT's update_and_allocate
+            run.allocator.step(step)
     run.opt.zero_grad(set_to_none=True)
     peak, kind = peak_memory(run.device)
     return StepStats(loss, lr, grad_norm, sum(counts), len(ids) * r.seq_len, time.time() - t0, peak, kind, diag)
@@ -257,6 +268,8 @@ def _save(run: _Run, step: int) -> Path:
     """
     st = run_state.collect(run.par, run.opt, run.sched, run.scaler, step)
     path = run.out / f"checkpoint-{step:07d}"
+    if st is not None and run.allocator is not None:
+        st["adalora"] = run.allocator.state_dict()
     if st is not None:
         resolved = recipe_to_dict(run.recipe)
         path = ckpts.save_checkpoint(run.out, step, run.save_adapter, st, resolved, run.recipe.keep_checkpoints)

@@ -393,11 +393,11 @@ def _fully_shard(model: nn.Module, root: StepModule, offload: bool, pin: bool) -
              at_load, dist.get_world_size(), n, "pinned host memory" if offload else "device memory")
 
 
-def adapter_saver(model: nn.Module, model_dir: Path, initial=None):
+def adapter_saver(model: nn.Module, model_dir: Path, initial=None, adalora: dict | None = None):
     """``save(par, folder)``: write the model's adapter in PEFT format into ``folder`` (None: write nothing).
 
     ``initial``: a PiSSA/OLoRA/LoftQ init's step-0 factors: the adapter is written for the original base
-    (:func:`qlora.lora.inits.to_original_base`).
+    (:func:`qlora.lora.inits.to_original_base`). ``adalora``: an AdaLoRA run's schedule fields (its config).
 
     Made before any sharding (the linear names and the base path are read then). Under FSDP2 every rank
     must call it, because the adapter's shards are gathered first; only rank 0 passes a folder.
@@ -405,12 +405,13 @@ def adapter_saver(model: nn.Module, model_dir: Path, initial=None):
     names = list(linear_layers(model))
     base = str(Path(model_dir).resolve())  # the folder actually trained on, so other tools can find the base
 
-    vera = vera_projections(model) is not None  # one process only (the planner refuses VeRA on several)
+    # one process only for these two (the planner refuses them on several): written from the live model
+    whole = vera_projections(model) is not None or adalora is not None
 
     def save(par: ParallelModel, folder: Path | None) -> None:
-        if vera:
+        if whole:
             if folder is not None:
-                save_adapter(par.model, folder, base, linear_names=names)
+                save_adapter(par.model, folder, base, linear_names=names, adalora=adalora)
             return
         adapter = adapter_from_model(par.model)
         if par.strategy == "fsdp":

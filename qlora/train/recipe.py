@@ -84,14 +84,25 @@ class LoraConfig:
     dropout: Fraction = 0.0
     # vera: shared frozen random matrices, trainable vectors only (layers.vera); no alpha, rslora or patterns
     # delta: Delta-LoRA, the base follows delta_ratio times the adapter's change (layers.delta); no dropout
-    variant: Literal["lora", "dora", "vera", "delta"] = "lora"
+    # adalora: the update in SVD form, pruned from lora.rank to adalora_target_r per layer on average by
+    # importance (layers.adalora, qlora.lora.adalora); PEFT's AdaLoraConfig names and defaults
+    variant: Literal["lora", "dora", "vera", "delta", "adalora"] = "lora"
     delta_ratio: Annotated[Float, Field(ge=0)] = 1.0  # delta: λ
+    adalora_target_r: Positive = 8
+    adalora_tinit: NonNegative = 0  # steps before any pruning
+    adalora_tfinal: NonNegative = 0  # steps at the end with the ranks fixed
+    adalora_delta_t: Positive = 1  # steps between two allocations
+    adalora_beta1: Annotated[Float, Field(gt=0, lt=1)] = 0.85  # EMA of the sensitivity
+    adalora_beta2: Annotated[Float, Field(gt=0, lt=1)] = 0.85  # EMA of its uncertainty
+    adalora_orth_reg: Annotated[Float, Field(ge=0)] = 0.5  # weight of the orthogonality penalty
     d_initial: Float = 0.1  # vera: the start of every d (b starts at zero)
     projection_prng_key: NonNegative = 0  # vera: the seed of the shared matrices (PEFT's key draws PEFT's)
     use_rslora: Bool = False
-    # kaiming/gaussian: A random, B zero. pissa/olora/loftq: the adapter starts from the weights (layers.inits)
+    # kaiming/gaussian: A random, B zero. pissa/olora/loftq: the adapter starts from the weights (layers.inits);
+    # nonzero: A and B both Gaussian, W - s·B·A the base
     # and the rest is the (re-quantized) base; the saved adapter is rank 2r, for the original base
-    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "nonzero"] = "kaiming"
+    nonzero_ratio: PositiveFloat = 0.1  # nonzero: the starting update's RMS over the weight's
     loftq_iters: Positive = 1  # loftq: alternations of quantize / low-rank fit
     pissa_niter: Union[Positive, None] = None  # pissa: randomized SVD with this many iterations; null: exact
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -288,17 +299,17 @@ def _check(recipe: Recipe) -> Recipe:
         raise InputError(f"Recipe key 'quant.blocksize' is {recipe.quant.blocksize!r}; "
                          f"valid choices are {choices(BLOCKSIZES)}.")
     init, lora = recipe.lora.init, recipe.lora
-    if init in ("pissa", "olora", "loftq") and lora.variant == "dora":
+    if init in ("pissa", "olora", "loftq", "nonzero") and lora.variant == "dora":
         raise InputError(f"Recipe keys 'lora.init' {init!r} and 'lora.variant' 'dora' do not go together: the DoRA "
                          f"magnitude would need its own init from the moved weights. Use lora.variant lora with "
                          f"{init}, or lora.init kaiming/gaussian with dora.")
-    if lora.variant == "vera":
-        _check_vera(lora)
+    if lora.variant in ("vera", "adalora"):
+        _check_exclusive(lora)
     if lora.variant == "delta" and lora.dropout:
         raise InputError(f"Recipe keys 'lora.variant' 'delta' and 'lora.dropout' {lora.dropout!r} do not go together: "
                          "Delta-LoRA's base follows the product B·A on the whole input, so it takes no dropout (as in "
                          "the paper). Set lora.dropout: 0, or use lora.variant lora with dropout.")
-    if lora.variant == "delta" and init in ("pissa", "olora", "loftq"):
+    if lora.variant == "delta" and init in ("pissa", "olora", "loftq", "nonzero"):
         raise InputError(f"Recipe keys 'lora.variant' 'delta' and 'lora.init' {init!r} do not go together: Delta-LoRA "
                          "starts with B at zero, so that the base's whole update is λ times the adapter. Use "
                          "lora.init kaiming/gaussian with delta, or lora.variant lora with "
@@ -314,21 +325,37 @@ def _check(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def _check_vera(lora: LoraConfig) -> None:
-    """VeRA's cross-key rules: the LoRA options that have no meaning for shared matrices and vectors."""
-    clashes = [
-        ("lora.init", lora.init, lora.init != "kaiming", "VeRA's matrices are seeded random ones and b starts at zero"),
-        ("lora.rank_pattern", lora.rank_pattern, bool(lora.rank_pattern), "one shared pair of matrices has one rank"),
-        ("lora.alpha_pattern", lora.alpha_pattern, bool(lora.alpha_pattern), "VeRA has no alpha"),
-        ("lora.use_rslora", lora.use_rslora, lora.use_rslora, "VeRA has no alpha/r scale to stabilize"),
-        ("lora.freeze_A", lora.freeze_A, lora.freeze_A, "VeRA's A is frozen already"),
-        ("lora.loraplus_ratio", lora.loraplus_ratio, lora.loraplus_ratio is not None,
-         "VeRA has no B factor to speed up"),
-    ]
-    for key, value, bad, why in clashes:
+_WHY = {  # (variant, key) -> why the LoRA option has no meaning there
+    ("vera", "init"): "VeRA's matrices are seeded random ones and b starts at zero",
+    ("vera", "rank_pattern"): "one shared pair of matrices has one rank",
+    ("vera", "alpha_pattern"): "VeRA has no alpha",
+    ("vera", "use_rslora"): "VeRA has no alpha/r scale to stabilize",
+    ("vera", "freeze_A"): "VeRA's A is frozen already",
+    ("vera", "loraplus_ratio"): "VeRA has no B factor to speed up",
+    ("adalora", "init"): "AdaLoRA starts from its own init (A and B Gaussian, E zero)",
+    ("adalora", "rank_pattern"): "AdaLoRA allocates the ranks itself, from lora.rank down to lora.adalora_target_r",
+    ("adalora", "alpha_pattern"): "AdaLoRA's scale is alpha/r0 for every layer (PEFT's)",
+    ("adalora", "use_rslora"): "AdaLoRA's scale is alpha/r0 (PEFT's), not alpha/sqrt(r)",
+    ("adalora", "freeze_A"): "AdaLoRA scores and prunes A's rows, which must train",
+    ("adalora", "loraplus_ratio"): "AdaLoRA's B is one of three factors of its SVD form",
+}
+
+
+def _check_exclusive(lora: LoraConfig) -> None:
+    """VeRA's and AdaLoRA's cross-key rules: the LoRA options that have no meaning for them, and AdaLoRA's ranks."""
+    v = lora.variant
+    values = {"init": (lora.init, lora.init != "kaiming"), "rank_pattern": (lora.rank_pattern, bool(lora.rank_pattern)),
+              "alpha_pattern": (lora.alpha_pattern, bool(lora.alpha_pattern)),
+              "use_rslora": (lora.use_rslora, lora.use_rslora), "freeze_A": (lora.freeze_A, lora.freeze_A),
+              "loraplus_ratio": (lora.loraplus_ratio, lora.loraplus_ratio is not None)}
+    for key, (value, bad) in values.items():
         if bad:
-            raise InputError(f"Recipe keys 'lora.variant' 'vera' and {key!r} {value!r} do not go together: {why}. "
-                             f"Remove {key} for VeRA, or use lora.variant lora/dora with it.")
+            raise InputError(f"Recipe keys 'lora.variant' {v!r} and 'lora.{key}' {value!r} do not go together: "
+                             f"{_WHY[v, key]}. Remove lora.{key} for {v}, or use lora.variant lora/dora with it.")
+    if v == "adalora" and isinstance(lora.rank, int) and lora.adalora_target_r > lora.rank:
+        raise InputError(f"Recipe key 'lora.adalora_target_r' is {lora.adalora_target_r}, above 'lora.rank' "
+                         f"{lora.rank} (AdaLoRA's starting rank): AdaLoRA prunes ranks, it never adds them. Set "
+                         "lora.adalora_target_r at most lora.rank.")
 
 
 def recipe_from_dict(data: dict) -> Recipe:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from layers.inits import loftq, olora, pissa
+from layers.inits import loftq, nonzero, olora, pissa
 from quant import InputError
 from quant.blockwise import dequantize_4bit, quantize_4bit
 
@@ -88,3 +88,17 @@ def test_loftq_fits_fp4_too():
     w = torch.randn(96, 64) * 0.05
     a, b, r = loftq(w, 8, 1.0, fp4, 2)
     assert torch.linalg.norm(w - (fp4(r) + b @ a)) < torch.linalg.norm(w - fp4(w))
+
+
+def test_nonzero_starts_at_w_with_balanced_factors_of_the_asked_size():
+    w = torch.randn(256, 192) * 0.02
+    for ratio in (0.01, 0.1):
+        a, b, res = nonzero(w, 16, 2.0, ratio, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(res + 2.0 * b @ a, w, rtol=0, atol=1e-6)  # the layer starts at W
+        assert float(a.std()) == pytest.approx(float(b.std()), rel=0.05) and (a != 0).all() and (b != 0).all()
+        update_rms = float((2.0 * b @ a).pow(2).mean().sqrt())
+        assert update_rms == pytest.approx(ratio * float(w.pow(2).mean().sqrt()), rel=0.05)
+    again = nonzero(w, 16, 2.0, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], nonzero(w, 16, 2.0, 0.1, torch.Generator().manual_seed(0))[0])
+    with pytest.raises(InputError, match="positive number"):
+        nonzero(w, 16, 2.0, 0.0)

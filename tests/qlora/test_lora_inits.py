@@ -1,4 +1,4 @@
-"""PiSSA, OLoRA and LoftQ in the trainer: factors from the original weights, adapters PEFT loads on the original base.
+"""PiSSA, OLoRA, LoftQ and nonzero in the trainer: factors from the weights, adapters PEFT loads on the original base.
 
 The saved adapter is rank 2r, ``[A; A0]`` and ``[B, -B0]`` (PEFT's own conversion), so on the original base
 ``W`` it gives ``W - s·B0·A0 + s·B·A``: the trained model with the base's residual unquantized. Two oracles:
@@ -41,7 +41,7 @@ def _logits(model, x):
         return model.eval()(x).logits
 
 
-@pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", False), ("pissa", True)])
+@pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", False), ("pissa", True), ("nonzero", False)])
 def test_adapter_for_the_original_base_reproduces_the_trained_model_in_peft(tmp_path, init, rslora):
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32)
@@ -74,7 +74,7 @@ def _trained(out, *extra):
     """The trained model as the trainer held it: rebuilt from the run's last checkpoint."""
     r = load_recipe(TINY, RUN + [f"output_dir={out}", *extra])
     model, _, initial = build_model(resolve_model_dir(r.model.path), torch.device("cpu"), r.quant, r.lora, "float32",
-                                    False, resume_adapter=out / "checkpoint-0000004" / "adapter")
+                                    False, resume_adapter=out / "checkpoint-0000004" / "adapter", seed=r.seed)
     return model, initial
 
 
@@ -88,7 +88,7 @@ def test_pissa_on_a_16_bit_base_trains_to_an_adapter_peft_applies_exactly(tmp_pa
                                rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("init", ["pissa", "loftq"])
+@pytest.mark.parametrize("init", ["pissa", "loftq", "nonzero"])
 def test_nf4_init_resumes_exactly_and_its_adapter_is_the_trained_model_in_peft(tmp_path, init):
     import signal
 
@@ -121,11 +121,11 @@ def test_inits_that_do_not_go_together_are_refused_naming_both():
         load_recipe(TINY, ["lora.init=pissa", "lora.variant=dora"])
     with pytest.raises(InputError, match="'lora.init' 'loftq' and 'quant.quant_type' 'none'"):
         load_recipe(TINY, ["lora.init=loftq", "quant.quant_type=none"])
-    with pytest.raises(InputError, match="lora.init.*'kaiming', 'gaussian', 'pissa', 'olora' or 'loftq'"):
+    with pytest.raises(InputError, match="lora.init.*'kaiming', 'gaussian', 'pissa', 'olora', 'loftq' or 'nonzero'"):
         load_recipe(TINY, ["lora.init=svd"])
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])
+@pytest.mark.parametrize("init", ["pissa", "olora", "loftq", "nonzero"])
 @pytest.mark.parametrize("shape", [(512, 256), (256, 768)])
 def test_init_transient_matches_the_planner(init, shape):
     """memory.terms.INIT_TRANSIENT against the live tensors of one layer's init (bench/init_error.py measures)."""
