@@ -141,12 +141,12 @@ def test_an_adalora_recipe_prunes_saves_for_peft_and_resumes_bit_for_bit(tmp_pat
     import shutil
 
     from safetensors.torch import load_file
+    from test_train import FAST, TINY, _losses
     from transformers import AutoModelForCausalLM
 
     from qlora.builtin_models import resolve_model_dir
     from qlora.train.loop import train
     from qlora.train.recipe import load_recipe
-    from test_train import FAST, TINY, _losses
 
     def run(out):
         recipe = load_recipe(TINY, FAST + [f"output_dir={out}", "lora.variant=adalora", "lora.rank=6",
