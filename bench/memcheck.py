@@ -33,6 +33,7 @@ from torch import nn
 import memory
 from layers.tiling import tile_mlps, tile_norms
 from memory.tracker import LiveTensorTracker
+from qlora.lora.adalora import AdaLoRASchedule, RankAllocator
 from qlora.lora.surgery import apply_lora, lora_parameters
 from qlora.lora.vera import apply_vera
 from qlora.train.optim import build_optimizer
@@ -67,6 +68,7 @@ def random_qlora_model(
     tile_tokens: int = 4096,
     vera: bool = False,
     delta_ratio: float | None = None,
+    adalora: bool = False,
 ) -> nn.Module:
     """A trainable QLoRA model with random weights, built from config.json facts.
 
@@ -93,7 +95,8 @@ def random_qlora_model(
     if vera:
         apply_vera(model, targets, rank, dropout=dropout, dtype=adapter_dtype)
     else:
-        apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype, delta_ratio=delta_ratio)
+        apply_lora(model, targets, rank, alpha, dropout, use_dora=dora, dtype=adapter_dtype, delta_ratio=delta_ratio,
+                   adalora=adalora)
     if gradient_checkpointing:
         enable_checkpointing(model)  # the trainer's call: non-reentrant, one checkpoint per layer
     if tiled_mlp:
@@ -116,6 +119,8 @@ def train_step(
     labels: torch.Tensor,
     loss: str = "hf",
     chunk_tokens: int | None = 1024,
+    allocator=None,
+    step: int = 0,
 ) -> float:
     """One optimizer step on one micro-batch; returns the loss value.
 
@@ -127,7 +132,9 @@ def train_step(
 
     Runs :func:`qlora.train.step.accumulate_gradients` (the trainer's step, under
     its bf16 autocast) on one micro-batch; gradients are set to None after
-    the step (so they are allocated afresh by the next backward).
+    the step (so they are allocated afresh by the next backward). ``allocator``: AdaLoRA's
+    :class:`qlora.lora.adalora.RankAllocator`, run as the trainer runs it (its penalty's backward, then
+    its ``step(step)`` after the optimizer's).
 
     Raises:
         InputError: unknown ``loss``.
@@ -138,7 +145,11 @@ def train_step(
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
     out = float(accumulate_gradients(model, [batch], chunk_tokens if loss == "chunked" else None, torch.bfloat16))
+    if allocator is not None:
+        allocator.orth_backward()
     optimizer.step()
+    if allocator is not None:
+        allocator.step(step)
     optimizer.zero_grad(set_to_none=True)
     return out
 
@@ -178,6 +189,7 @@ def measure_step(
     loss: str = "hf",
     chunk_tokens: int | None = 1024,
     warmup_steps: int = 1,
+    allocator=None,
 ) -> Measurement:
     """Run ``warmup_steps`` steps, then measure the peak of the next one.
 
@@ -192,14 +204,16 @@ def measure_step(
         ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
         return ids, ids.clone()
 
-    for _ in range(warmup_steps):
-        train_step(model, optimizer, *batch_tensors(), loss=loss, chunk_tokens=chunk_tokens)
+    for i in range(warmup_steps):
+        train_step(model, optimizer, *batch_tensors(), loss=loss, chunk_tokens=chunk_tokens, allocator=allocator,
+                   step=i)
     ids, labels = batch_tensors()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
-        value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens)
+        value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens, allocator=allocator,
+                           step=warmup_steps)
         torch.cuda.synchronize(device)
         return Measurement(
             "cuda", torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), start, value
@@ -210,8 +224,11 @@ def measure_step(
         tracker.track(model.buffers())
         tracker.track(_optimizer_tensors(optimizer))
         tracker.track([ids, labels])
+        if allocator is not None:
+            tracker.track([*allocator.avg_ipt.values(), *allocator.avg_unc.values()])
         start = tracker.current
-        value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens)
+        value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens, allocator=allocator,
+                           step=warmup_steps)
     return Measurement(device.type, tracker.peak, None, start, value)
 
 
@@ -255,6 +272,7 @@ def check(
     tile_tokens: int = 4096,
     vera: bool = False,
     delta_ratio: float | None = None,
+    adalora: bool = False,
 ) -> Check:
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
 
@@ -269,15 +287,18 @@ def check(
         adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
         attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
         quant_type=quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens, vera=vera,
+        adalora=adalora,
     )
     fp = memory.estimate(spec, settings)
     model = random_qlora_model(
         config, device, targets, rank, 2.0 * rank, dropout, dora, adapter_dtype, gradient_checkpointing, fp.attn,
         quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens, vera=vera,
-        delta_ratio=delta_ratio,
+        delta_ratio=delta_ratio, adalora=adalora,
     )
     opt = make_optimizer(model, optimizer)
-    m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None)
+    # AdaLoRA: scoring every step, pruning from the second on (tinit 0, a long schedule)
+    alloc = RankAllocator(model, AdaLoRASchedule(rank, max(1, rank // 2), 1000)) if adalora else None
+    m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None, allocator=alloc)
     log.info(
         "predicted %.2f MiB, measured %.2f MiB (%+.1f%%)",
         fp.tensor_peak_bytes / 2**20, m.peak_bytes / 2**20, 100 * (fp.tensor_peak_bytes - m.peak_bytes) / m.peak_bytes,

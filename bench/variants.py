@@ -54,6 +54,9 @@ VARIANTS = {
     "nonzero": ("nonzero init (both factors Gaussian)", ["lora.init=nonzero"]),
     "delta": ("Delta-LoRA (λ=1)", ["lora.variant=delta", "lora.delta_ratio=1.0"]),
     "vera": ("VeRA r=256, lr 1e-2", ["lora.variant=vera", "lora.rank=256", "optimizer.lr=1e-2"]),
+    "adalora": ("AdaLoRA r 16 -> 8 on average", ["lora.variant=adalora", "lora.adalora_target_r=8",
+                                                  "lora.adalora_tinit=2", "lora.adalora_tfinal=4",
+                                                  "lora.adalora_delta_t=2"]),
 }
 _TRAINABLE = re.compile(r"trainable: ([\d,]+) of")
 
@@ -87,7 +90,7 @@ def child(name: str, out: Path) -> dict:
     return {
         "variant": name, "what": VARIANTS[name][0], "overrides": VARIANTS[name][1], "trainable": found[-1],
         "exact_before": before.exact_match, "exact_after": after.exact_match, "n_prompts": after.n,
-        "eval_loss_before": res.eval_losses[0][1], "eval_loss_after": res.eval_losses[-1][1],
+        "eval_loss_before": recs[0]["eval_loss"], "eval_loss_after": res.eval_losses[-1][1],
         "step_seconds": tokens_per_step / tok_s, "predicted_peak_bytes": train_recs[-1]["predicted_peak_bytes"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "wall_seconds": wall,
     }

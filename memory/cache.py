@@ -47,7 +47,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 # The code whose behaviour a spec or a profile records: the dry run, the layers it runs, the 4-bit layout.
 _SOURCES = (
     "memory/meta.py", "memory/probe.py", "memory/kernels.py", "memory/tracker.py", "memory/fit.py",
-    "layers/base.py", "layers/lora.py", "layers/dora.py", "layers/vera.py", "layers/tiling.py",
+    "layers/base.py", "layers/lora.py", "layers/dora.py", "layers/vera.py", "layers/adalora.py", "layers/tiling.py",
     "quant/linear.py", "quant/blockwise.py", "quant/_codebook.py", "quant/model.py", "quant/formats.py",
 )
 _warned: set[str] = set()

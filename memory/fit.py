@@ -185,7 +185,7 @@ def prune(group: dict) -> dict:
 def fit_body(
     spec: ModelSpec, targets: tuple[str, ...], dropout: float, dora: bool, adapter_dtype: str, attn: str,
     checkpointing: bool, device: str, quant_type: str, blocksize: int, double_quant: bool, window: int | None,
-    tiled_mlp: bool = False, tiled_norms: bool = False, vera: bool = False,
+    tiled_mlp: bool = False, tiled_norms: bool = False, vera: bool = False, adalora: bool = False,
 ) -> dict:
     """The decoder stack's profile as stored (:class:`memory.profile.StepProfile` reads it).
 
@@ -199,7 +199,7 @@ def fit_body(
             spec, b, s, r, targets, dropout, dora, adapter_dtype, attn, checkpointing, device,
             quant_type, blocksize, double_quant, window,
             mlp_tile_tokens=(t or None) if tiled_mlp else None, norm_tile_tokens=(t or None) if tiled_norms else None,
-            vera=vera,
+            vera=vera, adalora=adalora,
         )
 
     # one tile size for both (Settings.tile_tokens): the profile keeps one tile variable t

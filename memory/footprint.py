@@ -9,6 +9,7 @@ Persistent (alive all step, exact from shapes, :mod:`memory.terms`):
     ``lora_params``            A (r, in), B (out, r) [, DoRA m (out,)] in the adapter dtype; VeRA: d (r,), b (out,)
                                in float32
     ``vera_matrices``          VeRA's shared frozen A (r, max_in) and B (max_out, r) in the adapter dtype
+    ``adalora_state``          AdaLoRA's importance EMAs: two float32 per adapter entry (qlora.lora.adalora)
     ``optimizer_state``        on the device (paged state is reported as ``host_bytes``)
 
 Phase terms (from the meta-device dry runs, :mod:`memory.profile`, or
@@ -75,6 +76,7 @@ TERMS = {
     "norms_biases_buffers": "norms, biases, buffers",
     "lora_params": "LoRA parameters",
     "vera_matrices": "VeRA shared matrices",
+    "adalora_state": "AdaLoRA importance state",
     "optimizer_state": "optimizer state (device)",
     "inputs": "input ids + labels",
     "saved_activations": "activations kept for backward",
@@ -153,6 +155,7 @@ class Footprint:
     strategy: str = "single"
     offload_params: bool = False
     vera: bool = False
+    adalora: bool = False
 
     @property
     def host_bytes(self) -> int:
@@ -223,8 +226,9 @@ def weight_terms(
 
 def adapter_tensors(
     spec: ModelSpec, targets: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str, vera: bool = False,
+    adalora: bool = False,
 ) -> list[tuple[int, int]]:
-    """(elements, bytes per element) of every trainable adapter tensor (VeRA: b and d, float32)."""
+    """(elements, bytes per element) of every trainable adapter tensor (VeRA: b and d, float32; AdaLoRA: + E)."""
     out: list[tuple[int, int]] = []
     for lin in spec.linears:
         if lin.layer is not None and lin.quantized and lin.short in targets:
@@ -232,6 +236,8 @@ def adapter_tensors(
                 out.extend([(lin.out_features, 4), (rank, 4)])
             else:
                 out.extend(lora_tensors(lin.in_features, lin.out_features, rank, dora, ITEMSIZE[adapter_dtype]))
+                if adalora:
+                    out.append((rank, 4))  # E, float32 (layers.adalora)
     return out
 
 
@@ -296,7 +302,7 @@ def _resolved(spec: ModelSpec, attn: str, targets: str | tuple[str, ...]) -> tup
 @functools.lru_cache(maxsize=1024)
 def _persistent(
     spec: ModelSpec, shorts: tuple[str, ...], rank: int, dora: bool, adapter_dtype: str, optimizer: str,
-    quant_type: str, blocksize: int, double_quant: bool, device: str, vera: bool = False,
+    quant_type: str, blocksize: int, double_quant: bool, device: str, vera: bool = False, adalora: bool = False,
 ) -> tuple[MappingProxyType, int, int, int]:
     """What does not depend on batch or sequence.
 
@@ -304,8 +310,10 @@ def _persistent(
         (persistent terms, host-backed optimizer state bytes, optimizer step temporaries, LoRA elements).
     """
     persistent = weight_terms(spec, quant_type, blocksize, double_quant, device)
-    tensors = adapter_tensors(spec, shorts, rank, dora, adapter_dtype, vera)
+    tensors = adapter_tensors(spec, shorts, rank, dora, adapter_dtype, vera, adalora)
     persistent["lora_params"] = sum(n * size for n, size in tensors)
+    if adalora:  # the sensitivity and uncertainty EMAs, float32, one each per adapter entry
+        persistent["adalora_state"] = 8 * sum(n for n, _ in tensors)
     if vera:  # frozen: no gradient, no optimizer state
         persistent["vera_matrices"] = vera_matrix_bytes(spec, shorts, rank, adapter_dtype)
     state_dev, state_host = optimizer_terms(tensors, optimizer, device)
@@ -321,14 +329,14 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
     checkpointing = s.gradient_checkpointing
     persistent, state_host, step_tmp, lora_elements = _persistent(
         spec, shorts, rank, s.dora, s.adapter_dtype, s.optimizer, s.quant_type, s.blocksize, s.double_quant, device,
-        s.vera,
+        s.vera, s.adalora,
     )
 
     mlp, norms = s.tiled_mlp is True, s.tiled_norms is True  # estimate reads "auto" as off; memory.plan decides
     tile = min(s.tile_tokens, batch * seq_len) if mlp or norms else 0
     profile = body_profile(
         spec, shorts, s.dropout, s.dora, s.adapter_dtype, attn, checkpointing, device, s.quant_type, s.blocksize,
-        s.double_quant, probe_window(spec, seq_len), mlp, norms, s.vera,
+        s.double_quant, probe_window(spec, seq_len), mlp, norms, s.vera, s.adalora,
     )
     if s.loss == "hf":
         head = hf_head_segment(spec, batch, seq_len, attn, device)
@@ -364,7 +372,8 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
     on_gpu = device == "cuda"
     return Footprint(
         model=spec.name, device=device, seq_len=seq_len, micro_batch_size=batch, rank=rank, targets=shorts,
-        dropout=s.dropout, dora=s.dora, vera=s.vera, adapter_dtype=s.adapter_dtype, optimizer=s.optimizer,
+        dropout=s.dropout, dora=s.dora, vera=s.vera, adalora=s.adalora, adapter_dtype=s.adapter_dtype,
+        optimizer=s.optimizer,
         gradient_checkpointing=checkpointing, attn=attn, loss=s.loss,
         loss_chunk_tokens=s.loss_chunk_tokens if s.loss == "chunked" else None,
         breakdown=breakdown, phases=phases, peak_phase=peak_phase, tensor_peak_bytes=tensor_peak,

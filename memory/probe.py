@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from layers import DoRALinear, LoRALinear, VeRALinear, VeRAProjections
+from layers import AdaLoRALinear, DoRALinear, LoRALinear, VeRALinear, VeRAProjections
 from layers.tiling import tile_mlps, tile_norms
 from quant.dtypes import DTYPES
 from quant.errors import InputError
@@ -92,6 +92,7 @@ def probe_model(
     spec: ModelSpec, num_layers: int, targets: tuple[str, ...], rank: int, dropout: float, dora: bool,
     adapter_dtype: str, attn: str, checkpointing: bool, device: str, quant_type: str, blocksize: int,
     double_quant: bool, tracker: LiveTensorTracker, window: int | None = None, vera: bool = False,
+    adalora: bool = False,
 ) -> nn.Module:
     """The probe model on meta: 4-bit linears, LoRA (or DoRA) on ``targets``, everything else frozen.
 
@@ -99,7 +100,7 @@ def probe_model(
     :class:`~memory.kernels.ProbeNF4Linear` reporting to ``tracker`` (with ``quant_type="none"`` they
     stay the model's frozen bf16 ``nn.Linear``, as the loader leaves them); in-layer ``targets``
     (``self_attn.q_proj``) are wrapped in the real ``layers.LoRALinear`` / ``layers.DoRALinear`` /
-    ``layers.VeRALinear`` (on meta shared matrices sized to the targets).
+    ``layers.VeRALinear`` (on meta shared matrices sized to the targets) / ``layers.AdaLoRALinear``.
     ``window`` replaces the config's ``sliding_window`` (:func:`probe_window`).
     """
     facts = spec.config
@@ -132,6 +133,8 @@ def probe_model(
             # init=None: meta tensors hold no values, so skip the RNG draw (and DoRA's norm at build)
             if projections is not None:
                 q = VeRALinear(q, projections, dropout=dropout)
+            elif adalora:
+                q = AdaLoRALinear(q, rank, 2.0 * rank, dropout, init=None, dtype=DTYPES[adapter_dtype])
             else:
                 layer = DoRALinear if dora else LoRALinear
                 q = layer(q, rank, 2.0 * rank, dropout, init=None, dtype=DTYPES[adapter_dtype])
@@ -193,7 +196,7 @@ def body_run(
     dora: bool = False, adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True,
     device: str = "cuda", quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
     window: int | None = None, mlp_tile_tokens: int | None = None, norm_tile_tokens: int | None = None,
-    vera: bool = False,
+    vera: bool = False, adalora: bool = False,
 ) -> Timeline:
     """Forward and backward of the decoder stack (``1 + p`` layers) on meta.
 
@@ -220,7 +223,7 @@ def body_run(
     tracker = LiveTensorTracker("meta", record=True)
     model = probe_model(
         spec, len(probe_layer_types(spec)), targets, rank, dropout, dora, adapter_dtype, attn, checkpointing,
-        device, quant_type, blocksize, double_quant, tracker, window, vera,
+        device, quant_type, blocksize, double_quant, tracker, window, vera, adalora,
     )
     if mlp_tile_tokens:
         tile_mlps(model, mlp_tile_tokens, max_tiles=2)

@@ -228,7 +228,7 @@ def body_profile(
     spec: ModelSpec, targets: tuple[str, ...], dropout: float = 0.0, dora: bool = False,
     adapter_dtype: str = "bfloat16", attn: str = "sdpa", checkpointing: bool = True, device: str = "cuda",
     quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, window: int | None = None,
-    tiled_mlp: bool = False, tiled_norms: bool = False, vera: bool = False,
+    tiled_mlp: bool = False, tiled_norms: bool = False, vera: bool = False, adalora: bool = False,
 ) -> StepProfile:
     """The decoder stack's profile: shipped, cached on disk, or fitted now (:func:`memory.fit.fit_body`).
 
@@ -242,7 +242,7 @@ def body_profile(
         NotPolynomial: the stack's code branches on shapes in a way the fit cannot follow.
     """
     args = (targets, dropout, dora, adapter_dtype, attn, checkpointing, device, quant_type, blocksize, double_quant,
-            window, tiled_mlp, tiled_norms, vera)
+            window, tiled_mlp, tiled_norms, vera, adalora)
 
     def build() -> dict:
         from .fit import fit_body  # torch + the dry runs: only when no cache has this profile
@@ -252,10 +252,11 @@ def body_profile(
             return fit_body(spec, *args)
 
     names = ("targets", "dropout", "dora", "adapter_dtype", "attn", "checkpointing", "device", "quant_type",
-             "blocksize", "double_quant", "window", "tiled_mlp", "tiled_norms", "vera")
+             "blocksize", "double_quant", "window", "tiled_mlp", "tiled_norms", "vera", "adalora")
     parts = {"model": spec.config_json, "run": "body", **dict(zip(names, args))}
-    if not vera:
-        del parts["vera"]  # the key profiles had before VeRA: the shipped ones stay valid
+    for variant in ("vera", "adalora"):  # the keys profiles had before these: LoRA and DoRA keys stay as they were
+        if not parts[variant]:
+            del parts[variant]
     parts["targets"] = list(targets)
     data = cached("profile", parts, build)
     return StepProfile(Fitted(data["groups"]), tuple(data["probe_types"]))

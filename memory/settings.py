@@ -104,6 +104,8 @@ class Settings:
         targets: preset, module names (a tuple) or regex (see :mod:`memory.targets`).
         dropout: LoRA dropout in [0, 1). dora: DoRA magnitudes. vera: VeRA instead of LoRA (shared frozen
             ``(r, max_in)`` and ``(max_out, r)`` matrices, trainable vectors ``r + out`` per layer; one GPU).
+            adalora: AdaLoRA (E ``(r,)`` per layer and the allocator's two float32 EMAs per adapter entry;
+            ``rank`` is the starting rank; one GPU).
         adapter_dtype: bfloat16, float16 or float32.
         optimizer: adamw (torch), adamw_8bit, paged_adamw_8bit or paged_adamw_32bit (bitsandbytes).
         gradient_checkpointing: one non-reentrant checkpoint per decoder layer.
@@ -156,6 +158,9 @@ class Settings:
         "--targets", "all-linear, attention, qv, mlp, module names or a regex", "T", _targets, "names", nargs="+"))
     dropout: float = field(default=0.0, metadata=_opt("--dropout", "LoRA dropout", "P", float, "a number"))
     dora: bool = field(default=False, metadata=_opt("--dora", "DoRA adapters", const=True))
+    adalora: bool = field(default=False, metadata=_opt(
+        "--adalora", "AdaLoRA adapters: SVD form pruned by importance, rank is the starting rank (recipe "
+        "lora.variant: adalora)", const=True))
     vera: bool = field(default=False, metadata=_opt(
         "--vera", "VeRA adapters: shared frozen random matrices, trainable vectors (recipe lora.variant: vera)",
         const=True))
@@ -222,17 +227,19 @@ class Settings:
         _int(self.cuda_context_bytes, "cuda_context_bytes", 0)
         object.__setattr__(self, "targets", _check_targets(self.targets))
         object.__setattr__(self, "dropout", _fraction(self.dropout, "LoRA dropout must be a number in [0, 1)", 1.0))
-        for name in ("dora", "vera", "gradient_checkpointing", "offload_activations", "double_quant"):
+        for name in ("dora", "vera", "adalora", "gradient_checkpointing", "offload_activations", "double_quant"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.vera and self.dora:
-            raise InputError("dora and vera are both set; an adapter is one variant: pick DoRA or VeRA.")
-        if self.vera and self.gpus != 1:
-            raise InputError(f"vera is set with gpus={self.gpus!r}; VeRA runs on one GPU in qlora (its shared "
-                             "matrices are not sharded yet). Plan VeRA with gpus=1, or LoRA/DoRA on several GPUs.")
-        if self.vera and self.init != "kaiming":
-            raise InputError(f"vera is set with init={self.init!r}; VeRA's matrices are seeded random ones and its "
-                             "vectors start at b=0, d=d_initial, so it takes no LoRA init. Leave init at kaiming.")
+        chosen = [n for n in ("dora", "vera", "adalora") if getattr(self, n)]
+        if len(chosen) > 1:
+            raise InputError(f"{' and '.join(chosen)} are all set; an adapter is one variant: pick one of them.")
+        one = "vera" if self.vera else "adalora" if self.adalora else None
+        if one and self.gpus != 1:
+            raise InputError(f"{one} is set with gpus={self.gpus!r}; qlora runs {one} on one GPU (its shared state "
+                             "is not sharded yet). Plan it with gpus=1, or LoRA/DoRA on several GPUs.")
+        if one and self.init != "kaiming":
+            raise InputError(f"{one} is set with init={self.init!r}; {one} starts from its own init, so it takes no "
+                             "LoRA init. Leave init at kaiming.")
         _one_of(self.adapter_dtype, tuple(ITEMSIZE), "adapter dtype")
         _one_of(self.optimizer, OPTIMIZERS, "optimizer")
         _one_of(self.init, INITS, "LoRA init")

@@ -12,8 +12,8 @@ per layer remain on average, so important layers keep more rank than others.
   steps on the way the lowest-scoring triplets beyond the budget are masked (E set to zero). At
   the start of the final phase the mask is fixed and re-applied after every step.
 - **Orthogonality**: ``orth_reg_weight`` times the mean over all A and B of ``‖P·Pᵀ − I‖_F``
-  (``AAᵀ`` for A, ``BᵀB`` for B) is added to each step's loss, keeping P and Q near orthogonal so
-  that E acts like singular values.
+  (``AAᵀ`` for A, ``BᵀB`` for B) is added to each step's loss (:meth:`RankAllocator.orth_backward`),
+  keeping P and Q near orthogonal so that E acts like singular values.
 
 Cost: two float32 tensors per adapter tensor (the two EMAs), i.e. 8 bytes per adapter element, plus
 one entry-wise product per parameter per step. Steps are counted as PEFT's ``update_and_allocate``
@@ -85,8 +85,8 @@ def adalora_schedule(lora, total_steps: int) -> AdaLoRASchedule | None:
 
 
 class RankAllocator:
-    """Scores, budget and masks over a model's AdaLoRA layers (module docstring). Call :meth:`step` after
-    each optimizer step, while the gradients are still there, and add :meth:`orth_penalty` to the loss.
+    """Scores, budget and masks over a model's AdaLoRA layers (module docstring). Call :meth:`orth_backward`
+    after each step's backward, and :meth:`step` after the optimizer step, while the gradients are still there.
 
     Raises:
         InputError: the model has no AdaLoRA layers, or layers of another starting rank.
@@ -124,11 +124,11 @@ class RankAllocator:
                 if p.grad is None:
                     continue
                 key = f"{name}.{kind}"
-                ipt = (p.float() * p.grad.float()).abs()
+                ipt = p.detach().float().mul(p.grad.float()).abs_()  # in place from here: one tensor's temporaries
                 if key not in self.avg_ipt:
                     self.avg_ipt[key], self.avg_unc[key] = torch.zeros_like(ipt), torch.zeros_like(ipt)
                 avg = self.avg_ipt[key].mul_(b1).add_(ipt, alpha=1 - b1)
-                self.avg_unc[key].mul_(b2).add_((ipt - avg).abs(), alpha=1 - b2)
+                self.avg_unc[key].mul_(b2).add_(ipt.sub_(avg).abs_(), alpha=1 - b2)
 
     def _triplet_scores(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -171,16 +171,24 @@ class RankAllocator:
             for name, keep in self.rank_pattern.items():
                 self.layers[name].mask(keep)
 
-    def orth_penalty(self) -> torch.Tensor:
-        """``orth_reg_weight`` x the mean over every A and B of ``‖P·Pᵀ − I‖_F``, float32, differentiable."""
-        total, n = None, 0
-        for layer in self.layers.values():
-            for kind, p in layer.adapter_tensors()[:2]:
-                p = p.float()
-                cov = p @ p.T if kind == "lora_A" else p.T @ p
-                term = torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype))
-                total, n = (term if total is None else total + term), n + 1
-        return total * (self.schedule.orth_reg_weight / n)
+    def orth_backward(self, scaler=None) -> torch.Tensor:
+        """Add the orthogonality penalty's gradient to A's and B's; returns the penalty (float32, detached).
+
+        The penalty is ``orth_reg_weight`` x the mean over every A and B of ``‖P·Pᵀ − I‖_F``. Each term runs
+        its own backward, so one tensor's float32 copy and Gram matrix exist at a time, not every layer's
+        at once (which would cost 4 bytes per A and B entry while the step's gradients are alive).
+        ``scaler``: a ``GradScaler`` (float16 training) to scale each term as the loss is.
+        """
+        pairs = [(kind, p) for layer in self.layers.values() for kind, p in layer.adapter_tensors()[:2]]
+        weight = self.schedule.orth_reg_weight / len(pairs)
+        total = torch.zeros((), dtype=torch.float32)
+        for kind, p in pairs:
+            q = p.float()
+            cov = q @ q.T if kind == "lora_A" else q.T @ q
+            term = torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)) * weight
+            (scaler.scale(term) if scaler is not None else term).backward()
+            total += term.detach().cpu()
+        return total
 
     def state_dict(self) -> dict:
         """The EMAs and the current mask (CPU tensors), for a checkpoint."""

@@ -231,8 +231,7 @@ def _optimizer_step(run: _Run, step: int) -> StepStats:
                                      [counts[m] for m in mine], parallel=run.par, step_targets=sum(counts))
     mean_loss = parallel.all_sum(world, mean_loss)  # each rank held its share of the global mean
     if run.allocator is not None:  # AdaLoRA's orthogonality penalty, once per step (not in the logged loss)
-        pen = run.allocator.orth_penalty()
-        (run.scaler.scale(pen) if run.scaler is not None else pen).backward()
+        run.allocator.orth_backward(run.scaler)
     if run.scaler is not None:
         run.scaler.unscale_(run.opt)
     diag = {}

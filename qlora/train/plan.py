@@ -84,6 +84,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         dropout=lora.dropout,
         dora=lora.variant == "dora",
         vera=lora.variant == "vera",  # delta: exactly LoRA's tensors (layers.delta), planned as LoRA
+        adalora=lora.variant == "adalora",
         init=lora.init,
         adapter_dtype=dtype_name(lora.dtype, device),
         optimizer=recipe.optimizer.name,
@@ -144,7 +145,8 @@ def settings_to_recipe(settings: memory.Settings, base: dict | None = None) -> d
     data["quant"].update(quant_type=s.quant_type, blocksize=s.blocksize, double_quant=s.double_quant)
     data["lora"].update(
         targets=s.targets if isinstance(s.targets, str) else list(s.targets), rank=s.rank, dropout=s.dropout,
-        variant="dora" if s.dora else "vera" if s.vera else "lora", dtype=s.adapter_dtype, init=s.init,
+        variant="dora" if s.dora else "vera" if s.vera else "adalora" if s.adalora else "lora", dtype=s.adapter_dtype,
+        init=s.init,
     )
     data["optimizer"]["name"] = s.optimizer
     data.update(

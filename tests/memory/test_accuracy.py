@@ -26,6 +26,8 @@ CASES = [
     ("llama", dict(batch=2, seq=64, rank=64, vera=True)),  # VeRA: shared matrices, out-wide saved products
     ("qwen2", dict(batch=2, seq=48, rank=32, vera=True, dropout=0.1, gradient_checkpointing=False)),
     ("llama", dict(batch=2, seq=64, rank=8, delta_ratio=1.0)),  # Delta-LoRA, planned as LoRA
+    ("llama", dict(batch=2, seq=64, rank=16, adalora=True)),  # AdaLoRA: E, its EMAs, the penalty, the allocator
+    ("qwen2", dict(batch=2, seq=48, rank=32, adalora=True, optimizer="adamw_8bit", dropout=0.1)),
     ("mistral", dict(batch=2, seq=48, rank=16, optimizer="adamw_8bit", adapter_dtype="float32")),
     ("qwen2", dict(batch=2, seq=48, rank=8, targets="qv", quant_type="none")),  # 16-bit base, plain LoRA
     ("llama", dict(batch=1, seq=512, rank=8, tiled_mlp=True, tile_tokens=64)),  # 8 tiles, the dry run runs 2
