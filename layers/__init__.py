@@ -5,7 +5,8 @@ layer -- an ``nn.Linear`` or a ``quant.NF4Linear`` -- and add a small trainable
 update. All derive from ``AdapterLinear`` (:mod:`layers.base`), which owns the
 operations on an adapter layer (install, clear, merge, enable, LoRA-FA);
 the variants do not import each other, except ``DeltaLoRALinear`` (:mod:`layers.delta`),
-which is a ``LoRALinear`` with another forward. The package lives below both
+which is a ``LoRALinear`` with another forward, and ``RoutedLinear`` (:mod:`layers.routed`),
+which serves several frozen LoRA/DoRA layers to the rows of one batch. The package lives below both
 ``memory`` and ``qlora``, so the planner's meta-device dry runs execute
 exactly the code the trainer runs while ``memory`` never imports ``qlora``.
 Depends on torch and :mod:`quant.errors` only.
@@ -16,6 +17,7 @@ from .base import INITS, AdapterLinear, LoRAFactor, base_dtype, base_weight, den
 from .delta import DeltaLoRALinear
 from .dora import DoRALinear
 from .lora import LoRALinear
+from .routed import RoutedLinear
 from .vera import VeRALinear, VeRAProjections
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "DoRALinear",
     "LoRAFactor",
     "LoRALinear",
+    "RoutedLinear",
     "VeRALinear",
     "VeRAProjections",
     "base_dtype",

@@ -7,14 +7,22 @@ was trained on. A batch is left-padded with an attention mask: transformers'
 ``generate`` then derives each row's position ids from the mask (the first
 real token of every row is position 0), so a padded row computes what it
 would alone, up to floating-point rounding.
+
+``adapters=`` names each prompt's adapter (or None, the base): a batch then mixes
+adapters, each row running its own over the one shared base (:mod:`qlora.adapters.routing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from qlora.adapters.multi import active_adapter, disable_adapters, set_active_adapter
+from qlora.adapters.routing import AdapterRouter, route_adapters
+from qlora.lora.surgery import lora_modules
 from quant.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,7 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 16,
     streamer=None,
+    adapters: Sequence[str | None] | None = None,
 ) -> list[str]:
     """Continue each prompt until an end-of-turn token or ``max_new_tokens``.
 
@@ -126,6 +135,10 @@ def generate(
         temperature: 0 = greedy; > 0 samples (with ``top_p``) from ``torch``'s global RNG.
         streamer: a transformers streamer (e.g. ``TextStreamer``) fed the tokens as
             they are produced; only with a single prompt.
+        adapters: None runs the model as it is (its active adapter). Else one loaded adapter's name
+            per prompt, or None for the base alone: batches then mix adapters, each row running its
+            own (:func:`qlora.adapters.routing.route_adapters`); when every prompt names the same one,
+            that adapter is simply made active for the call (the previous one is active again after).
 
     Returns:
         One reply per prompt, in order: the new tokens up to (not including) the
@@ -133,8 +146,72 @@ def generate(
 
     Raises:
         InputError: a non-positive ``max_new_tokens``/``batch_size``, ``temperature < 0``,
-            ``top_p`` outside (0, 1], an empty prompt, or a streamer with several prompts.
+            ``top_p`` outside (0, 1], an empty prompt, a streamer with several prompts,
+            an ``adapters`` list of another length than ``prompts``, or an adapter name not loaded.
     """
+    replies: list[str] = [""] * len(prompts)
+    for i, reply in generate_batches(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size,
+                                     streamer, adapters):
+        replies[i] = reply
+    return replies
+
+
+def generate_batches(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    streamer=None,
+    adapters: Sequence[str | None] | None = None,
+) -> Iterator[tuple[int, str]]:
+    """:func:`generate`, yielding ``(index into prompts, reply)`` for each prompt as its batch finishes.
+
+    Batches run longest prompts first, so replies come out of input order. The
+    model is set up (eval mode, adapters routed) on the first ``next()`` and
+    restored when the iterator is exhausted or closed. Arguments and ``Raises:``
+    as :func:`generate`; the checks run before the first batch.
+    """
+    _check(prompts, max_new_tokens, temperature, top_p, batch_size, streamer, adapters)
+    stop = end_of_turn_ids(tokenizer)
+    stop += [e for e in _model_eos(model) if e not in stop]  # e.g. Llama-3 lists several eos ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    sample = temperature > 0
+    device = next(model.parameters()).device
+    # longest first, so each batch pads to prompts of similar length
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        with _serving(model, adapters) as router:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                if router is not None:
+                    router.set_rows([adapters[i] for i in idx])
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                    mask[r, width - len(prompts[i]):] = 1
+                with torch.no_grad():
+                    out = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                        do_sample=sample, temperature=temperature if sample else None,
+                        top_p=top_p if sample else None, eos_token_id=stop or None, pad_token_id=pad,
+                        use_cache=True, streamer=streamer,
+                    )
+                for r, i in enumerate(idx):
+                    new = out[r, width:].tolist()
+                    cut = next((k for k, t in enumerate(new) if t in stop), len(new))
+                    yield i, tokenizer.decode(new[:cut], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+
+
+def _check(prompts, max_new_tokens, temperature, top_p, batch_size, streamer, adapters) -> None:
     if max_new_tokens <= 0 or batch_size <= 0:
         raise InputError(f"max_new_tokens and batch_size must be > 0, got {max_new_tokens} and {batch_size}.")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -143,35 +220,41 @@ def generate(
         raise InputError("Every prompt needs at least one token; got an empty one.")
     if streamer is not None and len(prompts) != 1:
         raise InputError(f"A streamer shows one reply at a time; got {len(prompts)} prompts.")
-    stop = end_of_turn_ids(tokenizer)
-    stop += [e for e in _model_eos(model) if e not in stop]  # e.g. Llama-3 lists several eos ids
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
-    sample = temperature > 0
-    device = next(model.parameters()).device
-    # longest first, so each batch pads to prompts of similar length
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
+    if adapters is not None and len(adapters) != len(prompts):
+        raise InputError(f"adapters names one adapter (or None) per prompt: got {len(adapters)} names for "
+                         f"{len(prompts)} prompts.")
+
+
+@contextlib.contextmanager
+def _serving(model, adapters: Sequence[str | None] | None) -> Iterator[AdapterRouter | None]:
+    """Set the model up for ``adapters`` (see :func:`generate`); yields the router when rows need one."""
+    used = [] if adapters is None else list(dict.fromkeys(adapters))
+    if adapters is None:
+        yield None
+    elif used == [None]:  # the base alone: no adapter work at all
+        with disable_adapters(model):
+            yield None
+    elif len(used) == 1:  # one adapter for every prompt: run it as the model's own, exactly as alone
+        before = active_adapter(model)
+        set_active_adapter(model, used[0])
+        try:
+            with _enabled(model):
+                yield None
+        finally:
+            if before is not None and before != used[0]:
+                set_active_adapter(model, before)
+    else:
+        with route_adapters(model, [n for n in used if n is not None]) as router:
+            yield router
+
+
+@contextlib.contextmanager
+def _enabled(model) -> Iterator[None]:
+    """Adapters on inside the block whatever they were (``adapters=`` names what runs), as on entry after."""
+    mods = [m for _, m in lora_modules(model)]
+    before = [m.set_enabled(True) for m in mods]
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]):] = 1
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-                    eos_token_id=stop or None, pad_token_id=pad, use_cache=True, streamer=streamer,
-                )
-            for r, i in enumerate(idx):
-                new = out[r, width:].tolist()
-                cut = next((k for k, t in enumerate(new) if t in stop), len(new))
-                replies[i] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+        yield
     finally:
-        model.train(was_training)
-    return replies
+        for m, was in zip(mods, before):
+            m.set_enabled(was)

@@ -166,8 +166,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del bank[name]
 
 
-def bank_adapter(model: nn.Module, name: str) -> Adapter:
-    """A loaded adapter as an :class:`Adapter` (tensors are references, not copies).
+def adapter_layers(model: nn.Module, name: str) -> dict[str, AdapterLinear]:
+    """The layers of loaded adapter ``name``, by module name: the live ones if it is active, else the banked ones.
 
     Raises:
         InputError: unknown name.
@@ -175,7 +175,16 @@ def bank_adapter(model: nn.Module, name: str) -> Adapter:
     bank = _bank(model)
     if name not in bank:
         raise InputError(f"No adapter named {name!r}; loaded adapters: {choices(bank) or 'none'}.")
-    slots = _live(model) if name == model.__dict__.get(ACTIVE) else bank[name]
+    return _live(model) if name == model.__dict__.get(ACTIVE) else bank[name]
+
+
+def bank_adapter(model: nn.Module, name: str) -> Adapter:
+    """A loaded adapter as an :class:`Adapter` (tensors are references, not copies).
+
+    Raises:
+        InputError: unknown name.
+    """
+    slots = adapter_layers(model, name)
     mods = {n: module_adapter(layer) for n, layer in slots.items()}
     dropout = next((layer.dropout for layer in slots.values() if layer.dropout > 0), 0.0)
     return Adapter(mods, dropout, getattr(getattr(model, "config", None), "_name_or_path", None))

@@ -123,8 +123,10 @@ def parse_record(metadata: dict[str, str] | None, path: str | Path) -> BaseRecor
     return record
 
 
-def common_record(records: Sequence[BaseRecord | None], labels: Sequence[str]) -> BaseRecord | None:
-    """The one base recorded by adapters about to be combined; None when none records one.
+def common_record(
+    records: Sequence[BaseRecord | None], labels: Sequence[str], verb: str = "combine"
+) -> BaseRecord | None:
+    """The one base recorded by adapters about to be combined (or served together: ``verb``); None when none does.
 
     An adapter without a record (PEFT's) says nothing about its base, so it
     does not contradict the others; it is logged.
@@ -138,10 +140,11 @@ def common_record(records: Sequence[BaseRecord | None], labels: Sequence[str]) -
     first_label, first = known[0]
     for label, r in known[1:]:
         if r != first:
+            advice = ("serve them from separate processes, each on the base it was trained on" if verb == "serve"
+                      else "merge them one at a time, each into the base it was trained on")
             raise InputError(
-                f"Cannot combine adapters trained on different bases: {first_label} was trained on "
-                f"{first.describe()}, {label} on {r.describe()}; merge them one at a time, each into the base it "
-                "was trained on."
+                f"Cannot {verb} adapters trained on different bases: {first_label} was trained on "
+                f"{first.describe()}, {label} on {r.describe()}; {advice}."
             )
     unknown = [label for label, r in zip(labels, records) if r is None]
     if unknown:
