@@ -22,7 +22,6 @@ Cost: the stacks are a copy of the adapters (padded to R), and a forward holds t
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -64,8 +63,9 @@ class RoutedLinear(nn.Module):
                                  f"{why}. Serve VeRA, AdaLoRA and Delta-LoRA adapters from their saved files "
                                  "(they load as LoRA).")
         # one dtype: the update runs in it, as each adapter alone does; mixed: the widest of them
-        dt = functools.reduce(torch.promote_types, {a.lora_A.weight.dtype for a in held}, held[0].lora_A.weight.dtype
-                              ) if held else torch.float32
+        dt = held[0].lora_A.weight.dtype if held else torch.float32
+        for a in held[1:]:
+            dt = torch.promote_types(dt, a.lora_A.weight.dtype)
         rank, device = max((a.rank for a in held), default=1), module_device(base_layer)
         k = len(adapters) + 1
         a_stack = torch.zeros(k, rank, self.in_features, dtype=dt, device=device)

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 MARKER = "COMPLETE"
 
+# What a re-run may change and still resume: how long it runs (the schedule is recomputed over the new
+# length), how often it evaluates, saves and logs, what it scores, and where it runs. Every other key
+# changes what the saved adapter, optimizer state or data position mean, so a change is refused.
+RESUMABLE_KEYS = ("max_steps", "epochs", "eval_steps", "save_steps", "keep_checkpoints", "log_steps",
+                  "diagnostics_steps", "task", "output_dir", "device", "gpu", "distributed.timeout_s",
+                  "distributed.backend")
+
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": _to_lists(random.getstate())}
@@ -107,6 +114,54 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     remove_stale_temporaries(output_dir)
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("rank_pattern", "alpha_pattern"):  # patterns compare whole
+            out |= _flat(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS)
+
+
+def check_resumable(ckpt: str | Path, recipe: dict) -> None:
+    """Refuse to resume ``ckpt`` with a resolved recipe that differs from the one it was saved with.
+
+    ``recipe`` is the re-run's resolved recipe (:func:`qlora.train.recipe.recipe_to_dict`, after the plan
+    filled in its ``auto`` values), compared key by key with the checkpoint's ``recipe.yaml``; keys under
+    :data:`RESUMABLE_KEYS` may differ. A key only one side has (a recipe of another qlora version) is
+    logged, not refused.
+
+    Raises:
+        InputError: each changed key with its old and new value, the keys that may change, and how to
+            start a fresh run instead; or an unreadable ``recipe.yaml``.
+    """
+    path = Path(ckpt) / "recipe.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"Cannot read {str(path)!r} ({type(e).__name__}: {e}); the checkpoint cannot be resumed "
+                         "safely. Move it aside to start a fresh run.") from None
+    old, new = _flat(saved if isinstance(saved, dict) else {}), _flat(recipe)
+    changed = [(k, old[k], new[k]) for k in new if k in old and old[k] != new[k] and not _may_change(k)]
+    only = sorted(set(old) ^ set(new))
+    if only:
+        log.info("%s and this recipe do not share the keys %s (another qlora version); not compared", path, only)
+    if changed:
+        out = Path(ckpt).parent
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+        raise InputError(
+            f"{out} holds a run started with another recipe, and resuming it would mix the two. Changed: {listed}. "
+            f"A re-run may change only {', '.join(RESUMABLE_KEYS)}. To resume, undo the changes (the run's recipe "
+            f"is {path}); to train with them, start a fresh run in another output_dir (or delete {out})."
+        )
 
 
 def load_trainer_state(ckpt: str | Path) -> dict:

@@ -339,6 +339,23 @@ def test_checkpoint_with_another_optimizer_layout_is_refused_clearly(tmp_path):
         train(_recipe(tmp_path, "max_steps=4"), say=lambda m: None, progress=False)
 
 
+def test_resume_with_a_changed_recipe_is_refused_listing_each_change(tmp_path, capsys):
+    """A re-run resumes only the run it would have been: changed LoRA or optimizer keys are listed and refused."""
+    train(_recipe(tmp_path, "max_steps=2"), say=lambda m: None, progress=False)
+    with pytest.raises(InputError) as e:
+        train(_recipe(tmp_path, "max_steps=4", "lora.rank=8", "optimizer.lr=0.01", "lora.variant=dora"),
+              say=lambda m: None, progress=False)
+    msg = str(e.value)
+    assert "lora.rank: 4 -> 8" in msg and "lora.variant: 'lora' -> 'dora'" in msg, msg
+    assert "optimizer.lr: 0.003 -> 0.01" in msg and "max_steps: " not in msg  # max_steps may change
+    assert "start a fresh run in another output_dir" in msg
+    cmd = ["train", "--no-progress", str(TINY), *FAST, "optimizer.lr=0.01", f"output_dir={tmp_path / 'out'}"]
+    assert cli_main(cmd) == 2 and "Traceback" not in capsys.readouterr().err
+    said = []  # how long, how often to evaluate and log: these may change
+    res = train(_recipe(tmp_path, "max_steps=4", "eval_steps=1", "log_steps=2"), say=said.append, progress=False)
+    assert res.stopped == "done" and "(step 2 of 4)" in " ".join(said)
+
+
 def test_a_16bit_base_trains_plain_lora_with_the_same_loop_and_files(tmp_path):
     """quant.quant_type none: nn.Linear bases, the same loop; the loss falls and the adapter records its base."""
     from torch import nn
