@@ -20,8 +20,10 @@ assistant turn's targets end with the token generation stops at
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,8 @@ BUILTIN_DATA = {  # scripts/make_tiny_assets.py and scripts/make_task_data.py wr
     "people-json-eval": ASSETS / "data" / "people-json-eval.jsonl",
 }
 _LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# roles some templates name besides the four (Llama-3.1's ipython, OpenAI-style developer, older function)
+_ROLE_WORDS = {"ipython", "developer", "function", "tool_response", "tool_call"}
 _ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -112,6 +116,8 @@ def load_records(path: str):
             kind = _LOADERS.get(p.suffix.lower())
             if kind is None:
                 raise InputError(f"Unsupported data file {str(p)!r}; valid extensions are {choices(sorted(_LOADERS))}.")
+            if kind in ("json", "csv", "text"):
+                _check_text_file(p)  # names the line of a bad byte or JSON line; datasets' errors do not
             ds = datasets.load_dataset(kind, data_files=str(p), split="train")
     except InputError:
         raise
@@ -120,6 +126,36 @@ def load_records(path: str):
     if len(ds) == 0:
         raise InputError(f"Dataset {str(p)!r} is empty (0 rows).")
     return ds, str(p)
+
+
+def _check_text_file(p: Path) -> None:
+    """Refuse an empty file, bytes that are not UTF-8, and (``.jsonl``) a line that is not JSON, naming the line.
+
+    One extra read of the file (datasets reads it again): the cost of an error that says where.
+
+    Raises:
+        InputError: naming the file, the line and what is wrong there.
+    """
+    data = p.read_bytes()
+    if not data.strip():
+        raise InputError(f"Data file {str(p)!r} is empty (no rows).")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(
+            f"Data file {str(p)!r}, line {line}: byte {data[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8 "
+            "text; re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+    if p.suffix.lower() != ".jsonl":
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"Data file {str(p)!r}, line {n} is not valid JSON ({e.msg}, column {e.colno}): "
+                                 f"{line[:100]!r}.") from None
 
 
 def detect_format(
@@ -165,7 +201,18 @@ def _encode_text(tok, text: str) -> Example:
     return Example(ids, list(ids))
 
 
-def _encode_chat(tok, messages: list[dict], train_on: str, where: str, eot: set[int]) -> Example:
+def template_roles(tok) -> frozenset[str]:
+    """The roles a chat may use: the four every template family handles, plus any role its template names.
+
+    A template that renders ``message['role']`` generically (ChatML) would print an unknown role such as
+    ``wizard`` as a header of its own, which the model never saw; such rows are refused instead.
+    """
+    named = set(re.findall(r"""['"]([a-z_]+)['"]""", tok.chat_template or "")) & _ROLE_WORDS
+    return frozenset({"system", "user", "assistant", "tool"} | named)
+
+
+def _encode_chat(tok, messages: list[dict], train_on: str, where: str, eot: set[int],
+                 roles: frozenset[str]) -> Example:
     """Render with the tokenizer's chat template; mark assistant turns by character span.
 
     The spans come from rendering growing prefixes of the conversation, so any
@@ -183,6 +230,12 @@ def _encode_chat(tok, messages: list[dict], train_on: str, where: str, eot: set[
         raise InputError(
             f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, got {str(messages)[:120]!r}."
         )
+    for i, m in enumerate(messages):
+        if not isinstance(m["content"], str):
+            raise InputError(f"{where}, turn {i} ({m['role']!r}): 'content' must be text, got {m['content']!r}.")
+        if m["role"] not in roles:
+            raise InputError(f"{where}, turn {i}: the role {m['role']!r} is not one the chat template knows; valid "
+                             f"roles: {choices(sorted(roles))}.")
     if not any(m["role"] == "assistant" for m in messages):
         raise InputError(
             f"{where}: the chat has no assistant turn, so there is nothing to learn from it "
@@ -232,7 +285,7 @@ def _encode_instruction(
     extra = record.get(input_field) or ""
     if tok.chat_template:
         msgs = [{"role": "user", "content": instruction_user_turn(instr, extra)}, {"role": "assistant", "content": out}]
-        return _encode_chat(tok, msgs, train_on, where, eot)
+        return _encode_chat(tok, msgs, train_on, where, eot, frozenset({"user", "assistant"}))
     p_ids = prompt_ids(tok, instruction_prompt_text(instr, extra), chat=False)
     o_ids = tok(out, add_special_tokens=False)["input_ids"] + (
         [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -270,6 +323,7 @@ def tokenize_dataset(
         )
     out, st = [], DataStats()
     eot = set(end_of_turn_ids(tokenizer))
+    roles = template_roles(tokenizer) if fmt == "chat" else frozenset()
     for row, rec in enumerate(ds):
         where = f"{source}, row {row}"
         if fmt == "text":
@@ -280,7 +334,8 @@ def tokenize_dataset(
                 continue  # blank lines in .txt files carry nothing
             ex = _encode_text(tokenizer, text)
         elif fmt == "chat":
-            ex = _encode_chat(tokenizer, rec.get(messages_field), train_on, f"{where}, field '{messages_field}'", eot)
+            ex = _encode_chat(tokenizer, rec.get(messages_field), train_on, f"{where}, field '{messages_field}'", eot,
+                              roles)
         else:
             ex = _encode_instruction(
                 tokenizer, rec, instruction_field, input_field, output_field, train_on, where, eot

@@ -77,6 +77,12 @@ def test_truncation_is_counted(tok, tmp_path):
         ([{"messages": "hello"}], "row 0, field 'messages'"),
         ([{"instruction": "x", "output": ""}], "field 'output'"),
         ([{"foo": 1}], "Cannot tell the format"),
+        ([{"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}],
+         "row 0, field 'messages', turn 0 ('user'): 'content' must be text, got None"),
+        ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+          {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+         "row 1, field 'messages', turn 0: the role 'wizard' is not one the chat template knows; valid roles: "
+         "'assistant', 'system', 'tool' or 'user'"),
     ],
 )
 def test_bad_records_name_file_row_and_field(tok, tmp_path, rows, needle):
@@ -86,14 +92,23 @@ def test_bad_records_name_file_row_and_field(tok, tmp_path, rows, needle):
 
 
 def test_empty_and_missing_data(tok, tmp_path):
-    (tmp_path / "e.jsonl").write_text("")
-    with pytest.raises(InputError):
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(InputError, match=r"e\.jsonl' is empty \(no rows\)"):
         load_records(str(tmp_path / "e.jsonl"))
     with pytest.raises(InputError, match="does not exist"):
         load_records(str(tmp_path / "missing.jsonl"))
     with pytest.raises(InputError, match="valid extensions"):
         (tmp_path / "x.xml").write_text("<a/>")
         load_records(str(tmp_path / "x.xml"))
+
+
+def test_undecodable_bytes_and_a_bad_json_line_are_named_by_line(tok, tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"latin\.jsonl', line 2: byte b'\\xe9' at offset 28 is not UTF-8"):
+        load_records(str(tmp_path / "latin.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
+    with pytest.raises(InputError, match=r"broken\.jsonl', line 3 is not valid JSON \(Expecting ',' delimiter"):
+        load_records(str(tmp_path / "broken.jsonl"))
 
 
 def test_every_example_too_long_is_an_error(tok, tmp_path):
