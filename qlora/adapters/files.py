@@ -214,8 +214,21 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     Raises:
         InputError: missing files, ``peft_type`` other than ``LORA``, options
             qlora does not implement (named), keys that are not LoRA-on-linear,
-            a rank that disagrees with ``r``/``rank_pattern``, or an unreadable base record.
+            a rank that disagrees with ``r``/``rank_pattern``, an unreadable base record, or a NaN or
+            infinite value (naming the module and the tensor).
     """
+    adapter = _read_adapter(Path(adapter_dir))
+    for name, m in adapter.modules.items():  # a NaN adapter would load, generate nothing and merge into NaNs
+        for what, t in (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("lora_magnitude_vector", m.magnitude)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise InputError(f"Adapter {str(adapter_dir)!r}: {what} of module {name!r} holds {bad} NaN or "
+                                 f"infinite value(s) of {t.numel()}; the run that wrote it diverged. Use an earlier "
+                                 "checkpoint of that run.")
+    return adapter
+
+
+def _read_adapter(adapter_dir: Path) -> Adapter:
     d = Path(adapter_dir)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
@@ -317,7 +330,29 @@ def check_adapter_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Modul
                     f"out={dout}) needs {want}. The adapter was trained on a different base model."
                 )
         found[name] = layer
+    _warn_coverage(layers, adapter)
     return found
+
+
+def _warn_coverage(layers: dict[str, nn.Module], adapter: Adapter) -> None:
+    """Warn where the weights and the config's ``target_modules`` disagree; the weights are what runs.
+
+    The rule: every module with tensors in the file is applied, and nothing else (PEFT also leaves a
+    targeted layer without tensors at its initial, zero update). A disagreement usually means a file cut
+    short or a config edited by hand, so it is said, not silently followed.
+    """
+    targets = adapter.target_modules
+    if not isinstance(targets, list) or not targets:  # a regex or "all-linear": nothing exact to compare
+        return
+    wanted = {n for n in layers if any(n == t or n.endswith("." + t) for t in targets)}  # PEFT's suffix match
+    missing, extra = sorted(wanted - set(adapter.modules)), sorted(set(adapter.modules) - wanted)
+    if missing:
+        log.warning("the adapter's config targets %d layers of this model (%s) but its weights cover %d of them; "
+                    "the other %d run without an update (e.g. %s)", len(wanted), ", ".join(targets),
+                    len(wanted) - len(missing), len(missing), missing[0])
+    if extra:
+        log.warning("the adapter's weights hold %d modules its config's target_modules (%s) do not name (e.g. %s); "
+                    "they are applied", len(extra), ", ".join(targets), extra[0])
 
 
 def install_module_adapter(

@@ -200,6 +200,37 @@ def test_other_bad_adapters(tmp_path):
         load_adapter(model, d)
 
 
+def test_non_finite_weights_are_refused_naming_the_module(tmp_path):
+    d = _saved(tmp_path)
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    key = next(k for k in sorted(sd) if "layers.1" in k and "lora_B" in k)
+    sd[key][0, 0] = float("nan")
+    sd[key][1, 0] = float("inf")
+    save_file(sd, str(d / "adapter_model.safetensors"))
+    module = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    with pytest.raises(InputError, match=rf"lora_B of module '{module}' holds 2 NaN or infinite value"):
+        load_adapter(tiny_model("llama"), d)
+
+
+def test_weights_that_disagree_with_target_modules_are_said(tmp_path, caplog):
+    """The weights are what runs; a file cut short, or holding more than its config names, is warned about."""
+    d = _saved(tmp_path)
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    cut = {k: v for k, v in sd.items() if "layers.0." in k}
+    save_file(cut, str(d / "adapter_model.safetensors"))
+    with caplog.at_level("WARNING", logger="qlora.adapters.files"):
+        report = load_adapter(tiny_model("llama"), d)
+    n_all, n_cut = len(sd) // 2, len(cut) // 2
+    assert len(report.modules) == n_cut
+    assert f"targets {n_all} layers of this model" in caplog.text and f"cover {n_cut} of them" in caplog.text
+    caplog.clear()
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj"]}))
+    with caplog.at_level("WARNING", logger="qlora.adapters.files"):
+        load_adapter(tiny_model("llama"), d)
+    assert "modules its config's target_modules (q_proj) do not name" in caplog.text
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_training_mode_with_dropout_matches_peft(tmp_path, use_dora):
     """Same dropout masks (same seed, one draw per module) give the same outputs and gradients as PEFT."""
