@@ -11,7 +11,9 @@ these two, so there is one rule:
 * permissions follow the user's umask, as a plain ``open()``/``mkdir`` would
   (``tempfile`` would give 0600/0700 and the result would be unreadable to
   others);
-* on any exception the temporary is removed and the target is untouched.
+* on any exception the temporary is removed and the target is untouched; a write that fails
+  (disk full, read-only or protected folder) becomes one :class:`InputError` naming the path and,
+  when it is space, what is free.
 
 It lives in the lowest package for the same reason :mod:`quant.errors` does:
 ``memory`` and ``qlora`` reuse it.
@@ -19,6 +21,7 @@ It lives in the lowest package for the same reason :mod:`quant.errors` does:
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -27,6 +30,38 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
+
+# how a failed write shows up in what the writers below raise: OSError errnos, and the texts torch.save
+# ("unexpected pos", "failed writing file") and safetensors ("StorageFull", "No space left") wrap them in
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+_WRITE_TEXTS = ("No space left", "StorageFull", "unexpected pos", "failed writing file", "Disk quota")
+
+
+def _write_error(target: Path, e: BaseException) -> InputError | None:
+    """The one-paragraph error for a failed write to ``target``; None when ``e`` is something else.
+
+    Something else: an OSError about a file outside ``target``'s folder (a writer reading its source),
+    or any error that is not about space or permission.
+    """
+    code = getattr(e, "errno", None)
+    if isinstance(e, OSError):
+        outside = e.filename is not None and not str(Path(e.filename).resolve()).startswith(
+            str(target.parent.resolve()))
+        if outside or code not in _NO_SPACE + _DENIED:
+            return None
+    elif not any(t in str(e) for t in _WRITE_TEXTS):
+        return None
+    if code in _DENIED:
+        return InputError(f"Cannot write {str(target)!r}: {e.strerror} (a read-only or protected folder); nothing "
+                          "there was replaced. Choose a folder you can write to.")
+    try:
+        free = f"{shutil.disk_usage(target.parent if target.parent.exists() else '.').free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return InputError(f"Ran out of disk space writing {str(target)!r} ({free} on its filesystem); nothing there "
+                      "was replaced and the partial copy was removed. Free some space or choose another folder, "
+                      "then run the same command again.")
 
 
 def _umask() -> int:
@@ -74,14 +109,16 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     if target.is_dir():
         raise InputError(f"Cannot write the file {str(target)!r}: a folder of that name exists.")
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, target)
         _fsync(target.parent, directory=True)
+    except Exception as e:
+        raise (_write_error(target, e) or e) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -127,11 +164,14 @@ def atomic_dir(path: str | os.PathLike, existing: str = "refuse", last: Sequence
     if existing == "refuse" and target.is_dir() and any(target.iterdir()):
         raise InputError(f"The folder {str(target)!r} already exists and is not empty; choose a new folder.")
     merging = existing == "merge" and target.is_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
     # merging: the temporary lives *inside* the target, so every rename stays in that one folder even when it
     # is a mount point or a symlink to another filesystem (a rename across filesystems fails with EXDEV)
     tmp = target / f".tmp-{os.getpid()}-{secrets.token_hex(4)}" if merging else _sibling(target, "tmp")
-    tmp.mkdir()  # mkdir honours the umask (tempfile.mkdtemp would make it 0700)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # mkdir honours the umask (tempfile.mkdtemp would make it 0700)
+    except OSError as e:
+        raise (_write_error(target, e) or e) from None
     try:
         yield tmp
         fsync_tree(tmp)
@@ -145,6 +185,8 @@ def atomic_dir(path: str | os.PathLike, existing: str = "refuse", last: Sequence
                 target.rmdir()
             _swap_in(tmp, target)
             _fsync(target.parent, directory=True)
+    except Exception as e:
+        raise (_write_error(target, e) or e) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

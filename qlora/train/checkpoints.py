@@ -15,6 +15,7 @@ folders carry the ``COMPLETE`` marker that :func:`latest_checkpoint` requires.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import shutil
@@ -114,6 +115,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     remove_stale_temporaries(output_dir)
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an ``output_dir`` that is a file or cannot be written, before anything is loaded.
+
+    Raises:
+        InputError: naming the path and what is wrong with it.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output_dir {str(out)!r} is a file, not a folder; give a folder (it is created if missing).")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output_dir {str(out)!r} cannot be written: {str(existing)!r} is read-only or protected. "
+                         "Choose a folder you can write to.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

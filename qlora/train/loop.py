@@ -140,6 +140,7 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     parallel.check_same(world, "recipe", recipe_to_dict(recipe))
     recipe = resolve_dtypes(recipe, device, say)  # auto dtypes become names: the plan, the model and recipe.yaml agree
     out = Path(recipe.output_dir)
+    ckpts.check_output_dir(out)  # a file or a read-only folder: said now, not after the model is loaded
     torch.manual_seed(recipe.seed)  # the same on every rank: LoRA starts identical everywhere
     plan = plan_run(recipe, device, gpus=world.size)  # before any weights are read
     say(plan.summary)

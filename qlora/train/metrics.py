@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quant.errors import InputError
 from quant.files import atomic_file, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,13 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # a full disk: the checkpoints written so far stay the resume point
+            raise InputError(f"Cannot append to {str(self.path)!r}: {e.strerror}. The newest complete checkpoint "
+                             "next to it is where the same command resumes once there is room.") from None
         if self._tb is not None:
             step = record.get("step", 0)
             for k, v in record.items():

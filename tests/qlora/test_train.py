@@ -356,6 +356,35 @@ def test_resume_with_a_changed_recipe_is_refused_listing_each_change(tmp_path, c
     assert res.stopped == "done" and "(step 2 of 4)" in " ".join(said)
 
 
+def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_one_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """The second checkpoint's write fails as torch.save fails on a full disk: one clear error, checkpoint 2
+    intact, no partial folder left, and the same command resumes from step 2."""
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:
+            real(obj, f, *a, **kw)  # the file is half there, as when the disk fills mid-write
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1472 vs 1361")
+        return real(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(InputError, match="Ran out of disk space writing .*checkpoint-0000004"):
+        train(_recipe(tmp_path), say=lambda m: None, progress=False)
+    monkeypatch.setattr(torch, "save", real)
+    out = tmp_path / "out"
+    assert _checkpoints(out) == ["checkpoint-0000002"] and not [p for p in out.iterdir() if p.name.startswith(".")]
+    said = []
+    res = train(_recipe(tmp_path), say=said.append, progress=False)
+    assert res.stopped == "done" and "(step 2 of 4)" in " ".join(said)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(InputError, match="output_dir .* is a file, not a folder"):
+        train(_recipe(tmp_path), say=lambda m: None, progress=False)
+
+
 def test_a_16bit_base_trains_plain_lora_with_the_same_loop_and_files(tmp_path):
     """quant.quant_type none: nn.Linear bases, the same loop; the loss falls and the adapter records its base."""
     from torch import nn

@@ -1,6 +1,8 @@
 """quant.files: the one atomic-write helper for a file and one for a folder."""
 
+import errno
 import os
+import re
 import stat
 
 import pytest
@@ -138,3 +140,35 @@ def test_a_kill_between_the_renames_of_a_replace_keeps_the_old_version(tmp_path)
     (tmp_path / f".checkpoint-0000002.tmp-{dead}-abcd1234").mkdir()  # the new one, never renamed in
     assert remove_stale_temporaries(tmp_path) == 2
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-0000002"] and (out / "COMPLETE").read_text() == "2"
+
+
+@pytest.mark.parametrize("error, said", [
+    (OSError(errno.ENOSPC, "No space left on device"), "Ran out of disk space writing"),
+    # what torch.save raises when the disk fills under it (its C++ writer, not an OSError)
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 1023"), "Ran out of disk space"),
+    (OSError(errno.EROFS, "Read-only file system"), "Read-only file system (a read-only or protected folder)"),
+])
+def test_a_failed_write_is_one_clear_error_and_keeps_what_was_there(tmp_path, error, said):
+    target = tmp_path / "out.bin"
+    target.write_text("old")
+    with pytest.raises(InputError, match=re.escape(said)) as e:
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise error
+    assert str(target) in str(e.value) and target.read_text() == "old" and os.listdir(tmp_path) == ["out.bin"]
+    folder = tmp_path / "ckpt"
+    (folder / "a").mkdir(parents=True)
+    with pytest.raises(InputError, match=re.escape(said)):
+        with atomic_dir(folder, existing="replace") as tmp:
+            (tmp / "b").write_text("half")
+            raise error
+    assert os.listdir(folder) == ["a"] and sorted(os.listdir(tmp_path)) == ["ckpt", "out.bin"]
+
+
+def test_errors_that_are_not_about_writing_pass_through(tmp_path):
+    with pytest.raises(FileNotFoundError):  # a writer reading a missing source: not a disk problem
+        with atomic_file(tmp_path / "out.bin"):
+            open(tmp_path.parent / "no-such-source.bin")  # noqa: SIM115
+    with pytest.raises(ValueError, match="a bug"):
+        with atomic_dir(tmp_path / "d"):
+            raise ValueError("a bug")
