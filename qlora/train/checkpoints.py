@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import yaml
+from safetensors import safe_open
 
 from quant.errors import InputError
 from quant.files import atomic_dir, remove_stale_temporaries
@@ -146,25 +147,20 @@ def _may_change(key: str) -> bool:
     return any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS)
 
 
-def check_resumable(ckpt: str | Path, recipe: dict) -> None:
+def check_resumable(ckpt: str | Path, saved: dict, recipe: dict) -> None:
     """Refuse to resume ``ckpt`` with a resolved recipe that differs from the one it was saved with.
 
-    ``recipe`` is the re-run's resolved recipe (:func:`qlora.train.recipe.recipe_to_dict`, after the plan
-    filled in its ``auto`` values), compared key by key with the checkpoint's ``recipe.yaml``; keys under
-    :data:`RESUMABLE_KEYS` may differ. A key only one side has (a recipe of another qlora version) is
-    logged, not refused.
+    ``saved`` is the checkpoint's ``recipe.yaml`` (from :func:`open_checkpoint`); ``recipe`` is the re-run's
+    resolved recipe (:func:`qlora.train.recipe.recipe_to_dict`, after the plan filled in its ``auto`` values),
+    compared key by key; keys under :data:`RESUMABLE_KEYS` may differ. A key only one side has (a recipe of
+    another qlora version) is logged, not refused.
 
     Raises:
         InputError: each changed key with its old and new value, the keys that may change, and how to
-            start a fresh run instead; or an unreadable ``recipe.yaml``.
+            start a fresh run instead.
     """
     path = Path(ckpt) / "recipe.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise InputError(f"Cannot read {str(path)!r} ({type(e).__name__}: {e}); the checkpoint cannot be resumed "
-                         "safely. Move it aside to start a fresh run.") from None
-    old, new = _flat(saved if isinstance(saved, dict) else {}), _flat(recipe)
+    old, new = _flat(saved), _flat(recipe)
     changed = [(k, old[k], new[k]) for k in new if k in old and old[k] != new[k] and not _may_change(k)]
     only = sorted(set(old) ^ set(new))
     if only:
@@ -179,18 +175,57 @@ def check_resumable(ckpt: str | Path, recipe: dict) -> None:
         )
 
 
-def load_trainer_state(ckpt: str | Path) -> dict:
-    """Read ``trainer_state.pt`` with ``weights_only=True``.
+def _read(ckpt: Path) -> tuple[dict, dict]:
+    """The checkpoint's recipe and trainer state, after a look at each adapter file's header (a truncated
+    safetensors file fails there, before any model is built). Raises whatever the readers raise."""
+    saved = yaml.safe_load((ckpt / "recipe.yaml").read_text(encoding="utf-8"))
+    if not isinstance(saved, dict):
+        raise ValueError("recipe.yaml does not hold a mapping")
+    weights = sorted((ckpt / "adapter").glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(2, "no adapter weights", str(ckpt / "adapter" / "adapter_model.safetensors"))
+    for w in weights:
+        with safe_open(str(w), "pt"):  # reads only the header, which checks the file's length
+            pass
+    return saved, torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"{Path(e.filename).name} is missing"
+    return f"{type(e).__name__}: {e}"
+
+
+def open_checkpoint(ckpt: str | Path) -> tuple[dict, dict]:
+    """Read a checkpoint to resume: its ``recipe.yaml`` and its ``trainer_state.pt`` (``weights_only=True``).
+
+    Returns:
+        ``(saved_recipe, trainer_state)``.
 
     Raises:
-        InputError: a missing or unreadable state file.
+        InputError: a checkpoint with a missing, truncated or unreadable file (its ``COMPLETE`` marker says
+            it was written whole, so something damaged it since), naming the file, the newest earlier
+            checkpoint that reads whole and the command that resumes from it. Nothing is moved or deleted.
     """
-    path = Path(ckpt) / "trainer_state.pt"
+    ckpt = Path(ckpt)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(
-            f"Checkpoint {str(ckpt)!r} has no trainer_state.pt; it is not a qlora trainer checkpoint."
-        ) from None
-    except Exception as e:
-        raise InputError(f"Cannot read {str(path)!r}: {type(e).__name__}: {e}") from None
+        return _read(ckpt)
+    except Exception as e:  # any reader's failure is the same fact for the user: this folder is damaged
+        why = _why(e)
+    earlier = None
+    for older in reversed([c for c in list_checkpoints(ckpt.parent) if c.name < ckpt.name]):
+        try:
+            _read(older)
+        except Exception as e:
+            log.info("%s cannot be resumed either (%s)", older, _why(e))
+            continue
+        earlier = older
+        break
+    aside = f"mv {ckpt} {ckpt.parent / ('damaged-' + ckpt.name)}"
+    if earlier is None:
+        then = (f"No earlier checkpoint reads whole, so the run must start over: move {ckpt.parent} aside "
+                "(or delete it) and run the same command again.")
+    else:
+        then = (f"The newest complete earlier checkpoint is {earlier.name} (step {int(_NAME.match(earlier.name)[1])}): "
+                f"to resume from it, move the damaged one aside ({aside}) and run the same command again.")
+    raise InputError(f"The newest checkpoint {str(ckpt)!r} is damaged and cannot be resumed: {why}. {then}")

@@ -162,9 +162,10 @@ def _setup(recipe: Recipe, say: Callable[[str], None]) -> tuple[_Run, dict | Non
     last = ckpts.latest_checkpoint(out) if world.main else None
     if world.distributed:
         last = parallel.gather_objects(world, last)[0]
-    if last is not None:  # before the checkpoint's state is read: a changed recipe is refused, not mixed in
-        ckpts.check_resumable(last, recipe_to_dict(recipe))
-    state = ckpts.load_trainer_state(last) if last is not None else None
+    state = None
+    if last is not None:  # a damaged checkpoint is named, and a changed recipe refused, before any model loads
+        saved, state = ckpts.open_checkpoint(last)
+        ckpts.check_resumable(last, saved, recipe_to_dict(recipe))
     ada = adalora_schedule(recipe.lora, total_steps)
     model, _, initial = build_model(
         plan.model_dir, device, recipe.quant, recipe.lora, recipe.model.dtype, recipe.gradient_checkpointing,

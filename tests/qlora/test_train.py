@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from qlora.cli import main as cli_main
 from qlora.cli.train import DEBUG_SIGNAL_ENV
+from qlora.train.checkpoints import list_checkpoints
 from qlora.train.loop import train
 from qlora.train.recipe import load_recipe
 from qlora.train.step import accumulate_gradients
@@ -377,6 +378,35 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_earlier_one_and_the_rerun_resumes
     said = []
     res = train(_recipe(tmp_path), say=said.append, progress=False)
     assert res.stopped == "done" and "(step 2 of 4)" in " ".join(said)
+
+
+def test_a_damaged_newest_checkpoint_names_the_earlier_one_and_how_to_resume_from_it(tmp_path):
+    """checkpoint 4 written whole, then truncated (its adapter, then its state): the error names the damaged file,
+    checkpoint 2 and the mv that resumes from it; nothing is moved or deleted; after the mv the run resumes."""
+    train(_recipe(tmp_path, "max_steps=6", "keep_checkpoints=3"), say=lambda m: None, progress=False)
+    out = tmp_path / "out"
+    newest, weights = out / "checkpoint-0000006", out / "checkpoint-0000006" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(InputError) as e:
+        train(_recipe(tmp_path, "max_steps=8", "keep_checkpoints=3"), say=lambda m: None, progress=False)
+    msg = str(e.value)
+    assert "checkpoint-0000006" in msg and "incomplete metadata" in msg and "checkpoint-0000004 (step 4)" in msg, msg
+    assert f"mv {newest} {out / 'damaged-checkpoint-0000006'}" in msg
+    state = out / "checkpoint-0000004" / "trainer_state.pt"  # the earlier one damaged too: checkpoint 2 is named
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"checkpoint-0000002 \(step 2\)"):
+        train(_recipe(tmp_path, "max_steps=8", "keep_checkpoints=3"), say=lambda m: None, progress=False)
+    assert _checkpoints(out) == ["checkpoint-0000002", "checkpoint-0000004", "checkpoint-0000006"]
+    for c in ("checkpoint-0000006", "checkpoint-0000004"):
+        (out / c).rename(out / f"damaged-{c}")
+    said = []
+    res = train(_recipe(tmp_path, "max_steps=8", "keep_checkpoints=3"), say=said.append, progress=False)
+    assert res.stopped == "done" and "(step 2 of 8)" in " ".join(said)
+    (out / "checkpoint-0000008" / "trainer_state.pt").unlink()  # none earlier reads whole? say to start over
+    for c in list_checkpoints(out)[:-1]:
+        (c / "recipe.yaml").write_text("lora: [")
+    with pytest.raises(InputError, match="trainer_state.pt is missing.*No earlier checkpoint reads whole"):
+        train(_recipe(tmp_path, "max_steps=9", "keep_checkpoints=3"), say=lambda m: None, progress=False)
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path):
