@@ -172,7 +172,34 @@ def spec_from_config(facts: dict, name: str = "custom") -> ModelSpec:
     """
     if not isinstance(facts, dict):
         raise InputError(f"A model config must be a JSON object, got {type(facts).__name__}.")
+    _check_sizes(facts, name)
     return _spec_cached(name, json.dumps(facts, sort_keys=True))
+
+
+# The sizes a plan is made of, with the names other architectures give them (GPT-2's n_embd, T5-style
+# d_model). transformers fills a missing one with its class default (LlamaConfig: a 7B model), so a config
+# without them would be planned as a model nobody asked for.
+_SIZES = {"hidden_size": ("hidden_size", "n_embd", "d_model"),
+          "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+          "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+          "vocab_size": ("vocab_size",)}
+
+
+def _check_sizes(facts: dict, name: str) -> None:
+    """Refuse a config that leaves a size to transformers' defaults (multimodal configs keep them in text_config).
+
+    Raises:
+        InputError: naming the missing fields.
+    """
+    text = facts.get("text_config") if isinstance(facts.get("text_config"), dict) else {}
+    missing = ["model_type"] * ("model_type" not in facts)
+    missing += [k for k, names in _SIZES.items() if not any(n in facts or n in text for n in names)]
+    if missing:
+        raise InputError(
+            f"Model config {name!r} does not give {', '.join(missing)}; a plan needs the model's type and sizes, "
+            "and transformers would fill missing sizes with its defaults. Use the model's own config.json, "
+            "which lists them."
+        )
 
 
 def _read_config(path: Path) -> dict:

@@ -76,9 +76,23 @@ def test_bad_input_is_one_clear_error_with_exit_2(capsys, argv, needle):
 
 
 def test_non_causal_config_is_refused(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    bert = {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "vocab_size": 30522}
+    (tmp_path / "config.json").write_text(json.dumps(bert))
     rc, _, err = _plan(capsys, "--gpu", "24GB", "--model", tmp_path)
     assert rc == 2 and "not a decoder-only causal language model" in err and "Traceback" not in err
+
+
+def test_a_config_without_the_model_sizes_is_refused_naming_them(capsys, tmp_path):
+    """{"model_type": "llama"} alone would be planned as LlamaConfig's default 7B model: refused instead."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    rc, _, err = _plan(capsys, "--gpu", "24GB", "--model", tmp_path)
+    err = " ".join(err.split())
+    assert rc == 2 and "does not give num_hidden_layers, num_attention_heads, vocab_size" in err, err
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 50257}
+    (tmp_path / "config.json").write_text(json.dumps(gpt2))  # its own names for the sizes count (then: no Conv1D)
+    rc, out, err = _plan(capsys, "--gpu", "24GB", "--model", tmp_path)
+    assert rc == 2 and "does not give" not in err and "not a decoder-only" in err, err
 
 
 def test_setting_flags_are_generated_from_memory_settings():

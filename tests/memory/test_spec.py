@@ -112,10 +112,12 @@ def test_bad_models_raise_input_errors(tmp_path):
         memory.load_spec("llama-9b")
     bert = tmp_path / "bert"
     bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
+                                              "num_attention_heads": 2, "vocab_size": 100}))
     with pytest.raises(InputError, match="not a decoder-only causal language model"):
         memory.load_spec(str(bert))
-    (tmp_path / "t5.json").write_text(json.dumps({"model_type": "t5"}))
+    (tmp_path / "t5.json").write_text(json.dumps({"model_type": "t5", "d_model": 64, "num_layers": 2, "num_heads": 2,
+                                                  "vocab_size": 100}))
     with pytest.raises(InputError, match="not a decoder-only causal language model"):
         memory.load_spec(str(tmp_path / "t5.json"))
     (tmp_path / "empty").mkdir()
