@@ -60,7 +60,7 @@ EXTRA_MODULES = ("datasets", "dill", "multiprocess", "fsspec", "pyarrow", "panda
 # bench/memory_accuracy.py CUDA_GRID rows (1-based) per stage; the 8B rows first: they are the ones
 # the 24 GB recipes and the README quote
 STAGES = {
-    "full": {"8b": (1, 2, 3, 4, 5, 11, 12, 13), "7b": (6, 7, 8, 9, 10, 14)},
+    "full": {"8b": (1, 2, 3, 4, 5, 11, 12, 13, 15), "7b": (6, 7, 8, 9, 10, 14)},  # 15: packed rows
     # CPU_GRID rows at the tiny size: the same code path (plan, build, two steps, write after each row)
     "tiny": {"8b": (1,), "7b": (7,)},
 }

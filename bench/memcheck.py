@@ -121,6 +121,7 @@ def train_step(
     chunk_tokens: int | None = 1024,
     allocator=None,
     step: int = 0,
+    packed: bool = False,
 ) -> float:
     """One optimizer step on one micro-batch; returns the loss value.
 
@@ -134,7 +135,8 @@ def train_step(
     its bf16 autocast) on one micro-batch; gradients are set to None after
     the step (so they are allocated afresh by the next backward). ``allocator``: AdaLoRA's
     :class:`qlora.lora.adalora.RankAllocator`, run as the trainer runs it (its penalty's backward, then
-    its ``step(step)`` after the optimizer's).
+    its ``step(step)`` after the optimizer's). ``packed``: each row holds two examples (positions restart
+    halfway), as a packed row does, so transformers builds its dense block mask.
 
     Raises:
         InputError: unknown ``loss``.
@@ -142,7 +144,11 @@ def train_step(
     if loss not in LOSSES:
         raise InputError(f"Unknown loss {loss!r}; valid choices are {choices(LOSSES)}.")
     # The trainer's own forward/backward (qlora.train.loop), so what is measured is what trains.
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    n = input_ids.shape[1]
+    positions = torch.arange(n, device=input_ids.device)
+    if packed:
+        positions = torch.cat([positions[: n // 2], positions[: n - n // 2]])
+    positions = positions.expand_as(input_ids)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
     out = float(accumulate_gradients(model, [batch], chunk_tokens if loss == "chunked" else None, torch.bfloat16))
     if allocator is not None:
@@ -190,6 +196,7 @@ def measure_step(
     chunk_tokens: int | None = 1024,
     warmup_steps: int = 1,
     allocator=None,
+    packed: bool = False,
 ) -> Measurement:
     """Run ``warmup_steps`` steps, then measure the peak of the next one.
 
@@ -206,14 +213,14 @@ def measure_step(
 
     for i in range(warmup_steps):
         train_step(model, optimizer, *batch_tensors(), loss=loss, chunk_tokens=chunk_tokens, allocator=allocator,
-                   step=i)
+                   step=i, packed=packed)
     ids, labels = batch_tensors()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
         value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens, allocator=allocator,
-                           step=warmup_steps)
+                           step=warmup_steps, packed=packed)
         torch.cuda.synchronize(device)
         return Measurement(
             "cuda", torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), start, value
@@ -228,7 +235,7 @@ def measure_step(
             tracker.track([*allocator.avg_ipt.values(), *allocator.avg_unc.values()])
         start = tracker.current
         value = train_step(model, optimizer, ids, labels, loss=loss, chunk_tokens=chunk_tokens, allocator=allocator,
-                           step=warmup_steps)
+                           step=warmup_steps, packed=packed)
     return Measurement(device.type, tracker.peak, None, start, value)
 
 
@@ -273,10 +280,12 @@ def check(
     vera: bool = False,
     delta_ratio: float | None = None,
     adalora: bool = False,
+    packed: bool = False,
 ) -> Check:
     """Predict with :func:`memory.estimate`, then build, run and measure the same configuration.
 
     ``delta_ratio``: run Delta-LoRA, which the planner plans as LoRA (the trainer's mapping, qlora.train.plan).
+    ``packed``: rows of two examples each (see :func:`train_step`), planned with ``Settings(packed=True)``.
 
     Raises:
         InputError: invalid settings (as :func:`memory.estimate` and :func:`random_qlora_model`).
@@ -287,7 +296,7 @@ def check(
         adapter_dtype=adapter_dtype, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
         attn=attn, loss=loss, loss_chunk_tokens=chunk_tokens, device="cuda" if device.startswith("cuda") else "cpu",
         quant_type=quant_type, tiled_mlp=tiled_mlp, tiled_norms=tiled_norms, tile_tokens=tile_tokens, vera=vera,
-        adalora=adalora,
+        adalora=adalora, packed=packed,
     )
     fp = memory.estimate(spec, settings)
     model = random_qlora_model(
@@ -298,7 +307,8 @@ def check(
     opt = make_optimizer(model, optimizer)
     # AdaLoRA: scoring every step, pruning from the second on (tinit 0, a long schedule)
     alloc = RankAllocator(model, AdaLoRASchedule(rank, max(1, rank // 2), 1000)) if adalora else None
-    m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None, allocator=alloc)
+    m = measure_step(model, opt, batch, seq, loss, chunk_tokens if loss == "chunked" else None, allocator=alloc,
+                     packed=packed)
     log.info(
         "predicted %.2f MiB, measured %.2f MiB (%+.1f%%)",
         fp.tensor_peak_bytes / 2**20, m.peak_bytes / 2**20, 100 * (fp.tensor_peak_bytes - m.peak_bytes) / m.peak_bytes,

@@ -111,6 +111,14 @@ CPU_GRID = [
                           tile_tokens=512)),
     ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024, tiled_mlp=True,
                           tiled_norms=True, tile_tokens=512)),
+    # packed rows (two examples each): sdpa gets transformers' dense (b, 1, s, s) block mask (memory.terms
+    # .block_mask_bytes); a model whose every layer slides, past its window, has that mask unpacked already
+    ("tiny-llama", dict(batch=1, seq=4096, rank=8, loss="chunked", chunk_tokens=512, packed=True)),
+    ("tiny-llama", dict(batch=2, seq=2048, rank=8, loss="chunked", chunk_tokens=512, packed=True)),
+    ("tiny-qwen2", dict(batch=2, seq=1024, rank=16, packed=True)),
+    ("tiny-gemma3", dict(batch=2, seq=256, rank=8, packed=True)),
+    ("tiny-mistral-sw", dict(batch=2, seq=256, rank=8, packed=True)),
+    ("smollm2-135m", dict(batch=1, seq=2048, rank=16, loss="chunked", chunk_tokens=1024, packed=True)),
 ]
 
 CUDA_GRID = [
@@ -122,6 +130,7 @@ CUDA_GRID = [
     ("llama-3.1-8b", dict(batch=2, seq=4096, rank=64, optimizer="paged_adamw_8bit", loss="chunked", chunk_tokens=1024)),
     ("llama-3.1-8b", dict(batch=1, seq=1024, rank=16, optimizer="paged_adamw_8bit", gradient_checkpointing=False)),
     ("qwen2.5-7b", dict(batch=2, seq=2048, rank=32, optimizer="paged_adamw_8bit", dropout=0.05)),
+    ("llama-3.1-8b", dict(batch=1, seq=8192, rank=16, optimizer="paged_adamw_8bit", packed=True)),  # the block mask
 ]
 
 

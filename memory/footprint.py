@@ -23,6 +23,8 @@ closed form for the chunked loss):
     ``optimizer_step``         temporaries of ``optimizer.step()`` (phase "optimizer" only)
     ``ddp_buckets``            on N GPUs with DDP: the adapter gradients' all-reduce buffers
     ``fsdp_gathered``          on N GPUs with FSDP2: the units gathered at that moment (:mod:`memory.distributed`)
+    ``block_mask``             packed rows under sdpa: the (b, 1, s, s) block mask, and its additive copy during
+                               an attention call (:func:`memory.terms.block_mask_bytes`)
     ``init_transient``         PiSSA/OLoRA/LoftQ at load time: the largest target layer's decomposition
                                (phase ``init``, before any step: weights and adapter only)
     ``load_transient``         fsdp only (phase ``load``): the loading layer's quantization or init
@@ -58,6 +60,7 @@ from .spec import ModelSpec, load_spec
 from .targets import resolve_targets
 from .terms import (
     INIT_TRANSIENT,
+    block_mask_bytes,
     chunked_loss_segment,
     init_transient_bytes,
     lora_tensors,
@@ -86,6 +89,7 @@ TERMS = {
     "lora_grads": "LoRA gradients",
     "optimizer_step": "optimizer step temporaries",
     "ddp_buckets": "DDP gradient buckets",
+    "block_mask": "packed rows: block mask (sdpa)",
     "init_transient": "init from the weights: one layer's SVD/QR",
     "load_transient": "loading: a weight's quantization or init",
     "fsdp_gathered": "FSDP units gathered (transient)",
@@ -348,6 +352,10 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
     candidates: dict[str, dict[str, int]] = {}
     for phase in ("forward", "loss", "backward"):
         candidates[phase] = dict(persistent, **_terms(getattr(peaks, phase)))
+    if s.packed and attn == "sdpa" and _masks_packing(spec, seq_len):
+        held, per_call = block_mask_bytes(batch, seq_len)
+        for phase, extra in (("forward", held + per_call), ("loss", held), ("backward", held + per_call)):
+            candidates[phase]["block_mask"] = extra
     offloaded = pinned = 0
     if s.offload_activations and checkpointing and device == "cuda":
         # qlora.train.offload keeps two layers' inputs on the device (the one being
@@ -388,6 +396,16 @@ def _estimate(spec: ModelSpec, s: Settings) -> Footprint:
         offload_params=s.offload_params is True,
         host=host_memory(spec, device, pinned, state_host, tensor_peak, offloaded_params),
     )
+
+
+def _masks_packing(spec: ModelSpec, seq_len: int) -> bool:
+    """Whether packed rows add a block mask the unpacked dry runs lack: not when every layer slides and the
+    sequence reaches the window (that mask exists unpacked too, and is in the profile: ``probe_window``)."""
+    types = set(spec.layer_types)
+    # a window with no layer typed "sliding_attention" (Mistral, Phi-3) is every layer's window
+    every_layer_slides = spec.sliding_window is not None and (types == {"sliding_attention"}
+                                                              or "sliding_attention" not in types)
+    return not (every_layer_slides and seq_len >= spec.sliding_window)
 
 
 @functools.lru_cache(maxsize=256)

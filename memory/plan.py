@@ -43,36 +43,16 @@ from quant.errors import InputError
 from . import distributed
 from .catalog import DEFAULT_MODEL
 from .footprint import Footprint, estimate
-from .gpus import GPU, catalog_gpu, known_gpus, parse_gpu, parse_size
+from .gpus import GPU, parse_gpu, parse_size
 from .host import available_ram
 from .settings import MARGIN, PLAN_DEFAULTS, Settings, flag_name, with_changes
 from .spec import ModelSpec, load_spec
+from .suggest import RANKS, SEQ_STEP, Suggestion, largest, suggest
+from .targets import narrowest_target
 
 log = logging.getLogger(__name__)
 
-RANKS = (8, 16, 32, 64, 128, 256)
-SEQ_STEP = 256
 __all__ = ["MARGIN", "RANKS", "SEQ_STEP", "Plan", "Suggestion", "plan", "sweep"]
-
-
-@dataclass(frozen=True)
-class Suggestion:
-    """A change to the requested settings and what it would cost.
-
-    Attributes:
-        change: what to do, in words (``"use --optimizer paged_adamw_8bit"``).
-        settings: the changed settings (:class:`memory.Settings` field -> value;
-            ``{"gpu": name}`` for the bigger-GPU suggestion).
-        footprint: the prediction with the change applied.
-        fits: whether that prediction fits the budget.
-        gpu: for the "bigger GPU" suggestion, the catalog GPU.
-    """
-
-    change: str
-    settings: dict
-    footprint: Footprint
-    fits: bool
-    gpu: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,19 +113,6 @@ def _fits(fp: Footprint, usable: int) -> bool:
     return fp.device_total_bytes <= usable
 
 
-def _largest(lo: int, hi: int, ok) -> int | None:
-    """Largest n in [lo, hi] with ok(n), assuming ok is monotone (True then False)."""
-    if hi < lo or not ok(lo):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def plan(
     gpu: str | GPU, model: str | ModelSpec = DEFAULT_MODEL, settings: Settings | None = None, *,
     ram: int | str | None = None, **changes,
@@ -186,6 +153,15 @@ def plan(
         return _tiling_chosen(gpu, spec, base, ram, auto_seq)
     margin, gpus = base.margin, base.gpus
     effective = -(-base.effective_batch_size // gpus)  # sequences per step on each GPU
+    if not auto_batch and base.micro_batch_size > effective:
+        per_gpu = f" ({effective} on each of {gpus} GPUs)" if gpus > 1 else ""
+        mb, eff = flag_name("micro_batch_size"), flag_name("effective_batch_size")
+        raise InputError(
+            f"micro_batch_size {base.micro_batch_size} ({mb}) is larger than effective_batch_size "
+            f"{base.effective_batch_size} ({eff}){per_gpu}: one micro-batch would hold more sequences than an "
+            f"optimizer step takes. Use a micro-batch of {effective} or less, raise the effective batch, or let "
+            f"the planner choose (micro_batch_size auto)."
+        )
     usable = int(gpu.total_bytes * (1 - margin))
     ram_bytes = _ram_bytes(ram)
     ram_usable = None if ram_bytes is None else int(ram_bytes * (1 - margin))
@@ -196,24 +172,32 @@ def plan(
     def est(s: int, b: int, r: int, **over) -> Footprint:
         return estimate(spec, dataclasses.replace(base, seq_len=s, micro_batch_size=b, rank=r, **over))
 
-    notes = [gpu.note]
+    notes = [gpu.note] if gpu.note else []  # how a typed size was read; a measured budget needs none
     r0 = RANKS[0] if auto_rank else base.rank
-    s_cap = int(spec.config.get("max_position_embeddings") or 131072)
+    context = spec.context
+    s_cap = context or 131072
     b_fixed = 1 if auto_batch else base.micro_batch_size
     # 1. sequence length
     if auto_seq:
-        steps = _largest(1, max(1, s_cap // SEQ_STEP), lambda k: ok(est(k * SEQ_STEP, b_fixed, r0)))
+        steps = largest(1, max(1, s_cap // SEQ_STEP), lambda k: ok(est(k * SEQ_STEP, b_fixed, r0)))
         seq = (steps or 1) * SEQ_STEP
         if steps is not None and steps * SEQ_STEP < s_cap:
             notes.append(f"seq_len auto: the longest multiple of {SEQ_STEP} that fits is {seq}")
         elif steps is not None:  # the model's own limit, not memory's: say how far memory alone would go
-            beyond = _largest(steps, 16 * steps, lambda k: ok(est(k * SEQ_STEP, b_fixed, r0))) * SEQ_STEP
+            beyond = largest(steps, 16 * steps, lambda k: ok(est(k * SEQ_STEP, b_fixed, r0))) * SEQ_STEP
             notes.append(
                 f"seq_len auto: {seq} is the model's max_position_embeddings; memory alone would fit "
                 + (f"{beyond} (an explicit --seq-len past the model's positions)" if beyond > seq else "no more")
             )
     else:
         seq = base.seq_len
+        if context is not None and seq > context:  # memory may allow it; the model was never trained that long
+            notes.append(
+                f"{flag_name('seq_len')} {seq} is past the model's context of {context} positions "
+                f"(max_position_embeddings): positions beyond it were never trained, and a learned position table "
+                f"has no row for them, so expect poor results unless the config's rope_scaling is extended to "
+                f"cover it; {flag_name('seq_len')} {context} or less keeps within it"
+            )
     # 2. rank
     if auto_rank:
         fitting = [r for r in RANKS if ok(est(seq, b_fixed, r))]
@@ -222,9 +206,16 @@ def plan(
             notes.append(f"rank auto: {r} is the largest of {', '.join(map(str, RANKS))} that fits")
     else:
         r = base.rank
+    narrow = narrowest_target(spec, base.targets)
+    if narrow is not None and r > narrow[1]:
+        notes.append(
+            f"rank {r} is larger than the smallest adapted layer ({narrow[0]}: {narrow[1]} features), "
+            f"so its adapter product B @ A cannot have rank above {narrow[1]}: the extra rank only costs memory; "
+            f"a rank of {narrow[1]} or less gives the same capacity"
+        )
     # 3. micro-batch
     if auto_batch:
-        b_max = _largest(1, effective, lambda b: ok(est(seq, b, r))) or 0
+        b_max = largest(1, effective, lambda b: ok(est(seq, b, r))) or 0
         b = max(d for d in range(1, max(b_max, 1) + 1) if effective % d == 0)
         if b_max and b != b_max:
             notes.append(
@@ -235,8 +226,11 @@ def plan(
         b_max = b if ok(est(seq, b, r)) else 0
     accum = -(-effective // b)
     if b * accum * gpus != base.effective_batch_size:
+        exact = [d for d in range(1, effective + 1) if effective % d == 0]
         notes.append(f"effective batch {base.effective_batch_size} runs as {b * accum * gpus} (micro-batch {b} x "
-                     f"{accum} accumulation" + (f" x {gpus} GPUs" if gpus > 1 else "") + "): rounded up")
+                     f"{accum} accumulation" + (f" x {gpus} GPUs" if gpus > 1 else "") + "): the accumulation "
+                     f"steps are rounded up, so a step never takes fewer sequences than asked; a micro-batch of "
+                     f"{', '.join(map(str, exact))} divides it exactly")
     fp = est(seq, b, r)
     host_fits = None if ram_usable is None else fp.host.total_bytes <= ram_usable
     fits = _fits(fp, usable) and host_fits is not False
@@ -251,7 +245,7 @@ def plan(
         notes.append("attention: eager (this architecture has no sdpa path in transformers; eager keeps s x s scores)")
     suggestions: tuple[Suggestion, ...] = ()
     if not fits:
-        suggestions = tuple(_suggest(est, ok, seq, b, r, base, auto_seq, ram_usable))
+        suggestions = tuple(suggest(est, ok, seq, b, r, base, auto_seq, ram_usable, s_cap))
     resolved = dataclasses.replace(
         base, seq_len=seq, micro_batch_size=b, rank=r, effective_batch_size=b * accum * gpus, attn=fp.attn
     )
@@ -295,82 +289,6 @@ def _ram_bytes(ram: int | str | None) -> int | None:
             raise InputError(f"ram must be a positive number of bytes, a size such as '64GB' or 'auto'; got {ram}.")
         return ram
     return parse_size(ram, "--ram")
-
-
-def _suggest(est, ok, seq: int, b: int, r: int, base: Settings, auto_seq: bool, ram: int | None) -> list[Suggestion]:
-    """Changes that would make the run fit, cheapest first (see the module docstring).
-
-    ``ok(footprint)`` says whether a prediction fits (device and, with ``ram``, host).
-    """
-    out: list[Suggestion] = []
-
-    def add(change: str, **over):
-        s, bb, rr = over.pop("seq_len", seq), over.pop("micro_batch_size", b), over.pop("rank", r)
-        try:
-            fp = est(s, bb, rr, **over)
-        except InputError:
-            return
-        settings = dict(over)
-        if s != seq:
-            settings["seq_len"] = s
-        if rr != r:
-            settings["rank"] = rr
-        if bb != b:
-            settings["micro_batch_size"] = bb
-        out.append(Suggestion(change, settings, fp, ok(fp)))
-
-    cheap = {}
-    asked = est(seq, b, r)
-    if ram is not None and asked.host.total_bytes > ram:  # host-side levers first: they cost no device memory
-        if base.offload_activations:
-            add("keep layer inputs on the GPU (offload_activations off)", offload_activations=False)
-        if base.optimizer.startswith("paged"):
-            add("keep the optimizer state on the GPU (--optimizer adamw_8bit)", optimizer="adamw_8bit")
-    if base.optimizer != "paged_adamw_8bit":
-        cheap["optimizer"] = "paged_adamw_8bit"
-        add(f"use the 8-bit paged optimizer ({flag_name('optimizer')} paged_adamw_8bit)", optimizer="paged_adamw_8bit")
-    if not base.gradient_checkpointing:
-        cheap["gradient_checkpointing"] = True
-        add("turn gradient checkpointing on", gradient_checkpointing=True)
-    # "auto" was tried both ways already (_tiling_chosen); not in "combine": at short sequences
-    # tiling costs memory (the T x h output and input-gradient buffers), it pays only at long ones
-    if base.tiled_mlp is False:
-        add(f"run the MLP in tiles of {base.tile_tokens} tokens ({flag_name('tiled_mlp')} on)", tiled_mlp=True)
-    if base.tiled_norms is False:
-        add(f"run the norms in tiles of {base.tile_tokens} tokens ({flag_name('tiled_norms')} on)", tiled_norms=True)
-    if base.loss == "hf":
-        cheap["loss"] = "chunked"
-        add(f"compute the loss in chunks of {base.loss_chunk_tokens} tokens ({flag_name('loss_chunk_tokens')})",
-            loss="chunked")
-    if b > 1:
-        add("use micro-batch 1 with more gradient accumulation", micro_batch_size=1)
-    if base.targets not in ("attention", "qv"):
-        for preset in ("attention", "qv"):
-            add(f"adapt fewer modules ({flag_name('targets')} {preset})", targets=preset)
-    if r > RANKS[0]:
-        add(f"use a smaller rank ({flag_name('rank')} {RANKS[0]})", rank=RANKS[0])
-    if not auto_seq:
-        steps = _largest(1, max(1, (seq - 1) // SEQ_STEP), lambda k: ok(est(k * SEQ_STEP, b, r)))
-        if steps is not None:
-            add(f"use a shorter sequence ({flag_name('seq_len')} {steps * SEQ_STEP})", seq_len=steps * SEQ_STEP)
-    if len(cheap) > 1:
-        add("combine: " + ", ".join(f"{k}={v}" for k, v in cheap.items()), **cheap)
-    fitting = [sg for sg in out if sg.fits]
-    if ram is not None and asked.host.total_bytes > ram:
-        need = asked.host.total_bytes / (1 - base.margin)
-        change = f"use a machine with at least {need / 2**30:.1f} GiB of free RAM"
-        fitting.append(Suggestion(change, {"ram": int(need)}, asked, True))
-        return fitting
-    if base.device != "cuda":  # a CPU run's budget is host memory: no GPU to upgrade to
-        return fitting
-    # the smallest catalog GPU that takes the run as asked
-    for name in known_gpus():  # smallest first
-        g = catalog_gpu(name)
-        if asked.device_total_bytes <= g.total_bytes * (1 - base.margin):
-            change = f"use a bigger GPU ({g.name}, {g.marketed})"
-            fitting.append(Suggestion(change, {"gpu": g.name}, asked, True, g.name))
-            break
-    return fitting
 
 
 def sweep(

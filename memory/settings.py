@@ -115,6 +115,9 @@ class Settings:
         loss: ``chunked`` (qlora's loss, ``loss_chunk_tokens`` rows per chunk;
             the trainer's default) or ``hf`` (transformers' loss on full fp32 logits).
         offload_activations: checkpointed layer inputs wait in pinned host memory.
+        packed: rows pack several examples (the trainer's ``data.packing``, its default): under sdpa,
+            transformers then builds a dense ``(b, 1, s, s)`` block mask (``block_mask``: about
+            ``3·b·s²`` bytes at the peak). False plans one example per row (plain causal attention).
         tiled_mlp: every layer's MLP runs over the tokens in tiles of ``tile_tokens``
             (``layers.tiling``): True, False, or ``"auto"``: :func:`memory.plan` turns it
             on only when that is what makes the plan fit or lets ``seq_len="auto"`` reach further;
@@ -183,6 +186,8 @@ class Settings:
     offload_activations: bool = field(default=False, metadata=_opt(
         "--offload-activations", "checkpointed layer inputs wait in pinned host memory (recipe offload_activations: "
         "true)", const=True))
+    packed: bool = field(default=False, metadata=_opt(
+        "--packed", "rows pack several examples (recipe data.packing): counts sdpa's s x s block mask", const=True))
     tiled_mlp: bool | str = field(default="auto", metadata=_opt(
         "--tiled-mlp", "run each MLP over the tokens in tiles (auto: only when that is what fits or lets "
         "--seq-len auto go further)", "auto|on|off", _switch, "auto, on or off"))
@@ -227,7 +232,8 @@ class Settings:
         _int(self.cuda_context_bytes, "cuda_context_bytes", 0)
         object.__setattr__(self, "targets", _check_targets(self.targets))
         object.__setattr__(self, "dropout", _fraction(self.dropout, "LoRA dropout must be a number in [0, 1)", 1.0))
-        for name in ("dora", "vera", "adalora", "gradient_checkpointing", "offload_activations", "double_quant"):
+        for name in ("dora", "vera", "adalora", "gradient_checkpointing", "offload_activations", "double_quant",
+                     "packed"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         chosen = [n for n in ("dora", "vera", "adalora") if getattr(self, n)]

@@ -107,6 +107,15 @@ class ModelSpec:
         """A fresh copy of the config facts."""
         return json.loads(self.config_json)
 
+    @property
+    def context(self) -> int | None:
+        """The model's context in positions (``max_position_embeddings``, GPT-2's ``n_positions``), None if unsaid."""
+        config = self.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(config.get(key), int) and config[key] > 0:
+                return config[key]
+        return None
+
     @functools.cached_property
     def quantized_params(self) -> int:
         """Elements of all weights stored in 4 bits."""

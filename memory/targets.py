@@ -133,3 +133,15 @@ def resolve_targets(spec: ModelSpec, targets: str | Sequence[str] = "all-linear"
             "modules adapted in every layer (use a preset or module names, not a layer-specific regex)."
         )
     return tuple(shorts)
+
+
+def narrowest_target(spec: ModelSpec, targets: str | Sequence[str]) -> tuple[str, int] | None:
+    """``(name, min(in, out))`` of the narrowest decoder-layer linear ``targets`` adapts: a LoRA product
+    ``B @ A`` there cannot have rank above that. None when the targets select nothing (the estimate says why)."""
+    try:
+        chosen = set(resolve_targets(spec, targets))
+    except InputError:
+        return None
+    sizes = [(lin.short, min(lin.in_features, lin.out_features)) for lin in spec.layer_linears(0)
+             if lin.short in chosen]
+    return min(sizes, key=lambda x: x[1]) if sizes else None

@@ -66,7 +66,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
     Returns:
         Settings with the recipe's seq_len, micro-batch, effective batch,
         LoRA targets/rank/dropout/variant/dtype, optimizer, checkpointing,
-        offloading, loss (``chunked_loss`` with the trainer's chunk size),
+        offloading, packing, loss (``chunked_loss`` with the trainer's chunk size),
         attention and base format (4-bit, or quant_type none: a 16-bit base); the planner's default margin.
 
     Raises:
@@ -93,6 +93,7 @@ def settings_from_recipe(recipe: Recipe, device: str | torch.device | None = Non
         loss="chunked" if recipe.chunked_loss else "hf",
         loss_chunk_tokens=CHUNK_TOKENS,
         offload_activations=recipe.offload_activations,
+        packed=recipe.data.packing,  # packed rows: sdpa gets transformers' s x s block mask
         tiled_mlp=recipe.tiled_mlp,
         tiled_norms=recipe.tiled_norms,
         tile_tokens=recipe.tile_tokens,
@@ -149,6 +150,7 @@ def settings_to_recipe(settings: memory.Settings, base: dict | None = None) -> d
         init=s.init,
     )
     data["optimizer"]["name"] = s.optimizer
+    data.setdefault("data", {})["packing"] = s.packed
     data.update(
         seq_len=s.seq_len, micro_batch_size=s.micro_batch_size, effective_batch_size=s.effective_batch_size,
         gradient_checkpointing=s.gradient_checkpointing, chunked_loss=s.loss == "chunked",
@@ -191,11 +193,12 @@ def planning_device(recipe: Recipe, gpu: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def _budget(recipe: Recipe, device: torch.device) -> str:
+def _budget(recipe: Recipe, device: torch.device) -> str | memory.GPU:
     """The memory the plan must fit: the recipe's ``gpu``, else the device's own size.
 
     On CPU the budget is the machine's RAM; the prediction is then the
     tensor peak the live-tensor tracker would measure (no CUDA context).
+    A measured budget carries no note: there is no vendor's "GB" to read.
 
     Raises:
         InputError: a CUDA plan with no ``gpu`` named on a machine without a GPU to measure.
@@ -208,10 +211,12 @@ def _budget(recipe: Recipe, device: torch.device) -> str:
                 "The run is planned for a CUDA GPU but no budget is named and torch sees no GPU here to measure: "
                 "give one with --gpu (e.g. --gpu 24GB or --gpu rtx4090) or the recipe key gpu."
             )
-        return f"{torch.cuda.get_device_properties(device).total_memory // 2**20}MiB"
+        props = torch.cuda.get_device_properties(device)
+        return memory.GPU(props.name, props.total_memory, f"{props.total_memory / 2**30:.1f} GiB")
     import psutil
 
-    return f"{psutil.virtual_memory().total // 2**20}MiB"
+    total = psutil.virtual_memory().total
+    return memory.GPU("this machine's RAM", total, f"{total / 2**30:.1f} GiB")
 
 
 def plan_recipe(

@@ -34,6 +34,7 @@ CASES = [
     ("llama", dict(batch=2, seq=64, rank=8, dropout=0.1, tiled_mlp=True, tile_tokens=16)),
     ("llama", dict(batch=1, seq=512, rank=8, tiled_mlp=True, tiled_norms=True, tile_tokens=64)),
     ("qwen3", dict(batch=2, seq=64, rank=8, tiled_norms=True, tile_tokens=16)),  # per-head q/k norms: rows x heads
+    ("llama", dict(batch=2, seq=1024, rank=8, loss="chunked", chunk_tokens=256, packed=True)),  # the s x s block mask
 ]
 
 

@@ -120,3 +120,26 @@ def test_a_16bit_base_costs_its_linears_at_2_bytes_each():
     assert none.lora_params == nf4.lora_params  # the same linears get adapters
     with pytest.raises(InputError, match=r"'int4'.*'nf4', 'fp4' or 'none'"):
         memory.Settings(quant_type="int4")
+
+
+def test_packed_rows_add_the_block_mask_under_sdpa_only():
+    """Packed rows: transformers' (b, 1, s, s) bool mask held all step, plus sdpa's bf16 copy during a call."""
+    spec = memory.spec_from_config(ARCHS["llama"], "llama")
+    b, s = 2, 512
+    plain = memory.estimate(spec, seq_len=s, micro_batch_size=b, device="cpu")
+    packed = memory.estimate(spec, seq_len=s, micro_batch_size=b, device="cpu", packed=True)
+    assert "block_mask" not in plain.breakdown or plain.breakdown["block_mask"] == 0
+    assert packed.phases["backward"] - plain.phases["backward"] == 3 * b * s * s
+    assert packed.phases["loss"] - plain.phases["loss"] == b * s * s  # held, no attention call running
+    assert packed.phases["optimizer"] == plain.phases["optimizer"]
+    eager = [memory.estimate(spec, seq_len=s, micro_batch_size=b, device="cpu", attn="eager", packed=p)
+             for p in (False, True)]
+    assert eager[0].phases == eager[1].phases  # eager builds a dense mask packed or not: it is in the profile
+
+
+def test_packed_rows_add_no_mask_where_every_layer_slides_past_its_window():
+    slides = memory.spec_from_config(dict(ARCHS["mistral"], sliding_window=64), "mistral-sw")
+    for s, extra in ((256, 0), (48, 3 * 2 * 48 * 48)):  # past the window the mask exists unpacked too
+        plain, packed = (memory.estimate(slides, seq_len=s, micro_batch_size=2, device="cpu", packed=p)
+                         for p in (False, True))
+        assert packed.phases["backward"] - plain.phases["backward"] == extra

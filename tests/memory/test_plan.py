@@ -172,3 +172,51 @@ def test_each_tiling_lever_is_suggested_when_off_and_it_would_fit(lever):
 def test_bad_tiling_value(name, bad):
     with pytest.raises(InputError, match=f"{name} must be True, False or 'auto'"):
         memory.Settings(**{name: bad})
+
+
+def test_a_micro_batch_larger_than_the_effective_batch_is_refused(spec):
+    with pytest.raises(InputError, match=r"micro_batch_size 32 \(--batch-size\) is larger than effective_batch_"
+                                         r"size 16 \(--effective-batch\).*16 or less"):
+        memory.plan("24GB", spec, seq_len=256, micro_batch_size=32, effective_batch_size=16)
+    with pytest.raises(InputError, match=r"16 \(--effective-batch\) \(8 on each of 2 GPUs\).*8 or less"):
+        memory.plan("24GB", spec, seq_len=256, micro_batch_size=9, effective_batch_size=16, gpus=2, strategy="ddp")
+    assert memory.plan("24GB", spec, seq_len=256, micro_batch_size=16, effective_batch_size=16).fits  # equal is fine
+
+
+def test_a_micro_batch_that_does_not_divide_the_effective_batch_says_how_it_is_rounded(spec):
+    p = memory.plan("24GB", spec, seq_len=256, micro_batch_size=3, effective_batch_size=16)
+    assert (p.micro_batch_size, p.gradient_accumulation_steps, p.effective_batch_size) == (3, 6, 18)
+    note = next(n for n in p.notes if n.startswith("effective batch 16 runs as 18"))
+    assert "rounded up" in note and "never takes fewer sequences" in note and "1, 2, 4, 8, 16 divides" in note
+    exact = memory.plan("24GB", spec, seq_len=256, micro_batch_size=4, effective_batch_size=16)
+    assert not any(n.startswith("effective batch") for n in exact.notes)
+
+
+def test_a_sequence_past_the_models_context_is_warned_and_never_suggested():
+    p = memory.plan("24GB", "llama-3.1-8b", seq_len=200_000, micro_batch_size=1)
+    assert any("--seq-len 200000 is past the model's context of 131072 positions" in n for n in p.notes)
+    assert not p.fits  # the bug: "use a shorter sequence (--seq-len 139008)", past the context
+    shorter = [s for s in p.suggestions if "seq_len" in s.settings]
+    assert shorter and all(s.settings["seq_len"] <= 131072 for s in shorter)
+    inside = memory.plan("24GB", "llama-3.1-8b", seq_len=4096, micro_batch_size=1)
+    assert not any("past the model's context" in n for n in inside.notes)
+
+
+def test_a_rank_beyond_the_smallest_adapted_layer_is_said(spec):
+    # ARCHS llama: hidden 128, 2 of 4 heads for k/v -> k_proj and v_proj are 128 -> 64
+    p = memory.plan("24GB", spec, seq_len=256, micro_batch_size=1, rank=100)
+    note = next(n for n in p.notes if n.startswith("rank 100 is larger"))
+    assert "self_attn.k_proj: 64 features" in note and "cannot have rank above 64" in note
+    assert not any(n.startswith("rank 64 is larger") for n in memory.plan("24GB", spec, seq_len=256, rank=64).notes)
+    mlp = memory.plan("24GB", spec, seq_len=256, micro_batch_size=1, rank=100, targets="mlp")  # 128 <-> 344
+    assert not any("is larger than the smallest adapted layer" in n for n in mlp.notes)
+
+
+def test_packed_rows_suggest_one_example_per_row_when_the_mask_is_what_does_not_fit(spec):
+    packed = memory.estimate(spec, seq_len=1024, micro_batch_size=4, packed=True).device_total_bytes
+    plain = memory.estimate(spec, seq_len=1024, micro_batch_size=4).device_total_bytes
+    p = memory.plan(_gpu_between(plain, packed), spec, seq_len=1024, micro_batch_size=4, packed=True,
+                    effective_batch_size=4)
+    assert not p.fits
+    off = next(s for s in p.suggestions if s.settings == {"packed": False})
+    assert off.fits and "data.packing: false" in off.change
