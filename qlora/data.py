@@ -118,7 +118,7 @@ def load_records(path: str):
                 raise InputError(f"Unsupported data file {str(p)!r}; valid extensions are {choices(sorted(_LOADERS))}.")
             if kind in ("json", "csv", "text"):
                 _check_text_file(p)  # names the line of a bad byte or JSON line; datasets' errors do not
-            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+            ds = _quietly(datasets.load_dataset, kind, data_files=str(p), split="train")
     except InputError:
         raise
     except Exception as e:  # datasets raises many types for malformed files
@@ -126,6 +126,20 @@ def load_records(path: str):
     if len(ds) == 0:
         raise InputError(f"Dataset {str(p)!r} is empty (0 rows).")
     return ds, str(p)
+
+
+def _quietly(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with datasets' progress bars off ("Generating train split" says nothing a user
+    needs: the data summary line follows); the caller's setting comes back afterwards."""
+    import datasets
+
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
 
 
 def _check_text_file(p: Path) -> None:

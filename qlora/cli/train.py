@@ -66,7 +66,10 @@ def run(args) -> int:
         print(f"nothing to do: {result.output_dir} already holds a finished run of {result.steps} steps; to train "
               f"again, raise max_steps or choose a new output_dir")
         return 0
-    print(f"done: {result.steps} steps in {result.wall_s:.1f} s; metrics in {result.output_dir / 'metrics.jsonl'}")
+    out = result.output_dir
+    plots = ", ".join(str(out / f) for f in ("loss.png", "memory.png") if (out / f).exists()) or "none written"
+    print(f"done: {result.steps} steps in {result.wall_s:.1f} s\n  adapter: {out} (PEFT format)\n"
+          f"  metrics: {out / 'metrics.jsonl'}\n  plots:   {plots}")
     print(_next_commands(recipe, result))
     return 0
 
@@ -82,7 +85,8 @@ def _collective_failed(e: RuntimeError) -> bool:
 
 
 def _next_commands(recipe, result) -> str:
-    """What a user runs next: generate with the adapter (a held-out prompt when the run scored some), and eval."""
+    """What a user runs next: generate with the adapter (a held-out prompt when the run scored some), eval it,
+    and merge it into a plain 16-bit model."""
     import shlex
 
     prompt = result.task_scores[-1][1].samples[0][0] if result.task_scores else "Hello! Who are you?"
@@ -90,4 +94,6 @@ def _next_commands(recipe, result) -> str:
     lines = [f"next: qlora generate --base {base} --adapter {out} --prompt {shlex.quote(prompt)}"]
     data = recipe.data.eval_path or recipe.data.path
     lines.append(f"      qlora eval --base {base} --adapter {out} --data {shlex.quote(data)}")
+    merged = shlex.quote(f"{result.output_dir}-merged")
+    lines.append(f"      qlora merge --base {base} --adapter {out} --out {merged}")
     return "\n".join(lines)

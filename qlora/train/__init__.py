@@ -6,7 +6,7 @@ Names are imported lazily (PEP 562): ``qlora plan`` reads a recipe through
 
 _API = {
     "train": "qlora.train.loop",
-    "TrainResult": "qlora.train.loop",
+    "TrainResult": "qlora.train.stops",
     "Recipe": "qlora.train.recipe",
     "load_recipe": "qlora.train.recipe",
     "recipe_from_dict": "qlora.train.recipe",

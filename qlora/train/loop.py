@@ -26,7 +26,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,13 +34,13 @@ import torch
 
 from qlora.data import epoch_order
 from qlora.lora.adalora import RankAllocator, adalora_schedule
-from qlora.tasks import TaskScore, evaluate_task
+from qlora.tasks import evaluate_task
 from qlora.train import checkpoints as ckpts
 from qlora.train import parallel
 from qlora.train import state as run_state
 from qlora.train.build import build_model
 from qlora.train.loss import CHUNK_TOKENS
-from qlora.train.metrics import LogWindow, MetricsLog, StepStats, peak_memory, plot_run, progress_bar
+from qlora.train.metrics import LogWindow, MetricsLog, StepStats, log_line, peak_memory, plot_run, progress_bar
 from qlora.train.optim import build_optimizer, build_scheduler
 from qlora.train.parallel import ParallelModel, World
 from qlora.train.plan import RunPlan, plan_run
@@ -48,50 +48,11 @@ from qlora.train.precision import resolve_dtypes
 from qlora.train.recipe import Recipe, recipe_to_dict
 from qlora.train.setup import RunData, diagnostics_fn, load_data, param_groups, resolve_device
 from qlora.train.step import accumulate_gradients, batch_of, evaluate
+from qlora.train.stops import EXIT_NAN, EXIT_OOM, OOM_ADVICE, StopSignals, TrainResult, first_line, is_oom
 
 log = logging.getLogger(__name__)
 
-EXIT_OOM, EXIT_NAN = 3, 4  # a stop by signal exits 128 + its number, as a shell reports it (SIGINT 130, SIGTERM 143)
 _epoch_order = functools.lru_cache(maxsize=1)(epoch_order)  # an epoch's row order is built once, not per sample
-
-
-@dataclass
-class TrainResult:
-    """How a run ended: its folder, last step, why it stopped, eval losses by step and the exit code."""
-
-    output_dir: Path
-    steps: int
-    stopped: str  # "done", "signal", "oom", "nan"
-    resumed_from: int | None = None
-    eval_losses: list[tuple[int, float]] = field(default_factory=list)
-    task_scores: list[tuple[int, TaskScore]] = field(default_factory=list)  # (step, score) at the start and the end
-    wall_s: float = 0.0
-    exit_code: int = 0
-
-    @property
-    def nothing_to_do(self) -> bool:
-        """True for a re-run of a finished run: no step was trained (its adapter and plots were rewritten)."""
-        return self.stopped == "done" and self.resumed_from is not None and self.resumed_from >= self.steps
-
-
-class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 @dataclass
@@ -312,15 +273,19 @@ def _task_record(run: _Run, step: int, result: TrainResult, say: Callable[[str],
     return rec if score.valid_json is None else rec | {"task_valid_json": score.valid_json}
 
 
-def _log(run: _Run, metrics: MetricsLog | None, window: LogWindow, bar, step: int, extra: dict | None = None) -> None:
-    """Write the window's train record for ``step`` (plus ``extra``, e.g. eval) to the log and the bar (rank 0)."""
+def _log(run: _Run, metrics: MetricsLog | None, window: LogWindow, bar, say: Callable[[str], None], step: int,
+         extra: dict | None = None) -> None:
+    """Write the window's train record for ``step`` (plus ``extra``, e.g. eval) to the log and to the bar, or
+    without a bar (output not a terminal, ``--no-progress``) as one plain line (rank 0)."""
     if metrics is None:
         window.record(step, run.plan.predicted_peak_bytes)  # other ranks: the window starts afresh all the same
         return
     rec = window.record(step, run.plan.predicted_peak_bytes)
     rec.update(extra or {})
     metrics.write(rec)
-    if bar is not None:
+    if bar is None:
+        say(log_line(rec, run.total_steps))
+    else:
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
                         peak=f"{rec['peak_bytes'] / 2**30:.2f}G", refresh=False)
 
@@ -340,7 +305,6 @@ def _finish(run: _Run, metrics: MetricsLog | None, result: TrainResult, say: Cal
         if len(result.task_scores) == 2:
             (a, before), (b, after) = result.task_scores
             say(f"task exact match: {before.exact_match:.1%} at step {a} -> {after.exact_match:.1%} at step {b}")
-        say(f"adapter written to {run.out} (PEFT format)")
     metrics.close()
     try:
         plot_run(metrics.records, run.out)
@@ -373,7 +337,14 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
     t0 = time.time()
     if parallel.world_from_env().rank:  # ranks other than 0 stay quiet; their errors still reach the launcher
         say, progress = (lambda m: None), False
-    run, state = _setup(recipe, say)
+    try:
+        run, state = _setup(recipe, say)
+    except (MemoryError, RuntimeError) as e:  # the model did not fit while it loaded: nothing was written yet
+        if not is_oom(e):
+            raise
+        say(f"error: out of memory while loading the model and building the run ({first_line(e)}); no step ran "
+            f"and nothing was written. {OOM_ADVICE}")
+        return TrainResult(Path(recipe.output_dir), 0, "oom", exit_code=EXIT_OOM, wall_s=time.time() - t0)
     start = _restore(run, state, say)
     del state  # the optimizer holds its own copy now
     r, eval_rows, world = run.recipe, run.data.eval_rows, run.world
@@ -382,23 +353,26 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
         run.out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(run.out / "metrics.jsonl", resume_step=start)
     result = TrainResult(run.out, start, "done", start if run.checkpoint is not None else None)
-    if start == 0 and eval_rows is not None:
-        ev = _eval_record(run)
-        say(f"step 0: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
-        task = _task_record(run, 0, result, say)
-        if metrics is not None:
-            metrics.write({"step": 0, **ev, **task})
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
-    window, bar, step = LogWindow(), progress_bar(progress, run.total_steps, start), start
-    run.model.train()
-    with _Stop() as stop:
+    window, bar, step = LogWindow(), None, start
+    where = "the step-0 eval"  # what was running when memory ran out, for the message
+    with StopSignals() as stop:
         try:
+            if start == 0 and eval_rows is not None:
+                ev = _eval_record(run)
+                say(f"step 0: eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})")
+                task = _task_record(run, 0, result, say)
+                if metrics is not None:
+                    metrics.write({"step": 0, **ev, **task})
+            if run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
+            bar = progress_bar(progress, run.total_steps, start)
+            run.model.train()
             while step < run.total_steps:
+                where = f"step {step + 1}"
                 stats = _optimizer_step(run, step)
                 if not math.isfinite(stats.loss):
                     if window:
-                        _log(run, metrics, window, bar, step)
+                        _log(run, metrics, window, bar, say, step)
                     path = _save(run, step)  # parameters are still those of the last good step
                     say(f"error: the loss became {stats.loss} at step {step + 1}; stopped. The last good state is "
                         f"saved in {path}. Lower optimizer.lr, raise schedule.warmup_steps, or check the data.")
@@ -409,41 +383,49 @@ def train(recipe: Recipe, say: Callable[[str], None] = print, progress: bool = T
                 if bar is not None:
                     bar.update(1)
                 last, saving = step == run.total_steps, step % r.save_steps == 0
+                where = f"the eval after step {step}"
                 ev = _eval_record(run) if eval_rows is not None and (step % r.eval_steps == 0 or last) else None
                 if ev is not None:
                     result.eval_losses.append((step, ev["eval_loss"]))
                 task = _task_record(run, step, result, say) if last else {}
                 if ev is not None or saving or last or step % r.log_steps == 0:
-                    _log(run, metrics, window, bar, step, {**(ev or {}), **task})
+                    _log(run, metrics, window, bar, say, step, {**(ev or {}), **task})
                 if saving or last:
-                    _save(run, step)  # the last one too: re-running a finished run then has nothing to redo
+                    path = _save(run, step)  # the last one too: re-running a finished run then has nothing to redo
+                    if bar is None and not last:
+                        say(f"step {step}: saved {path}")
                 if signal_at is not None and step == signal_at[0] and signal_at[2:] in ((), (world.rank,)):
                     signal.raise_signal(signal_at[1])  # test/debug hook; a SIGTERM handler has run when this returns
                 if parallel.any_rank(world, stop.signum is not None, run.device):  # all ranks stop at the same step
                     if window:
-                        _log(run, metrics, window, bar, step)
+                        _log(run, metrics, window, bar, say, step)
                     path = _save(run, step)
                     signum = stop.signum or signal.SIGTERM  # a rank that saw no signal stops with its peers
                     name = signal.Signals(signum).name
                     say(f"received {name}: saved {path}; re-run the same command to resume.")
                     result.stopped, result.exit_code = "signal", 128 + signum
                     break
-        except torch.OutOfMemoryError:
+        except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError is a RuntimeError, as is the CPU's
+            if not is_oom(e):
+                raise
             run.opt.zero_grad(set_to_none=True)
             if window:
-                _log(run, metrics, window, bar, step)
+                _log(run, metrics, window, bar, say, step)
             peak, kind = peak_memory(run.device)
             # one process saves the state before this step; on N ranks the others are mid-step, so a save (a
             # collective) would hang: the newest checkpoint stays the resume point
-            saved = (f"The state before this step is saved in {_save(run, step)}." if not world.distributed else
-                     f"Rank {world.rank} ran out; the newest checkpoint in {run.out} is where a re-run resumes.")
+            if world.distributed:
+                saved = f"Rank {world.rank} ran out; the newest checkpoint in {run.out} is where a re-run resumes."
+            elif step > start:
+                saved = f"The state before {where} is saved in {_save(run, step)}."
+            else:  # nothing trained since the start or the checkpoint resumed from: nothing new to keep
+                saved = "No step was trained in this run, so nothing new was saved."
             if world.distributed and not world.main:
-                print(f"error (rank {world.rank} of {world.size}): out of memory at step {step + 1}", flush=True)
+                print(f"error (rank {world.rank} of {world.size}): out of memory at {where}", flush=True)
             say(
-                f"error: out of memory at step {step + 1}. The planner predicted a peak of "
+                f"error: out of memory at {where} ({first_line(e)}). The planner predicted a peak of "
                 f"{run.plan.predicted_peak_bytes / 2**30:.2f} GiB; measured so far {peak / 2**30:.2f} GiB ({kind}). "
-                f"{saved} Lower micro_batch_size or seq_len, or use "
-                f"'qlora plan' to pick settings; qlora does not shrink the batch silently."
+                f"{saved} {OOM_ADVICE}"
             )
             result.stopped, result.exit_code = "oom", EXIT_OOM
         finally:

@@ -145,6 +145,16 @@ def peak_memory(device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS"
 
 
+def log_line(rec: dict, total_steps: int) -> str:
+    """One train record as a plain line, for output that is not a terminal (a log file, CI, nohup):
+    ``step 20/60: loss 2.3412, lr 1.00e-04, 812 tok/s, peak 1.21 GiB (host peak RSS), eval loss 2.2871 (ppl 9.85)``."""
+    line = (f"step {rec['step']}/{total_steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+            f"{rec['tok_per_s']:.0f} tok/s, peak {rec['peak_bytes'] / 2**30:.2f} GiB ({rec['peak_kind']})")
+    if "eval_loss" in rec:
+        line += f", eval loss {rec['eval_loss']:.4f} (ppl {rec['eval_ppl']:.2f})"
+    return line
+
+
 def progress_bar(enabled: bool, total: int, initial: int):
     """A tqdm bar over optimizer steps, or None when disabled."""
     if not enabled:

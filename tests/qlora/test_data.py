@@ -199,3 +199,13 @@ def test_examples_remember_their_record_row(tok, tmp_path):
     long = [{"text": "word " * 100}]
     (ex,), _ = _tokenize(tok, _jsonl(tmp_path / "l.jsonl", long), seq_len=8)
     assert ex.row == 0 and len(ex.input_ids) == 8  # truncation keeps the row
+
+
+def test_reading_a_file_shows_no_library_progress_bar_and_keeps_the_callers_setting(tmp_path, capfd):
+    import datasets
+
+    path = _jsonl(tmp_path / "fresh.jsonl", [{"text": f"row {i}"} for i in range(3)])  # new file: datasets builds it
+    assert not datasets.are_progress_bars_disabled()
+    ds, _ = load_records(path)
+    assert len(ds) == 3 and "Generating train split" not in capfd.readouterr().err
+    assert not datasets.are_progress_bars_disabled()  # switched back on for the caller's own use

@@ -86,10 +86,14 @@ def test_two_ranks_match_one_process(runs, strategy):
 
 
 @pytest.mark.slow
-def test_ddp_and_fsdp_agree_exactly(runs):
+def test_ddp_and_fsdp_agree_to_rounding(runs):
+    """Gradients, their average and the optimizer step are the same arithmetic under both (bit for bit with
+    max_grad_norm null, checked by hand: 0.0 difference). The clip's global norm is not: fsdp sums each rank's
+    shard squares and all-reduces them, ddp sums whole tensors, so the clip factor can differ in its last bit
+    (on an AMD EPYC: 1.8e-8 relative after 4 steps; 0 on a Xeon)."""
     a, b = load_file(runs / "ddp" / "adapter_model.safetensors"), load_file(runs / "fsdp" / "adapter_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(runs / "ddp") == _losses(runs / "fsdp")
+    assert sorted(a) == sorted(b) and _rel(b, a) < 1e-7
+    assert _losses(runs / "ddp") == pytest.approx(_losses(runs / "fsdp"), rel=1e-7)
 
 
 @pytest.mark.slow

@@ -227,6 +227,68 @@ def test_oom_saves_checkpoint_and_reports_prediction(tmp_path, monkeypatch):
     assert list((tmp_path / "out").glob("checkpoint-*/COMPLETE"))
 
 
+_CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_the_cpu_allocators_oom_at_the_step0_eval_is_the_clear_oom_stop(tmp_path, monkeypatch):
+    """The bug: torch raises the CPU's OOM as a plain RuntimeError, which escaped as a traceback."""
+    import qlora.train.parallel as tr
+
+    def no_memory(*a, **k):
+        raise RuntimeError(_CPU_OOM)
+
+    monkeypatch.setattr(tr, "forward_loss", no_memory)
+    said = []
+    res = train(_recipe(tmp_path), say=said.append, progress=False)
+    assert res.stopped == "oom" and res.exit_code == 3
+    msg = " ".join(said)
+    assert "out of memory at the step-0 eval (" in msg and "can't allocate memory" in msg and "predicted" in msg
+    assert "No step was trained in this run, so nothing new was saved" in msg
+    assert _checkpoints(tmp_path / "out") == []
+
+
+def test_an_oom_while_the_model_loads_is_the_clear_oom_stop_and_writes_nothing(tmp_path, monkeypatch):
+    import qlora.train.loop as loop
+
+    def no_memory(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(loop, "build_model", no_memory)
+    said = []
+    res = train(_recipe(tmp_path), say=said.append, progress=False)
+    assert res.stopped == "oom" and res.exit_code == 3 and res.steps == 0
+    assert "out of memory while loading the model" in " ".join(said) and "nothing was written" in " ".join(said)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_runtime_error_that_is_not_an_oom_is_not_reported_as_one(tmp_path, monkeypatch):
+    import qlora.train.parallel as tr
+
+    def broken(*a, **k):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(tr, "forward_loss", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train(_recipe(tmp_path), say=lambda m: None, progress=False)
+
+
+def test_without_a_progress_bar_steps_evals_and_saves_are_plain_lines_and_the_end_says_what_next(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--no-progress", str(TINY), *FAST, f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    steps = [ln for ln in lines if ln.startswith("step ") and "/4: loss " in ln]
+    assert [ln.split("/")[0] for ln in steps] == ["step 1", "step 2", "step 3", "step 4"], printed
+    assert "tok/s, peak " in steps[0] and "eval loss" in steps[1] and "eval loss" not in steps[0]
+    assert f"step 2: saved {out / 'checkpoint-0000002'}" in lines
+    assert f"  adapter: {out} (PEFT format)" in lines and f"  metrics: {out / 'metrics.jsonl'}" in lines
+    assert f"  plots:   {out / 'loss.png'}, {out / 'memory.png'}" in lines
+    assert f"      qlora merge --base builtin:tiny-llama --adapter {out} --out {out}-merged" in lines
+    assert any(ln.startswith("next: qlora generate --base builtin:tiny-llama --adapter ") for ln in lines)
+    assert "read as" not in printed  # a CPU plan's budget is this machine's RAM, measured: no GiB/GB note
+
+
 def test_bad_recipe_is_one_paragraph_without_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora:\n  rnak: 8\n")
