@@ -25,6 +25,7 @@ from pathlib import Path
 
 from memory.cache import cache_root
 from qlora.gguf import cached_conversion, find_gguf, verify_conversion
+from qlora.quiet import library_bars_off
 from quant.errors import InputError, choices
 from quant.files import atomic_dir
 
@@ -128,7 +129,7 @@ def _materialize(src: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     # "replace": an earlier, incomplete materialization (no weights file) is swapped out
-    with atomic_dir(out, existing="replace") as tmp:
+    with atomic_dir(out, existing="replace") as tmp, library_bars_off():
         cfg = AutoConfig.from_pretrained(src)
         state = torch.random.get_rng_state()
         torch.manual_seed(_SEED)

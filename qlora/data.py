@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from qlora.generation import end_of_turn_ids, prompt_ids
+from qlora.quiet import library_bars_off
 from qlora.train.loss import IGNORE
 from quant.errors import InputError, choices
 
@@ -118,7 +119,8 @@ def load_records(path: str):
                 raise InputError(f"Unsupported data file {str(p)!r}; valid extensions are {choices(sorted(_LOADERS))}.")
             if kind in ("json", "csv", "text"):
                 _check_text_file(p)  # names the line of a bad byte or JSON line; datasets' errors do not
-            ds = _quietly(datasets.load_dataset, kind, data_files=str(p), split="train")
+            with library_bars_off():  # "Generating train split": the data summary line says what matters
+                ds = datasets.load_dataset(kind, data_files=str(p), split="train")
     except InputError:
         raise
     except Exception as e:  # datasets raises many types for malformed files
@@ -126,20 +128,6 @@ def load_records(path: str):
     if len(ds) == 0:
         raise InputError(f"Dataset {str(p)!r} is empty (0 rows).")
     return ds, str(p)
-
-
-def _quietly(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with datasets' progress bars off ("Generating train split" says nothing a user
-    needs: the data summary line follows); the caller's setting comes back afterwards."""
-    import datasets
-
-    was_off = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        if not was_off:
-            datasets.enable_progress_bars()
 
 
 def _check_text_file(p: Path) -> None:

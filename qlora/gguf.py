@@ -41,6 +41,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora.quiet import library_bars_off
 from quant.errors import InputError, choices
 from quant.files import atomic_dir
 
@@ -295,7 +296,7 @@ def _convert(info: GGUFInfo, out_dir: Path, existing: str) -> Path:
     )
     t0 = time.perf_counter()
     folder, name = str(info.path.parent), info.path.name
-    with atomic_dir(out_dir, existing=existing) as tmp:
+    with atomic_dir(out_dir, existing=existing) as tmp, library_bars_off():  # once, about 30 s: the log says it
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16, **kwargs)
         model = _plain_model(loaded, torch.bfloat16)

@@ -71,3 +71,13 @@ def test_smollm2_conversion_still_serves_after_its_package_is_removed(cache, mon
     (out / "model.safetensors").write_bytes(b"x")  # a damaged one does not: the missing package is reported
     with pytest.raises(InputError, match="bootstrap.py"):
         bm.resolve_model_dir("builtin:smollm2-135m")
+
+
+def test_building_a_builtin_model_draws_no_library_progress_bar(tmp_path, monkeypatch, capfd):
+    """First use writes the model with save_pretrained, whose "Writing model shards" bar meant nothing to a user."""
+    from qlora.builtin_models import resolve_model_dir
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    out = resolve_model_dir("builtin:tiny-llama")
+    assert (out / "config.json").exists() and str(out).startswith(str(tmp_path))
+    assert "Writing model shards" not in capfd.readouterr().err

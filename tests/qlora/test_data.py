@@ -203,9 +203,11 @@ def test_examples_remember_their_record_row(tok, tmp_path):
 
 def test_reading_a_file_shows_no_library_progress_bar_and_keeps_the_callers_setting(tmp_path, capfd):
     import datasets
+    from transformers.utils import logging as hf_logging
 
     path = _jsonl(tmp_path / "fresh.jsonl", [{"text": f"row {i}"} for i in range(3)])  # new file: datasets builds it
-    assert not datasets.are_progress_bars_disabled()
+    assert not datasets.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
     ds, _ = load_records(path)
     assert len(ds) == 3 and "Generating train split" not in capfd.readouterr().err
-    assert not datasets.are_progress_bars_disabled()  # switched back on for the caller's own use
+    # switched back on for the caller's own use
+    assert not datasets.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
