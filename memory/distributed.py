@@ -193,6 +193,12 @@ def choose(plan_fn, gpu, spec: ModelSpec, base: Settings, ram):
     if base.gpus == "auto":
         first = None
         for n in range(1, MAX_GPUS + 1):
+            mb, eff = base.micro_batch_size, base.effective_batch_size
+            if first is not None and mb != "auto" and mb > -(-eff // n):  # n GPUs would take more than asked
+                return dataclasses.replace(first, notes=first.notes + (
+                    f"gpus auto: 1 to {n - 1} GPUs do not fit, and {n} or more would give each GPU less than "
+                    f"micro-batch {mb} of the effective batch {eff}: raise effective_batch_size or lower "
+                    f"micro_batch_size",))
             p = choose(plan_fn, gpu, spec, dataclasses.replace(base, gpus=n), ram)
             first = first or p
             if p.fits:

@@ -213,10 +213,17 @@ def test_a_rank_beyond_the_smallest_adapted_layer_is_said(spec):
 
 
 def test_packed_rows_suggest_one_example_per_row_when_the_mask_is_what_does_not_fit(spec):
-    packed = memory.estimate(spec, seq_len=1024, micro_batch_size=4, packed=True).device_total_bytes
-    plain = memory.estimate(spec, seq_len=1024, micro_batch_size=4).device_total_bytes
-    p = memory.plan(_gpu_between(plain, packed), spec, seq_len=1024, micro_batch_size=4, packed=True,
-                    effective_batch_size=4)
+    same = dict(seq_len=1024, micro_batch_size=4, tiled_mlp=False, tiled_norms=False)  # profiles fitted above
+    packed = memory.estimate(spec, packed=True, **same).device_total_bytes
+    plain = memory.estimate(spec, **same).device_total_bytes
+    p = memory.plan(_gpu_between(plain, packed), spec, packed=True, effective_batch_size=4, **same)
     assert not p.fits
     off = next(s for s in p.suggestions if s.settings == {"packed": False})
     assert off.fits and "data.packing: false" in off.change
+
+
+def test_gpus_auto_stops_where_more_gpus_would_split_the_batch_below_the_micro_batch():
+    p = memory.plan("4GB", "llama-3.1-8b", seq_len=2048, micro_batch_size=4, effective_batch_size=8, gpus="auto")
+    assert not p.fits and p.settings.gpus == 1  # the first plan is reported, with what would fit
+    assert any(n.startswith("gpus auto: 1 to 2 GPUs do not fit, and 3 or more would give each GPU less than "
+                            "micro-batch 4") for n in p.notes)
