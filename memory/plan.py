@@ -24,10 +24,15 @@ Peak memory grows monotonically with batch, sequence and rank, so each
 search is a binary search over cached activation profiles: milliseconds.
 
 When nothing fits, :attr:`Plan.suggestions` lists single changes that would,
-cheapest first (8-bit paged optimizer, checkpointing, chunked loss, fewer
-LoRA targets, a smaller rank, a shorter sequence), then a combination of the
-cheap ones, then the smallest catalog GPU that holds the run as asked; each
-with its predicted footprint.
+cheapest first (8-bit paged optimizer, checkpointing, tiling, chunked loss,
+one example per row instead of packed rows, micro-batch 1, fewer LoRA targets,
+a smaller rank, a shorter sequence: never past the model's context), then a
+combination of the cheap ones, then the smallest catalog GPU that holds the
+run as asked; each with its predicted footprint (:mod:`memory.suggest`).
+
+A micro-batch larger than the effective batch (per GPU) is refused; a
+sequence past the model's context and a rank above the narrowest adapted
+layer's width are planned, with a note saying what they cost.
 """
 
 from __future__ import annotations
