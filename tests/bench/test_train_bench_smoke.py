@@ -103,7 +103,7 @@ def test_max_context_mode_searches_in_process_and_confirms(tmp_path):
     """--mode max-context at the tiny size on the CPU (a simulated cap): search, out-of-memory recovery,
     fresh confirmation."""
     cmd = [sys.executable, str(ROOT / "bench" / "train.py"), "--mode", "max-context", "--tiny", "--stacks", "hf,qlora",
-           "--cap-gib", "0.01", "--start-seq", "256", "--resolution", "128", "--max-seq", "8192", "--steps", "2",
+           "--cap-gib", "0.005", "--start-seq", "256", "--resolution", "128", "--max-seq", "8192", "--steps", "2",
            "--threads", "1", "--results-dir", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
