@@ -183,6 +183,11 @@ def _load_phase(persistent: dict[str, int], n: int, offload: bool, layer: int, e
 MAX_GPUS = 64  # how far gpus="auto" looks
 
 
+def per_gpu_batch(effective_batch_size: int, gpus: int) -> int:
+    """Sequences per optimizer step on each of ``gpus`` GPUs: the effective batch split, rounded up."""
+    return -(-effective_batch_size // gpus)
+
+
 def choose(plan_fn, gpu, spec: ModelSpec, base: Settings, ram):
     """``gpus`` and ``strategy`` ``"auto"`` for :func:`memory.plan` (``plan_fn``), with the rest as given.
 
@@ -194,7 +199,7 @@ def choose(plan_fn, gpu, spec: ModelSpec, base: Settings, ram):
         first = None
         for n in range(1, MAX_GPUS + 1):
             mb, eff = base.micro_batch_size, base.effective_batch_size
-            if first is not None and mb != "auto" and mb > -(-eff // n):  # n GPUs would take more than asked
+            if first is not None and mb != "auto" and mb > per_gpu_batch(eff, n):  # memory.plan would refuse it
                 return dataclasses.replace(first, notes=first.notes + (
                     f"gpus auto: 1 to {n - 1} GPUs do not fit, and {n} or more would give each GPU less than "
                     f"micro-batch {mb} of the effective batch {eff}: raise effective_batch_size or lower "

@@ -157,7 +157,7 @@ def plan(
     if "auto" in (base.tiled_mlp, base.tiled_norms):
         return _tiling_chosen(gpu, spec, base, ram, auto_seq)
     margin, gpus = base.margin, base.gpus
-    effective = -(-base.effective_batch_size // gpus)  # sequences per step on each GPU
+    effective = distributed.per_gpu_batch(base.effective_batch_size, gpus)
     if not auto_batch and base.micro_batch_size > effective:
         per_gpu = f" ({effective} on each of {gpus} GPUs)" if gpus > 1 else ""
         mb, eff = flag_name("micro_batch_size"), flag_name("effective_batch_size")
@@ -211,13 +211,6 @@ def plan(
             notes.append(f"rank auto: {r} is the largest of {', '.join(map(str, RANKS))} that fits")
     else:
         r = base.rank
-    narrow = narrowest_target(spec, base.targets)
-    if narrow is not None and r > narrow[1]:
-        notes.append(
-            f"rank {r} is larger than the smallest adapted layer ({narrow[0]}: {narrow[1]} features), "
-            f"so its adapter product B @ A cannot have rank above {narrow[1]}: the extra rank only costs memory; "
-            f"a rank of {narrow[1]} or less gives the same capacity"
-        )
     # 3. micro-batch
     if auto_batch:
         b_max = largest(1, effective, lambda b: ok(est(seq, b, r))) or 0
@@ -237,6 +230,13 @@ def plan(
                      f"steps are rounded up, so a step never takes fewer sequences than asked; a micro-batch of "
                      f"{', '.join(map(str, exact))} divides it exactly")
     fp = est(seq, b, r)
+    narrow = narrowest_target(spec, fp.targets)  # the estimate resolved the targets (and refused bad ones)
+    if r > narrow[1]:
+        notes.append(
+            f"rank {r} is larger than the smallest adapted layer ({narrow[0]}: {narrow[1]} features), "
+            f"so its adapter product B @ A cannot have rank above {narrow[1]}: the extra rank only costs memory; "
+            f"a rank of {narrow[1]} or less gives the same capacity"
+        )
     host_fits = None if ram_usable is None else fp.host.total_bytes <= ram_usable
     fits = _fits(fp, usable) and host_fits is not False
     host_line = f"host memory: {fp.host.describe()}"

@@ -135,13 +135,8 @@ def resolve_targets(spec: ModelSpec, targets: str | Sequence[str] = "all-linear"
     return tuple(shorts)
 
 
-def narrowest_target(spec: ModelSpec, targets: str | Sequence[str]) -> tuple[str, int] | None:
-    """``(name, min(in, out))`` of the narrowest decoder-layer linear ``targets`` adapts: a LoRA product
-    ``B @ A`` there cannot have rank above that. None when the targets select nothing (the estimate says why)."""
-    try:
-        chosen = set(resolve_targets(spec, targets))
-    except InputError:
-        return None
-    sizes = [(lin.short, min(lin.in_features, lin.out_features)) for lin in spec.layer_linears(0)
-             if lin.short in chosen]
-    return min(sizes, key=lambda x: x[1]) if sizes else None
+def narrowest_target(spec: ModelSpec, shorts: Collection[str]) -> tuple[str, int]:
+    """``(name, min(in, out))`` of the narrowest of the in-layer linears ``shorts`` (resolved targets, as
+    :func:`resolve_targets` gives them): a LoRA product ``B @ A`` there cannot have rank above that."""
+    return min(((lin.short, min(lin.in_features, lin.out_features)) for lin in spec.layer_linears(0)
+                if lin.short in shorts), key=lambda x: x[1])
