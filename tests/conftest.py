@@ -24,3 +24,20 @@ def _qlora_cache(tmp_path_factory):
     if "QLORA_CACHE" not in os.environ:
         os.environ["QLORA_CACHE"] = str(tmp_path_factory.mktemp("qlora-cache"))
     yield
+
+
+@pytest.fixture
+def library_bars_on():
+    """datasets' and transformers' progress bars on for one test (a bench script run in-process by another test
+    turns transformers' off for the session), each put back as it was afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_off, hf_on = datasets.are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    datasets.enable_progress_bars()
+    hf_logging.enable_progress_bar()
+    yield
+    if datasets_off:
+        datasets.disable_progress_bars()
+    if not hf_on:
+        hf_logging.disable_progress_bar()

@@ -73,19 +73,13 @@ def test_smollm2_conversion_still_serves_after_its_package_is_removed(cache, mon
         bm.resolve_model_dir("builtin:smollm2-135m")
 
 
-def test_building_a_builtin_model_draws_no_library_progress_bar(tmp_path, monkeypatch, capfd):
+def test_building_a_builtin_model_draws_no_library_progress_bar(tmp_path, monkeypatch, capfd, library_bars_on):
     """First use writes the model with save_pretrained, whose "Writing model shards" bar meant nothing to a user."""
     from transformers.utils import logging as hf_logging
 
     from qlora.builtin_models import resolve_model_dir
 
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
-    was_on = hf_logging.is_progress_bar_enabled()  # a bench script run by another test may have turned them off
-    hf_logging.enable_progress_bar()
-    try:
-        out = resolve_model_dir("builtin:tiny-llama")
-        assert (out / "config.json").exists() and str(out).startswith(str(tmp_path))
-        assert "Writing model shards" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
-    finally:
-        if not was_on:
-            hf_logging.disable_progress_bar()
+    out = resolve_model_dir("builtin:tiny-llama")
+    assert (out / "config.json").exists() and str(out).startswith(str(tmp_path))
+    assert "Writing model shards" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()

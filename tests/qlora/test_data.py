@@ -201,21 +201,13 @@ def test_examples_remember_their_record_row(tok, tmp_path):
     assert ex.row == 0 and len(ex.input_ids) == 8  # truncation keeps the row
 
 
-def test_reading_a_file_shows_no_library_progress_bar_and_keeps_the_callers_setting(tmp_path, capfd):
+def test_reading_a_file_shows_no_library_progress_bar_and_keeps_the_callers_setting(tmp_path, capfd,
+                                                                                   library_bars_on):
     import datasets
     from transformers.utils import logging as hf_logging
 
     path = _jsonl(tmp_path / "fresh.jsonl", [{"text": f"row {i}"} for i in range(3)])  # new file: datasets builds it
-    was = datasets.are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()  # other tests' scripts set them
-    datasets.enable_progress_bars()
-    hf_logging.enable_progress_bar()
-    try:
-        ds, _ = load_records(path)
-        assert len(ds) == 3 and "Generating train split" not in capfd.readouterr().err
-        # switched back on for the caller's own use
-        assert not datasets.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
-    finally:
-        if was[0]:
-            datasets.disable_progress_bars()
-        if not was[1]:
-            hf_logging.disable_progress_bar()
+    ds, _ = load_records(path)
+    assert len(ds) == 3 and "Generating train split" not in capfd.readouterr().err
+    # switched back on for the caller's own use
+    assert not datasets.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
